@@ -1,0 +1,21 @@
+"""Multi-client LoRA kernels: one frozen linear layer, N adapters, one pass.
+
+Public API::
+
+    from fedhello.kernels import LoRAPlan, multi_lora_linear
+    plan = LoRAPlan.build(client_ids, num_clients)
+    y = multi_lora_linear(x, weight, bias, lora_a, lora_b, plan, scaling)
+"""
+
+from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend, triton_available, triton_interpreting
+from .plan import LoRAPlan, TileList
+
+__all__ = [
+    "BACKENDS",
+    "LoRAPlan",
+    "TileList",
+    "multi_lora_linear",
+    "resolve_backend",
+    "triton_available",
+    "triton_interpreting",
+]

@@ -1,0 +1,157 @@
+"""Validation of ``multi_lora_linear`` arguments.
+
+Every check raises a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+device or range) whose message starts with the argument's name and states the expected
+and the actual value, so that a bad call fails here and never inside a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .plan import LoRAPlan
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class ClientParams:
+    """Per-client settings of one call, normalised onto the device of ``x``.
+
+    Attributes:
+        scaling: float32 ``[N]``.
+        ranks: int32 ``[N]``, each in ``[0, r_max]``.
+        trainable: bool ``[N]``.
+    """
+
+    scaling: torch.Tensor
+    ranks: torch.Tensor
+    trainable: torch.Tensor
+
+
+def _tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _shape(name: str, t: torch.Tensor, expected: tuple, what: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name}: expected shape {what} = {expected}, got {tuple(t.shape)}")
+
+
+def _same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {t.device}")
+
+
+def _per_client(name: str, value: object, n: int, device: torch.device) -> torch.Tensor:
+    """A sequence or tensor of N per-client values, as a tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        t = value
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        t = torch.tensor(list(value))
+    else:
+        raise TypeError(f"{name}: expected a tensor or sequence of {n} values, got {type(value).__name__}")
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{name}: expected shape [N] = ({n},), got {tuple(t.shape)}")
+    return t.to(device)
+
+
+def check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    plan: LoRAPlan,
+    scaling: float | torch.Tensor | Sequence[float],
+    ranks: torch.Tensor | Sequence[int] | None,
+    trainable: torch.Tensor | Sequence[bool] | None,
+    grad_sqnorm: torch.Tensor | None,
+) -> ClientParams:
+    """Validate a ``multi_lora_linear`` call; return its per-client settings on x's device."""
+    x = _tensor("x", x)
+    weight = _tensor("weight", weight)
+    lora_a = _tensor("lora_a", lora_a)
+    lora_b = _tensor("lora_b", lora_b)
+    if not isinstance(plan, LoRAPlan):
+        raise TypeError(f"plan: expected a LoRAPlan (LoRAPlan.build), got {type(plan).__name__}")
+
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x: expected dtype float32, float16, bfloat16 or float64, got {x.dtype}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+    device = x.device
+    if x.dim() < 1:
+        raise ValueError(f"x: expected shape [..., d_in], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [d_out, d_in], got {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x: expected last dimension d_in = {d_in} (weight.shape[1]), got {x.shape[-1]}")
+    _same_device("weight", weight, device)
+    if bias is not None:
+        bias = _tensor("bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
+        _shape("bias", bias, (d_out,), "[d_out]")
+        _same_device("bias", bias, device)
+
+    if lora_a.dim() != 3:
+        raise ValueError(f"lora_a: expected shape [N, r_max, d_in], got {tuple(lora_a.shape)}")
+    n, r_max, _ = lora_a.shape
+    _shape("lora_a", lora_a, (n, r_max, d_in), "[N, r_max, d_in]")
+    _shape("lora_b", lora_b, (n, d_out, r_max), "[N, d_out, r_max]")
+    _same_device("lora_a", lora_a, device)
+    _same_device("lora_b", lora_b, device)
+
+    rows = x.numel() // d_in if d_in else 0
+    if plan.num_rows != rows:
+        raise ValueError(f"plan: expected num_rows = {rows} (rows of x), got {plan.num_rows}")
+    if plan.num_clients != n:
+        raise ValueError(f"plan: expected num_clients = {n} (lora_a.shape[0]), got {plan.num_clients}")
+    _same_device("plan", plan.client_ids, device)
+
+    if isinstance(scaling, bool):
+        raise TypeError("scaling: expected a float or a float tensor [N], got bool")
+    if isinstance(scaling, (int, float)):
+        scale_t = torch.full((n,), float(scaling), dtype=torch.float32, device=device)
+    else:
+        scale_t = _per_client("scaling", scaling, n, device)
+        if not scale_t.dtype.is_floating_point:
+            raise TypeError(f"scaling: expected a floating dtype, got {scale_t.dtype}")
+        scale_t = scale_t.to(torch.float32)
+
+    if ranks is None:
+        ranks_t = torch.full((n,), r_max, dtype=torch.int32, device=device)
+    else:
+        ranks_t = _per_client("ranks", ranks, n, device)
+        if ranks_t.dtype.is_floating_point or ranks_t.dtype == torch.bool:
+            raise TypeError(f"ranks: expected an integer dtype, got {ranks_t.dtype}")
+        if ranks_t.numel() > 0:
+            lo, hi = int(ranks_t.min()), int(ranks_t.max())
+            if lo < 0 or hi > r_max:
+                raise ValueError(f"ranks: expected values in [0, r_max={r_max}], got min {lo} and max {hi}")
+        ranks_t = ranks_t.to(torch.int32)
+
+    if trainable is None:
+        train_t = torch.ones(n, dtype=torch.bool, device=device)
+    else:
+        train_t = _per_client("trainable", trainable, n, device)
+        if train_t.dtype != torch.bool:
+            raise TypeError(f"trainable: expected dtype torch.bool, got {train_t.dtype}")
+
+    if grad_sqnorm is not None:
+        grad_sqnorm = _tensor("grad_sqnorm", grad_sqnorm)
+        if grad_sqnorm.dtype != torch.float32:
+            raise TypeError(f"grad_sqnorm: expected dtype torch.float32, got {grad_sqnorm.dtype}")
+        _shape("grad_sqnorm", grad_sqnorm, (n,), "[N]")
+        _same_device("grad_sqnorm", grad_sqnorm, device)
+        if not grad_sqnorm.is_contiguous():
+            raise ValueError("grad_sqnorm: expected a contiguous tensor (it is accumulated in place)")
+    return ClientParams(scale_t.contiguous(), ranks_t.contiguous(), train_t.contiguous())
