@@ -1,0 +1,213 @@
+"""multi_lora_linear on every available backend against an fp64 dense reference.
+
+Fresh random inputs for each case; every buffer the Triton launchers allocate is poisoned
+with NaN first, so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedhello.kernels import LoRAPlan, multi_lora_linear, triton_available
+from fedhello.kernels.multi_lora import _extension
+
+from .reference64 import reference_fp64
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backends() -> list:
+    names = [pytest.param("torch", id="torch")]
+    names.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+        not triton_available(), reason="triton is not installed")))
+    names.append(pytest.param(DEVICE.type, id=f"ext-{DEVICE.type}", marks=pytest.mark.skipif(
+        _extension(DEVICE.type) is None, reason=f"csrc extension for {DEVICE.type} is not built")))
+    return names
+
+
+BACKENDS = _backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {  # relative Frobenius error allowed, per (backend, dtype)
+    ("torch", torch.float32): 1e-5,
+    ("cpu", torch.float32): 1e-5,
+    ("cuda", torch.float32): 5e-3,
+    ("triton", torch.float32): 5e-3,  # tf32 is off by default (torch.backends.cuda.matmul.allow_tf32)
+}
+HALF_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def _poison_triton_buffers(monkeypatch):
+    if triton_available():
+        from fedhello.kernels import triton_lora
+
+        monkeypatch.setattr(triton_lora, "poison_value", float("nan"))
+
+
+def _routing(kind: str, t: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "shuffled":
+        return torch.randint(-1, n, (t,), generator=gen)
+    if kind == "sorted":
+        return torch.sort(torch.randint(-1, n, (t,), generator=gen)).values
+    if kind == "skewed":  # client 0 takes ~80% of the rows
+        ids = torch.randint(0, n, (t,), generator=gen)
+        return torch.where(torch.rand(t, generator=gen) < 0.8, torch.zeros_like(ids), ids)
+    if kind == "all_unrouted":
+        return torch.full((t,), -1, dtype=torch.int64)
+    if kind == "empty_client":  # client 1 owns no row
+        ids = torch.randint(-1, n, (t,), generator=gen)
+        return torch.where(ids == 1, torch.full_like(ids, 2), ids)
+    raise ValueError(kind)
+
+
+CASES = {
+    # name: (T, N, d_in, d_out, ranks, routing, trainable pattern, leading shape)
+    "sorted": (96, 4, 64, 48, [16, 16, 16, 16], "sorted", "all", None),
+    "shuffled_odd": (77, 5, 37, 29, [8, 3, 16, 1, 16], "shuffled", "mixed", None),
+    "skewed": (130, 6, 40, 33, [8, 8, 4, 16, 2, 8], "skewed", "mixed", None),
+    "empty_client": (70, 4, 24, 40, [4, 16, 8, 2], "empty_client", "all", (7, 10)),
+    "all_unrouted": (33, 3, 20, 17, [8, 8, 8], "all_unrouted", "all", None),
+    "one_client": (45, 1, 31, 23, [5], "shuffled", "all", (3, 15)),
+    "many_clients": (150, 64, 24, 20, None, "shuffled", "mixed", None),
+    "mixed_ranks_64": (90, 5, 48, 36, [1, 3, 8, 16, 64], "shuffled", "mixed", None),
+    # Wider than one Triton block on every side: several feature tiles and rank chunks.
+    "wide": (150, 3, 300, 260, [80, 17, 66], "shuffled", "all", None),
+}
+
+
+def _make_inputs(case: str, dtype: torch.dtype, seed: int):
+    t, n, d_in, d_out, ranks, routing, train_kind, lead = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    if ranks is None:
+        ranks = torch.randint(0, 9, (n,), generator=gen).tolist()
+    r_max = max(max(ranks), 1)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    shape = (*lead, d_in) if lead else (t, d_in)
+    x = rnd(*shape)
+    weight = rnd(d_out, d_in, scale=d_in**-0.5)
+    bias = rnd(d_out)
+    lora_a = rnd(n, r_max, d_in, scale=d_in**-0.5)
+    lora_b = rnd(n, d_out, r_max, scale=r_max**-0.5)
+    ids = _routing(routing, t, n, gen)
+    scaling = torch.rand(n, generator=gen) + 0.5
+    if train_kind == "all":
+        trainable = torch.ones(n, dtype=torch.bool)
+    else:
+        trainable = torch.rand(n, generator=gen) < 0.6
+        trainable[0] = True
+        trainable[-1] = n == 1
+    lead_shape = (*lead, d_out) if lead else (t, d_out)
+    dy = rnd(*lead_shape)
+    return dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, ids=ids,
+                scaling=scaling, ranks=torch.tensor(ranks, dtype=torch.int32), trainable=trainable, dy=dy)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().cpu()
+    denom = expected.norm()
+    if denom == 0:
+        return float(actual.abs().max()) if actual.numel() else 0.0
+    return float((actual - expected).norm() / denom)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_fp64_reference(case, dtype, backend):
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))  # fresh inputs every run; the seed is in the report
+    inp = _make_inputs(case, dtype, seed)
+    n = inp["lora_a"].shape[0]
+    plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
+    x = inp["x"].clone().requires_grad_()
+    lora_a = inp["lora_a"].clone().requires_grad_()
+    lora_b = inp["lora_b"].clone().requires_grad_()
+    sqnorm = torch.full((n,), 0.25, dtype=torch.float32, device=DEVICE)  # += must keep the start value
+    y = multi_lora_linear(x, inp["weight"], inp["bias"], lora_a, lora_b, plan, inp["scaling"].to(DEVICE),
+                          ranks=inp["ranks"].to(DEVICE), trainable=inp["trainable"].to(DEVICE),
+                          grad_sqnorm=sqnorm, backend=backend)
+    y.backward(inp["dy"])
+    ref = reference_fp64(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"], inp["ids"],
+                         inp["scaling"], inp["ranks"], inp["trainable"], inp["dy"])
+
+    tol = TOL.get((backend, dtype), HALF_TOL)
+    msg = f"case={case} dtype={dtype} backend={backend} seed={seed}"
+    assert y.dtype == dtype and y.shape == ref.y.shape, msg
+    for name, got, want in (("y", y, ref.y), ("dx", x.grad, ref.dx), ("dA", lora_a.grad, ref.d_a),
+                            ("dB", lora_b.grad, ref.d_b)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite entries ({msg})"
+        err = _rel_err(got, want)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol} ({msg})"
+    # Exactly zero where the contract says so: frozen clients, entries beyond each rank.
+    frozen = ~inp["trainable"].to(DEVICE)
+    assert (lora_a.grad[frozen] == 0).all() and (lora_b.grad[frozen] == 0).all(), msg
+    for c, r in enumerate(inp["ranks"].tolist()):
+        assert (lora_a.grad[c, r:] == 0).all() and (lora_b.grad[c, :, r:] == 0).all(), msg
+    # The fused norms equal the norms of the reference gradients (in fp32 arithmetic).
+    want_sq = ref.sqnorm + 0.25
+    got_sq = sqnorm.double().cpu()
+    sq_tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got_sq, want_sq, rtol=sq_tol, atol=1e-6), f"grad_sqnorm {got_sq} vs {want_sq} ({msg})"
+    assert (got_sq[frozen.cpu()] == 0.25).all(), msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_in_fp32(backend):
+    """Same inputs, two implementations: the torch loop and the backend under test."""
+    inp = _make_inputs("skewed", torch.float32, seed=1234)
+    n = inp["lora_a"].shape[0]
+    plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
+    outs = []
+    for name in ("torch", backend):
+        a = inp["lora_a"].clone().requires_grad_()
+        sq = torch.zeros(n, device=DEVICE)
+        y = multi_lora_linear(inp["x"], inp["weight"], None, a, inp["lora_b"], plan, 2.0,
+                              ranks=inp["ranks"].to(DEVICE), grad_sqnorm=sq, backend=name)
+        y.backward(inp["dy"])
+        outs.append((y, a.grad, sq))
+    for got, want in zip(outs[1], outs[0]):
+        assert _rel_err(got, want.double()) < 5e-3
+
+
+def test_gradcheck_torch_backend_fp64():
+    gen = torch.Generator().manual_seed(0)
+    t, n, d_in, d_out, r = 13, 3, 5, 4, 3
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 0, 1, 1, 0, 2])
+    plan = LoRAPlan.build(ids, n)
+    x = torch.randn(t, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(n, r, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(n, d_out, r, generator=gen, dtype=torch.float64, requires_grad=True)
+    scaling = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
+
+    def fn(x, w, b, a, bb):
+        return multi_lora_linear(x, w, b, a, bb, plan, scaling, ranks=[3, 1, 2], backend="torch")
+
+    # Entries beyond each rank have zero gradient by contract and no effect on the output,
+    # so finite differences agree there too.
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_clients_do_no_weight_gradient_work(backend):
+    """With every client frozen the adapters get zero gradients and the norms stay put,
+    while dx still carries the adapters' contribution."""
+    inp = _make_inputs("shuffled_odd", torch.float32, seed=7)
+    n = inp["lora_a"].shape[0]
+    plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
+    x = inp["x"].clone().requires_grad_()
+    a = inp["lora_a"].clone().requires_grad_()
+    sq = torch.zeros(n, device=DEVICE)
+    frozen = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    y = multi_lora_linear(x, inp["weight"], inp["bias"], a, inp["lora_b"], plan, inp["scaling"].to(DEVICE),
+                          ranks=inp["ranks"].to(DEVICE), trainable=frozen, grad_sqnorm=sq, backend=backend)
+    y.backward(inp["dy"])
+    ref = reference_fp64(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"], inp["ids"],
+                         inp["scaling"], inp["ranks"], frozen.cpu(), inp["dy"])
+    assert (a.grad == 0).all() and (sq == 0).all()
+    assert _rel_err(x.grad, ref.dx) < TOL.get((backend, torch.float32), HALF_TOL)
