@@ -211,3 +211,16 @@ def test_frozen_clients_do_no_weight_gradient_work(backend):
                          inp["scaling"], inp["ranks"], frozen.cpu(), inp["dy"])
     assert (a.grad == 0).all() and (sq == 0).all()
     assert _rel_err(x.grad, ref.dx) < TOL.get((backend, torch.float32), HALF_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    a = torch.randn(2, 4, 8, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, 6, 4, device=DEVICE, requires_grad=True)
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    sq = torch.zeros(2, device=DEVICE)
+    plan = LoRAPlan.build(torch.zeros(0, dtype=torch.long, device=DEVICE), 2)
+    y = multi_lora_linear(x, torch.randn(6, 8, device=DEVICE), None, a, b, plan, 1.0, grad_sqnorm=sq, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 6) and x.grad.shape == (0, 8)
+    assert (a.grad == 0).all() and (b.grad == 0).all() and (sq == 0).all()
