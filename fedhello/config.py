@@ -1,0 +1,475 @@
+"""Run configuration: one YAML file fully describes a federated run.
+
+``load_config(path, overrides)`` reads the YAML, applies ``--set key=value`` overrides (dotted
+keys, YAML values), builds a ``RunConfig`` and validates it up front: every problem raises a
+``ConfigError`` (a ``ValueError``) whose message starts with the dotted name of the field.
+
+Layout (every field has a default except ``model.name`` and ``data.name``/``data.path``)::
+
+    seed: 0
+    model:       {name, target_modules, rank, alpha, dropout}
+    data:        {name, path, split, test_split, text_column, image_column, label_column,
+                  max_samples, max_length, num_clients, test_fraction, proxy_fraction,
+                  partition: {kind, alpha, classes_per_client, min_size}}
+    tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
+    strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.allocation
+    aggregation: {weighting: samples, rank_normalize: all}
+    rounds, cohort_size
+    local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
+    engine:      {kind: batched, parallel, device, eval_batch_size}
+    eval_every, checkpoint_every, output_dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from fedhello.data.sources import BUILTIN_DATASETS
+from fedhello.fl.aggregation import RANK_NORMALIZATIONS, WEIGHTINGS
+from fedhello.fl.allocation import AllocationContext, available_strategies, make_strategy
+from fedhello.fl.capacity import CapacityTiers
+from fedhello.fl.partition import PARTITION_KINDS
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "PartitionConfig",
+    "DataConfig",
+    "TierConfig",
+    "StrategyConfig",
+    "AggregationConfig",
+    "LocalConfig",
+    "EngineConfig",
+    "RunConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "derive_seed",
+]
+
+OPTIMIZERS = ("adamw", "sgd")
+ENGINES = ("batched", "sequential")
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message starts with the field's dotted name."""
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent, stable 32-bit seed for one use (``"split"``, ``"partition"`` ...) of a run seed."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(purpose.encode())]).generate_state(1)[0])
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and its LoRA adapters.
+
+    Attributes:
+        name: Hub id, local folder, or an alias known to ``fedhello.models``.
+        target_modules: module names to adapt; None for the model family's default.
+        rank: LoRA rank r (HetLoRA's largest rank).
+        alpha: LoRA alpha (scaling = alpha / rank).
+        dropout: LoRA dropout probability.
+    """
+
+    name: str | None = None
+    target_modules: list[str] | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+
+@dataclass
+class PartitionConfig:
+    """How the training data is split over clients (``fedhello.fl.partition``).
+
+    Attributes:
+        kind: ``iid``, ``dirichlet`` or ``pathological``.
+        alpha: Dirichlet concentration (dirichlet), > 0.
+        classes_per_client: classes per client (pathological).
+        min_size: fewest samples per client (dirichlet).
+    """
+
+    kind: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    """Data source, held-out splits and client partition.
+
+    Attributes:
+        name: ``bbc_news``, ``fashion_mnist``, a Hub id, or None for local files.
+        path: local file or folder (or the folder of a built-in set).
+        split: split to read; ``test_split``: read the test set from this split instead of
+            holding out ``test_fraction`` (then ``test_fraction`` is not used).
+        text_column, image_column, label_column: input/label columns (found by name if None).
+        max_samples: use a seeded random subset of this many samples (quick runs).
+        max_length: tokens per text example.
+        num_clients: clients in the population.
+        test_fraction: share held out for global evaluation.
+        proxy_fraction: share held out on the server for proxy-set Fisher scores.
+    """
+
+    name: str | None = None
+    path: str | None = None
+    split: str = "train"
+    test_split: str | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    max_samples: int | None = None
+    max_length: int = 128
+    num_clients: int = 20
+    test_fraction: float = 0.2
+    proxy_fraction: float = 0.0
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass
+class TierConfig:
+    """Capacity tiers: fractions of L (numbers or strings like ``"3/4"``) and population shares."""
+
+    fractions: list[float | str] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    shares: list[float | str] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    def tiers(self) -> CapacityTiers:
+        return CapacityTiers(tuple(self.fractions), tuple(self.shares))
+
+
+@dataclass
+class StrategyConfig:
+    """Allocation strategy by registry name, with its options (see ``strategy_options(name)``)."""
+
+    name: str = "fedhello"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AggregationConfig:
+    """Aggregation weights (``samples`` or ``uniform``) and HetLoRA's rank normalisation."""
+
+    weighting: str = "samples"
+    rank_normalize: str = "all"
+
+
+@dataclass
+class LocalConfig:
+    """Local training of each client in a round.
+
+    Attributes:
+        epochs: passes over the client's data (when ``steps`` is None).
+        steps: a fixed number of local steps instead.
+        batch_size, lr, optimizer (``adamw``/``sgd``), weight_decay, momentum (sgd).
+    """
+
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 16
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+
+@dataclass
+class EngineConfig:
+    """Simulation engine: ``batched`` (client-parallel) or ``sequential``; clients per batched
+    pass (``parallel``, None = the whole cohort); ``device`` (``auto``, ``cpu``, ``cuda``...)."""
+
+    kind: str = "batched"
+    parallel: int | None = None
+    device: str = "auto"
+    eval_batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``rounds`` of ``cohort_size`` clients; evaluate every ``eval_every`` rounds,
+    checkpoint every ``checkpoint_every`` rounds (0: never) into ``output_dir``."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    rounds: int = 50
+    cohort_size: int = 10
+    local: LocalConfig = field(default_factory=LocalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval_every: int = 1
+    checkpoint_every: int = 10
+    output_dir: str = "runs/default"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate a config from nested mappings (e.g. parsed YAML)."""
+        config = _build(cls, raw, "")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts/lists, as written to YAML."""
+        return dataclasses.asdict(self)
+
+    def seed_for(self, purpose: str) -> int:
+        """``derive_seed(self.seed, purpose)``."""
+        return derive_seed(self.seed, purpose)
+
+    def capacity_tiers(self) -> CapacityTiers:
+        return self.tiers.tiers()
+
+    def validate(self) -> None:
+        """Check every field; raise ``ConfigError`` naming the first bad one."""
+        _int_at_least("seed", self.seed, 0)
+        self._validate_model()
+        self._validate_data()
+        try:
+            tiers = self.tiers.tiers()
+        except ValueError as err:
+            raise ConfigError(f"tiers.{err}") from None
+        self._validate_strategy(tiers)
+        _choice("aggregation.weighting", self.aggregation.weighting, WEIGHTINGS)
+        _choice("aggregation.rank_normalize", self.aggregation.rank_normalize, RANK_NORMALIZATIONS)
+        _int_at_least("rounds", self.rounds, 1)
+        _int_at_least("cohort_size", self.cohort_size, 1)
+        if self.cohort_size > self.data.num_clients:
+            raise ConfigError(f"cohort_size: expected <= data.num_clients ({self.data.num_clients}), "
+                              f"got {self.cohort_size}")
+        self._validate_local()
+        _choice("engine.kind", self.engine.kind, ENGINES)
+        if self.engine.parallel is not None:
+            _int_at_least("engine.parallel", self.engine.parallel, 1)
+        if not self.engine.device:
+            raise ConfigError("engine.device: expected 'auto' or a torch device string, got ''")
+        _int_at_least("engine.eval_batch_size", self.engine.eval_batch_size, 1)
+        _int_at_least("eval_every", self.eval_every, 1)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
+        if not self.output_dir:
+            raise ConfigError("output_dir: expected a directory path, got ''")
+
+    def _validate_model(self) -> None:
+        m = self.model
+        if not m.name:
+            raise ConfigError("model.name: required (a Hub id, a local folder or a fedhello.models alias)")
+        if m.target_modules is not None and (not m.target_modules or not all(m.target_modules)):
+            raise ConfigError(f"model.target_modules: expected a non-empty list of module names or null, "
+                              f"got {m.target_modules}")
+        _int_at_least("model.rank", m.rank, 1)
+        _positive("model.alpha", m.alpha)
+        if not 0 <= m.dropout < 1:
+            raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
+
+    def _validate_data(self) -> None:
+        d = self.data
+        if not d.name and not d.path:
+            raise ConfigError("data.name: expected a built-in name (bbc_news, fashion_mnist), a Hub id, or a local "
+                              "data.path; got neither")
+        if d.path is not None and not Path(os.path.expanduser(d.path)).exists():
+            raise ConfigError(f"data.path: {d.path!r} does not exist")
+        if d.name and d.name not in BUILTIN_DATASETS and d.path is not None:
+            raise ConfigError(f"data.path: not used with the Hub data set {d.name!r}; set data.name or data.path")
+        if not d.split:
+            raise ConfigError("data.split: expected a split name, got ''")
+        if d.max_samples is not None:
+            _int_at_least("data.max_samples", d.max_samples, d.num_clients)
+        _int_at_least("data.max_length", d.max_length, 1)
+        _int_at_least("data.num_clients", d.num_clients, 1)
+        if d.test_split is None and not 0 < d.test_fraction < 1:
+            raise ConfigError(f"data.test_fraction: expected a number in (0, 1), got {d.test_fraction}")
+        if not 0 <= d.proxy_fraction < 1:
+            raise ConfigError(f"data.proxy_fraction: expected a number in [0, 1), got {d.proxy_fraction}")
+        test = 0.0 if d.test_split is not None else d.test_fraction
+        if test + d.proxy_fraction >= 1:
+            raise ConfigError(f"data.proxy_fraction: test_fraction + proxy_fraction must be < 1, got "
+                              f"{test} + {d.proxy_fraction}")
+        p = d.partition
+        _choice("data.partition.kind", p.kind, PARTITION_KINDS)
+        _positive("data.partition.alpha", p.alpha)
+        _int_at_least("data.partition.classes_per_client", p.classes_per_client, 1)
+        _int_at_least("data.partition.min_size", p.min_size, 0)
+
+    def _validate_strategy(self, tiers: CapacityTiers) -> None:
+        s = self.strategy
+        if s.name not in available_strategies():
+            raise ConfigError(f"strategy.name: unknown strategy {s.name!r}; expected one of {available_strategies()}")
+        # The model's depth L is not known before it loads; options are checked against a
+        # 12-block stand-in (no option's validity depends on L, only on the tier fractions).
+        probe_blocks = 12
+        context = AllocationContext(probe_blocks, tiers.capacities(probe_blocks), lora_rank=self.model.rank)
+        try:
+            strategy = make_strategy(s.name, context, s.options)
+        except (TypeError, ValueError) as err:
+            message = str(err)
+            for inner, outer in (("tier_capacities:", "tiers.fractions:"), ("lora_rank:", "model.rank:")):
+                if message.startswith(inner):
+                    raise ConfigError(outer + message[len(inner):]) from None
+            raise ConfigError(f"strategy.options.{message}") from None
+        if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
+            raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
+                              f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
+
+    def _validate_local(self) -> None:
+        lc = self.local
+        _int_at_least("local.epochs", lc.epochs, 1)
+        if lc.steps is not None:
+            _int_at_least("local.steps", lc.steps, 1)
+        _int_at_least("local.batch_size", lc.batch_size, 1)
+        _positive("local.lr", lc.lr)
+        _choice("local.optimizer", lc.optimizer, OPTIMIZERS)
+        if lc.weight_decay < 0:
+            raise ConfigError(f"local.weight_decay: expected >= 0, got {lc.weight_decay}")
+        if not 0 <= lc.momentum < 1:
+            raise ConfigError(f"local.momentum: expected a number in [0, 1), got {lc.momentum}")
+
+
+def _int_at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name}: expected an int >= {low}, got {value}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: expected a finite number > 0, got {value}")
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """``value`` checked (and, for numbers, converted) against the type ``hint``."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(name, option, value)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: expected {_describe(hint)}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an int, got {value!r}")
+        return value
+    if hint is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept any string float() understands.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"hint: unsupported config field type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field; expected one of {names}")
+    return cls(**{key: _coerce(prefix + key, hints[key], value) for key, value in raw.items()})
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of nested mappings.
+
+    Example: ``["rounds=5", "strategy.options.warmup=2", "tiers.fractions=[0.5, 1]"]``.
+    """
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set: expected key.sub=value, got {item!r}")
+        node = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a mapping, cannot set {key!r}")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {text!r} as YAML ({err})") from None
+    return result
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``--set`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: {str(path)!r} is not a file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {str(path)!r} is not valid YAML ({err})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top of {str(path)!r}, got {type(raw).__name__}")
+    return RunConfig.from_dict(apply_overrides(raw, overrides))
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loading it back gives an equal config)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

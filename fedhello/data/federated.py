@@ -1,0 +1,82 @@
+"""The data of a federated run: load, hold out test (and proxy) sets, partition over clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import datasets
+import numpy as np
+
+from fedhello.fl.partition import partition_labels
+
+from .sources import label_names, load_labelled_dataset
+from .splits import split_indices
+
+if TYPE_CHECKING:
+    from fedhello.config import DataConfig
+
+__all__ = ["FederatedData", "prepare_federated_data"]
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Everything a run needs from its data set.
+
+    Attributes:
+        train: the clients' pool (test and proxy rows removed).
+        test: held out for evaluating the global model.
+        proxy: the server's proxy set for proxy-set Fisher scores, or None.
+        partitions: one sorted int64 index array into ``train`` per client.
+        label_names: class names (label i = ``label_names[i]``).
+    """
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    proxy: datasets.Dataset | None
+    partitions: list[np.ndarray]
+    label_names: list[str]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def client(self, client: int) -> datasets.Dataset:
+        """The training rows of one client."""
+        if not 0 <= client < self.num_clients:
+            raise ValueError(f"client: expected 0..{self.num_clients - 1}, got {client}")
+        return self.train.select(self.partitions[client])
+
+
+def prepare_federated_data(config: "DataConfig", seed: int) -> FederatedData:
+    """Load ``config``'s data set and split it for a run seeded by ``seed``.
+
+    Sub-seeds for subsampling, splitting and partitioning are derived from ``seed``
+    (``fedhello.config.derive_seed``), so changing one step does not reshuffle the others.
+    """
+    from fedhello.config import derive_seed  # the config module imports this package
+
+    load = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
+    full = load_labelled_dataset(config.name, config.path, split=config.split, **load)
+    if config.max_samples is not None and config.max_samples < len(full):
+        rng = np.random.default_rng(derive_seed(seed, "subsample"))
+        full = full.select(np.sort(rng.choice(len(full), size=config.max_samples, replace=False)))
+    labels = np.asarray(full["label"])
+    test_fraction = 0.0 if config.test_split is not None else config.test_fraction
+    train_idx, test_idx, proxy_idx = split_indices(labels, test_fraction, config.proxy_fraction,
+                                                   seed=derive_seed(seed, "split"))
+    train = full.select(train_idx)
+    if config.test_split is not None:
+        test = load_labelled_dataset(config.name, config.path, split=config.test_split, **load)
+    else:
+        test = full.select(test_idx)
+    proxy = full.select(proxy_idx) if config.proxy_fraction > 0 else None
+    p = config.partition
+    partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
+                                  classes_per_client=p.classes_per_client, min_size=p.min_size,
+                                  seed=derive_seed(seed, "partition"))
+    return FederatedData(train, test, proxy, partitions, label_names(full))

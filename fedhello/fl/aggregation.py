@@ -1,0 +1,244 @@
+"""Server-side aggregation of client updates, block by block.
+
+Tensors are plain ``name -> torch.Tensor`` dicts. ``tensor_blocks`` maps every name of the
+global state to the transformer block its LoRA adapter sits in, or to ``None`` for tensors
+every participant trains (the classification head, like PEFT's ``modules_to_save``).
+
+``aggregate_layerwise``: for each LoRA tensor, the clients that trained its block (by exact
+block index, from ``ClientUpdate.trained_blocks``) contribute their deltas, weighted by their
+sample counts (or uniformly); a tensor no client trained keeps its value; head tensors are
+averaged over all participants. Deltas of blocks a client did not train are ignored even if
+present, so an engine may send full states.
+
+``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Each
+client's delta of a LoRA factor is zero-padded to the global rank before averaging; with
+``normalize="all"`` (HetLoRA's zero-padding) row i of ``A`` is divided by the weight of all
+contributors, with ``"covering"`` only by that of the clients whose rank covers row i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "WEIGHTINGS",
+    "RANK_NORMALIZATIONS",
+    "ClientUpdate",
+    "aggregate_layerwise",
+    "aggregate_rank_padded",
+    "lora_rank_dims",
+]
+
+WEIGHTINGS = ("samples", "uniform")
+RANK_NORMALIZATIONS = ("all", "covering")
+
+
+def _block_set(trained_blocks: Iterable[int] | np.ndarray | torch.Tensor) -> frozenset[int]:
+    if isinstance(trained_blocks, torch.Tensor):
+        trained_blocks = trained_blocks.detach().cpu().numpy()
+    if isinstance(trained_blocks, np.ndarray) and trained_blocks.dtype == bool:
+        if trained_blocks.ndim != 1:
+            raise ValueError(f"trained_blocks: expected a bool [L] mask, got shape {trained_blocks.shape}")
+        return frozenset(np.flatnonzero(trained_blocks).tolist())
+    blocks = []
+    for b in trained_blocks:
+        if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)) or b < 0:
+            raise ValueError(f"trained_blocks: expected block indices >= 0 or a bool mask, got {b!r}")
+        blocks.append(int(b))
+    return frozenset(blocks)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    Attributes:
+        delta: ``name -> local - global`` for the tensors it trained (others may be present and
+            are ignored); shapes as in the global state (HetLoRA factors may be cut to the
+            client's rank along the rank dimension).
+        num_samples: the client's training samples (the aggregation weight), >= 1.
+        trained_blocks: indices of the blocks it trained (a bool ``[L]`` mask is accepted).
+        rank: its LoRA rank (HetLoRA), None for the model's rank.
+    """
+
+    delta: Mapping[str, torch.Tensor]
+    num_samples: int
+    trained_blocks: frozenset[int]
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, (int, np.integer)) \
+                or self.num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {self.num_samples!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer))
+                                      or self.rank < 1):
+            raise ValueError(f"rank: expected an int >= 1 or None, got {self.rank!r}")
+        for name, value in self.delta.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"delta: expected torch.Tensor values, got {type(value).__name__} for {name!r}")
+        object.__setattr__(self, "num_samples", int(self.num_samples))
+        object.__setattr__(self, "trained_blocks", _block_set(self.trained_blocks))
+
+    @classmethod
+    def from_states(cls, local_state: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                    num_samples: int, trained_blocks: Iterable[int] | np.ndarray | torch.Tensor,
+                    tensor_blocks: Mapping[str, int | None], rank: int | None = None) -> "ClientUpdate":
+        """The update of a client whose state after local training is ``local_state``.
+
+        Only tensors of trained blocks and head tensors (block None) go into the delta.
+        """
+        blocks = _block_set(trained_blocks)
+        delta = {}
+        for name, block in tensor_blocks.items():
+            if block is None or block in blocks:
+                if name not in local_state or name not in global_state:
+                    raise ValueError(f"local_state: tensor {name!r} is missing from the local or the global state")
+                delta[name] = local_state[name].detach() - global_state[name].detach().to(local_state[name].device)
+        return cls(delta, num_samples, blocks, rank)
+
+
+def _check_common(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                  tensor_blocks: Mapping[str, int | None], weighting: str) -> list[float]:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+    if len(updates) == 0:
+        raise ValueError("updates: expected at least one client update, got none")
+    for i, u in enumerate(updates):
+        if not isinstance(u, ClientUpdate):
+            raise TypeError(f"updates[{i}]: expected a ClientUpdate, got {type(u).__name__}")
+        extra = sorted(set(u.delta) - set(global_state))
+        if extra:
+            raise ValueError(f"updates[{i}].delta: tensor {extra[0]!r} is not in the global state")
+    missing = sorted(set(global_state) - set(tensor_blocks))
+    if missing:
+        raise ValueError(f"tensor_blocks: no block given for tensor {missing[0]!r} (use None for head tensors)")
+    return [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+
+
+def _contributors(name: str, block: int | None, updates: Sequence[ClientUpdate]) -> list[int]:
+    """Indices of the updates that trained ``name``; each must carry its delta."""
+    if block is None:
+        chosen = list(range(len(updates)))
+    else:
+        chosen = [i for i, u in enumerate(updates) if block in u.trained_blocks]
+    for i in chosen:
+        if name not in updates[i].delta:
+            what = "head tensor (every participant trains it)" if block is None else f"tensor of trained block {block}"
+            raise ValueError(f"updates[{i}].delta: missing {what} {name!r}")
+    return chosen
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                        tensor_blocks: Mapping[str, int | None], *,
+                        weighting: str = "samples") -> dict[str, torch.Tensor]:
+    """Layer-wise weighted average of the deltas, over the clients that trained each tensor.
+
+    Args:
+        global_state: ``name -> tensor`` before the round.
+        updates: the participants' updates.
+        tensor_blocks: ``name -> block index`` of every global tensor, None for head tensors.
+        weighting: ``"samples"`` (weights = ``num_samples``) or ``"uniform"``.
+
+    Returns:
+        the new global state: ``g + sum_c w_c d_c / sum_c w_c`` over the contributors of each
+        tensor, accumulated in fp32 (fp64 for fp64 tensors) and cast back to the global dtype;
+        tensors without contributors are returned as the same objects.
+    """
+    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    new: dict[str, torch.Tensor] = {}
+    for name, g in global_state.items():
+        chosen = _contributors(name, tensor_blocks[name], updates)
+        if not chosen:
+            new[name] = g
+            continue
+        acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
+        for i in chosen:
+            d = updates[i].delta[name]
+            if d.shape != g.shape:
+                raise ValueError(f"updates[{i}].delta: {name!r} has shape {tuple(d.shape)}, expected {tuple(g.shape)}")
+            acc.add_(d.to(device=g.device, dtype=acc.dtype), alpha=weights[i])
+        acc /= sum(weights[i] for i in chosen)
+        new[name] = (g.to(acc.dtype) + acc).to(g.dtype)
+    return new
+
+
+def lora_rank_dims(names: Iterable[str]) -> dict[str, int]:
+    """Rank dimension of LoRA factors by name: ``lora_A``/``lora_a`` → 0 (``[r, d_in]``),
+    ``lora_B``/``lora_b`` → -1 (``[d_out, r]``), matched on whole dot-separated name parts."""
+    dims = {}
+    for name in names:
+        parts = {p.lower() for p in name.split(".")}
+        if "lora_a" in parts:
+            dims[name] = 0
+        elif "lora_b" in parts:
+            dims[name] = -1
+    return dims
+
+
+def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                          tensor_blocks: Mapping[str, int | None], rank_dims: Mapping[str, int], *,
+                          weighting: str = "samples", normalize: str = "all") -> dict[str, torch.Tensor]:
+    """HetLoRA aggregation: LoRA factor deltas zero-padded to the global rank, then averaged.
+
+    Args:
+        global_state, updates, tensor_blocks, weighting: as for ``aggregate_layerwise``.
+        rank_dims: ``name -> rank dimension`` of each LoRA factor (see ``lora_rank_dims``);
+            other tensors are averaged as in ``aggregate_layerwise``.
+        normalize: ``"all"``: divide every rank slice by the weight of all contributors (the
+            padded zeros count, as in HetLoRA); ``"covering"``: divide slice i by the weight of
+            the contributors whose rank exceeds i (slices nobody covers keep their value).
+
+    A client's factor delta is either cut to its rank (size ``rank`` along the rank dimension)
+    or full-size, in which case slices at or beyond ``ClientUpdate.rank`` are ignored.
+
+    Returns:
+        the new global state (tensors without contributors are the same objects).
+    """
+    if normalize not in RANK_NORMALIZATIONS:
+        raise ValueError(f"normalize: expected one of {RANK_NORMALIZATIONS}, got {normalize!r}")
+    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    unknown = sorted(set(rank_dims) - set(global_state))
+    if unknown:
+        raise ValueError(f"rank_dims: tensor {unknown[0]!r} is not in the global state")
+    plain = {n: g for n, g in global_state.items() if n not in rank_dims}
+    new = aggregate_layerwise(plain, [ClientUpdate({k: v for k, v in u.delta.items() if k in plain}, u.num_samples,
+                                                   u.trained_blocks, u.rank) for u in updates],
+                              {n: tensor_blocks[n] for n in plain}, weighting=weighting)
+    for name, g in global_state.items():
+        if name not in rank_dims:
+            continue
+        dim = rank_dims[name] % g.dim()
+        full = g.shape[dim]
+        chosen = _contributors(name, tensor_blocks[name], updates)
+        if not chosen:
+            new[name] = g
+            continue
+        acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
+        cover = torch.zeros(full, dtype=acc.dtype, device=g.device)
+        for i in chosen:
+            d = updates[i].delta[name]
+            size = d.shape[dim] if d.dim() == g.dim() else -1
+            rank = updates[i].rank if updates[i].rank is not None else size
+            other_ok = d.dim() == g.dim() and all(d.shape[j] == g.shape[j] for j in range(g.dim()) if j != dim)
+            if not other_ok or not (size == full or size == rank) or not 1 <= rank <= full:
+                raise ValueError(f"updates[{i}].delta: {name!r} has shape {tuple(d.shape)}; expected {tuple(g.shape)} "
+                                 f"or cut to rank {rank} along dim {dim}")
+            acc.narrow(dim, 0, rank).add_(d.narrow(dim, 0, rank).to(device=g.device, dtype=acc.dtype),
+                                          alpha=weights[i])
+            cover[:rank] += weights[i]
+        if normalize == "all":
+            acc /= sum(weights[i] for i in chosen)
+        else:
+            shape = [1] * g.dim()
+            shape[dim] = full
+            acc /= cover.clamp_min(torch.finfo(acc.dtype).tiny).view(shape)
+        new[name] = (g.to(acc.dtype) + acc).to(g.dtype)
+    return {name: new[name] for name in global_state}
