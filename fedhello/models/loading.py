@@ -1,0 +1,114 @@
+"""Loading backbones and tokenizers by hub name, local path or offline alias.
+
+``load_backbone("all-MiniLM-L6-v2", num_labels=5)`` reads the offline asset package;
+``load_backbone("bert-base-uncased", num_labels=2)`` goes to the Hugging Face hub (online users);
+``load_backbone("/path/to/model")`` reads a local folder. Aliases of the offline assets
+(case-insensitive):
+
+* ``minilm``, ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2``;
+* ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+
+The full hub names fall back to the hub when the asset package is not installed; the short
+ones raise ``MissingAssetError`` naming the pip command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .assets import MissingAssetError, minilm_path, smollm2_path
+
+__all__ = ["TASKS", "resolve_backbone", "load_backbone", "load_tokenizer"]
+
+TASKS = ("sequence-classification", "causal-lm", "feature-extraction", "image-classification")
+
+_ALIASES: dict[str, tuple[Callable[[], Path], bool]] = {
+    # alias -> (offline path, whether the hub may serve it when the package is missing)
+    "minilm": (minilm_path, False),
+    "all-minilm-l6-v2": (minilm_path, False),
+    "sentence-transformers/all-minilm-l6-v2": (minilm_path, True),
+    "smollm2": (smollm2_path, False),
+    "smollm2-135m-instruct": (smollm2_path, False),
+    "huggingfacetb/smollm2-135m-instruct": (smollm2_path, True),
+}
+
+
+def resolve_backbone(name_or_path: str | Path) -> str:
+    """The local folder of an offline alias, else ``name_or_path`` unchanged (a hub name or a path)."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"name_or_path: expected a hub name or a path, got {type(name_or_path).__name__}")
+    text = str(name_or_path)
+    alias = _ALIASES.get(text.lower())
+    if alias is None or Path(text).exists():
+        return text
+    locate, hub_fallback = alias
+    try:
+        return str(locate())
+    except MissingAssetError:
+        if hub_fallback:
+            return text
+        raise
+
+
+def _auto_class(task: str):
+    import transformers
+
+    classes = {
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "feature-extraction": transformers.AutoModel,
+        "image-classification": transformers.AutoModelForImageClassification,
+    }
+    if task not in classes:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    return classes[task]
+
+
+def load_tokenizer(name_or_path: str | Path, **kwargs):
+    """The tokenizer of a backbone, with a padding token (the EOS token when the model has none).
+
+    Args:
+        name_or_path: hub name, local folder or offline alias (see module doc).
+        kwargs: passed to ``AutoTokenizer.from_pretrained``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(name_or_path), **kwargs)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(
+    name_or_path: str | Path,
+    task: str = "sequence-classification",
+    num_labels: int | None = None,
+    **kwargs,
+):
+    """A ``transformers`` model for ``task``, in eval mode.
+
+    Args:
+        name_or_path: hub name, local folder or offline alias (see module doc).
+        task: "sequence-classification" (``AutoModelForSequenceClassification``; the head is new
+            and randomly initialised when the checkpoint has none), "causal-lm",
+            "feature-extraction" (``AutoModel``) or "image-classification".
+        num_labels: number of classes of a classification head.
+        kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ``local_files_only``, ...).
+
+    For sequence classification, a model without ``pad_token_id`` (LLaMA, GPT-2: their heads
+    read the last non-padding token) gets the tokenizer's padding token id.
+    """
+    auto = _auto_class(task)
+    if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels: expected an int >= 1, got {num_labels!r}")
+        if task not in ("sequence-classification", "image-classification"):
+            raise ValueError(f"num_labels: only for classification tasks, got task {task!r}")
+        kwargs["num_labels"] = num_labels
+    path = resolve_backbone(name_or_path)
+    model = auto.from_pretrained(path, **kwargs)
+    if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
+        tokenizer = load_tokenizer(path)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()

@@ -1,0 +1,199 @@
+"""``MultiLoRALinear``: one frozen linear layer, a bank of N client LoRA adapters, one pass.
+
+The layer keeps the wrapped module (``nn.Linear``, or transformers' ``Conv1D`` whose weight is
+stored ``[in, out]``) untouched and frozen, and adds
+
+* ``lora_a``: float32 ``[N, r_max, d_in]`` and ``lora_b``: float32 ``[N, d_out, r_max]``, the
+  stacked adapters of the N client slots (master weights; cast to the activations' dtype on
+  use);
+* buffers ``ranks`` (int32 ``[N]``, each ``<= r_max``), ``scaling`` (float32 ``[N]``,
+  ``alpha / ranks`` as in PEFT), ``trainable`` (bool ``[N]``) and ``grad_sqnorm`` (float32 ``[N]``,
+  accumulated by every backward).
+
+Each forward reads the batch's routing from its ``RoutingContext`` and calls
+``fedhello.kernels.multi_lora_linear``: row t gets ``x W^T + b + s_c (x A_c^T) B_c^T`` with
+``c`` its client, rows routed to ``-1`` the base output only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedhello.kernels import BACKENDS, LoRAPlan, multi_lora_linear
+
+from .discovery import is_conv1d, is_linear_like
+from .routing import RoutingContext
+
+__all__ = ["MultiLoRALinear", "check_ranks", "check_settings"]
+
+
+def check_ranks(ranks: Sequence[int] | torch.Tensor | None, num_clients: int, max_rank: int) -> list[int]:
+    """Per-client ranks as a list of N ints in ``[1, max_rank]`` (``None``: every client at ``max_rank``).
+
+    Raises:
+        TypeError: not a sequence of ints.
+        ValueError: wrong length or a rank out of range.
+    """
+    if ranks is None:
+        return [max_rank] * num_clients
+    if isinstance(ranks, torch.Tensor):
+        if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+            raise TypeError(f"ranks: expected integer ranks, got dtype {ranks.dtype}")
+        values = ranks.flatten().tolist()
+    elif isinstance(ranks, Sequence) and not isinstance(ranks, (str, bytes)):
+        values = list(ranks)
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in values):
+            raise TypeError(f"ranks: expected a list of ints, got {values!r}")
+    else:
+        raise TypeError(f"ranks: expected a list of {num_clients} ints, got {type(ranks).__name__}")
+    if len(values) != num_clients:
+        raise ValueError(f"ranks: expected one rank per client ({num_clients}), got {len(values)}")
+    bad = [r for r in values if not 1 <= r <= max_rank]
+    if bad:
+        raise ValueError(f"ranks: expected values in [1, rank={max_rank}] (rank is r_max), got {bad[0]}")
+    return values
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer with N per-client LoRA adapters applied by routing.
+
+    Args:
+        base: the frozen ``nn.Linear`` or transformers ``Conv1D`` to wrap (kept as ``self.base``).
+        num_clients: N, the number of adapter slots.
+        rank: r_max, the rank dimension of the bank.
+        ranks: optional per-client ranks (list of N ints ``<= rank``, HetLoRA); default all ``rank``.
+        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]``.
+        dropout: LoRA dropout probability on the adapter input (training mode only); each client
+            draws its masks from its own generator in ``context``.
+        backend: ``multi_lora_linear`` backend ("auto", "triton", "torch", "cpu", "cuda").
+        context: the routing shared with the other layers of a model; a private one by default
+            (route standalone use with ``layer.context.route(ids)``).
+        generator: CPU generator for the Kaiming init of ``lora_a`` (every slot starts equal).
+        name: the layer's qualified name, used in error messages.
+
+    Input ``[..., d_in]`` with leading dim = batch (or ``[batch * seq, d_in]``), output
+    ``[..., d_out]`` in the input dtype.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        num_clients: int,
+        rank: int = 8,
+        *,
+        ranks: Sequence[int] | torch.Tensor | None = None,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        context: RoutingContext | None = None,
+        generator: torch.Generator | None = None,
+        name: str = "MultiLoRALinear",
+    ) -> None:
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"base: expected nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        check_settings(num_clients, rank, alpha, dropout, backend)
+        rank_list = check_ranks(ranks, num_clients, rank)
+        if context is not None and context.num_clients != num_clients:
+            raise ValueError(f"context: expected num_clients={num_clients}, got {context.num_clients}")
+
+        self.base = base.requires_grad_(False)
+        self.conv1d = is_conv1d(base)
+        weight = base.weight
+        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.conv1d else (
+            weight.shape[1], weight.shape[0])
+        self.num_clients, self.max_rank = num_clients, rank
+        self.alpha, self.dropout, self.backend = float(alpha), float(dropout), backend
+        self.context = context if context is not None else RoutingContext(num_clients)
+        self.name = name
+
+        device = weight.device
+        self.lora_a = nn.Parameter(torch.empty(num_clients, rank, self.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(num_clients, self.out_features, rank, device=device))
+        self.register_buffer("ranks", torch.tensor(rank_list, dtype=torch.int32, device=device))
+        self.register_buffer("scaling", torch.empty(num_clients, dtype=torch.float32, device=device))
+        self.register_buffer("trainable", torch.ones(num_clients, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("grad_sqnorm", torch.zeros(num_clients, dtype=torch.float32, device=device),
+                             persistent=False)
+        self._update_scaling()
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's init in every slot: ``A`` Kaiming-uniform (a=sqrt(5)), ``B`` zeros (the layer starts as its base)."""
+        a = torch.empty(self.max_rank, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_a.copy_(a.unsqueeze(0).expand_as(self.lora_a))
+            self.lora_b.zero_()
+
+    def set_ranks(self, ranks: Sequence[int] | torch.Tensor) -> None:
+        """Set all N per-client ranks (each in ``[1, r_max]``); scales become ``alpha / rank``."""
+        values = check_ranks(ranks, self.num_clients, self.max_rank)
+        self.ranks.copy_(torch.tensor(values, dtype=torch.int32))
+        self._update_scaling()
+
+    def _update_scaling(self) -> None:
+        self.scaling.copy_(self.alpha / self.ranks.to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.context.plan_for(x, self.name)
+        weight = self.base.weight.t() if self.conv1d else self.base.weight
+        bias = self.base.bias
+        lora_a = self.lora_a if self.lora_a.dtype == x.dtype else self.lora_a.to(x.dtype)
+        lora_b = self.lora_b if self.lora_b.dtype == x.dtype else self.lora_b.to(x.dtype)
+        x_lora = self._dropout(x, plan) if self.training and self.dropout > 0 else x
+        y = multi_lora_linear(
+            x_lora, weight, bias, lora_a, lora_b, plan, self.scaling,
+            ranks=self.ranks, trainable=self.trainable, grad_sqnorm=self.grad_sqnorm, backend=self.backend,
+        )
+        if x_lora is not x:
+            # The kernel applies the base weight to its input too; put back the part of the
+            # base output that dropout removed, so only the adapter sees the dropped input.
+            y = y + F.linear(x - x_lora, weight)
+        return y
+
+    def _dropout(self, x: torch.Tensor, plan: LoRAPlan) -> torch.Tensor:
+        """Inverted dropout on the rows of routed clients, each client's mask from its own generator."""
+        x2d = x.reshape(-1, self.in_features)
+        mask = torch.ones_like(x2d)
+        keep = 1.0 - self.dropout
+        for c in range(self.num_clients):
+            rows = plan.client_rows(c)
+            if rows.numel() == 0:
+                continue
+            draw = torch.rand(rows.numel(), self.in_features, generator=self.context.generator(c, x.device),
+                              device=x.device)
+            mask[rows] = (draw >= self.dropout).to(x.dtype) / keep
+        return (x2d * mask).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.conv1d else "Linear"
+        return (f"{kind}(in={self.in_features}, out={self.out_features}), clients={self.num_clients}, "
+                f"r_max={self.max_rank}, alpha={self.alpha}, dropout={self.dropout}, backend={self.backend!r}")
+
+
+def check_settings(num_clients: int, rank: int, alpha: float, dropout: float, backend: str) -> None:
+    """Validate the scalar settings shared by ``MultiLoRALinear`` and ``inject_multi_lora``."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int):
+        raise TypeError(f"num_clients: expected an int, got {type(num_clients).__name__}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients: expected >= 1, got {num_clients}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    if rank < 1:
+        raise ValueError(f"rank: expected >= 1, got {rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
+    if not alpha > 0:
+        raise ValueError(f"alpha: expected > 0, got {alpha}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout: expected a float, got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
