@@ -1,0 +1,136 @@
+"""The compiled csrc backends ("cpu", "cuda") behind the backend interface of ``reference.py``.
+
+``setup.py`` builds ``fedhello._C_cpu`` (C++/OpenMP) wherever a C++ compiler is present and
+``fedhello._C_cuda`` where torch has CUDA and nvcc is found. ``backend(device_type)`` returns a
+module object with ``DTYPES``, ``lora_forward`` and ``lora_backward`` for ``multi_lora.py``, or
+``None`` when that extension is not built; ``load_error(device_type)`` says why.
+
+Both keep the rank intermediate ``H`` and all accumulation in float32. The forward returns
+``H`` (fp32 ``[T, r_max]``, rows in ``plan.sorted_rows`` order) for the backward to reuse.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from .checks import ClientParams
+from .plan import LoRAPlan
+
+__all__ = ["CompiledBackend", "DEVICE_TYPES", "backend", "load_error"]
+
+DEVICE_TYPES = ("cpu", "cuda")
+_NATIVE_MODULES = {"cpu": "fedhello._C_cpu", "cuda": "fedhello._C_cuda"}
+_cache: dict[str, "CompiledBackend | None"] = {}
+_errors: dict[str, str] = {}
+
+
+class CompiledBackend(ModuleType):
+    """One compiled extension seen as a backend module (the interface of ``reference.py``).
+
+    Attributes:
+        DTYPES: the input dtypes the kernels take (float32, float16, bfloat16).
+        device_type: ``"cpu"`` or ``"cuda"``.
+        native: the pybind11 module with the kernels.
+    """
+
+    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __init__(self, device_type: str, native: ModuleType) -> None:
+        super().__init__(f"{__name__}.{device_type}", f"Compiled {device_type} backend ({native.__name__}).")
+        self.device_type = device_type
+        self.native = native
+
+    def _tiles(self, plan: LoRAPlan) -> tuple[torch.Tensor, ...]:
+        # The CUDA kernels walk the plan's fixed-size (client, row-tile) list; the CPU ones
+        # build their own from the offsets.
+        if self.device_type != "cuda":
+            return ()
+        tiles = plan.tiles(self.native.BLOCK_M)
+        return tiles.tile_client, tiles.tile_start
+
+    def lora_forward(
+        self,
+        x2d: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        plan: LoRAPlan,
+        params: ClientParams,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out[t] += s_c (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every routed row t, in place.
+
+        Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``,
+        ``out [T, d_out]``, all contiguous in one dtype of ``DTYPES``. Returns ``H``, float32
+        ``[T, r_max]`` by position in ``plan.sorted_rows`` (columns ``< r_c`` of routed rows).
+        """
+        return self.native.lora_forward(
+            x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
+            *self._tiles(plan), out,
+        )
+
+    def lora_backward(
+        self,
+        dy2d: torch.Tensor,
+        x2d: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        plan: LoRAPlan,
+        params: ClientParams,
+        saved: torch.Tensor,
+        dx: torch.Tensor | None,
+        weight_grads: bool,
+        grad_sqnorm: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """LoRA part of the backward pass.
+
+        ``dx [T, d_in]`` (input dtype, or ``None``) receives ``G_c A_c[:r_c]`` in place, with
+        ``G_c = s_c dY_c B_c[:, :r_c]`` in float32. Returns ``(dA [N, r_max, d_in],
+        dB [N, d_out, r_max])`` in the adapters' dtype, zero for frozen clients, clients
+        without rows and entries beyond each rank, or ``(None, None)`` when ``weight_grads``
+        is False. ``grad_sqnorm`` (float32 ``[N]`` or ``None``) gets ``+= ||dA_c||^2 +
+        ||dB_c||^2`` of each trainable client, computed from the complete fp32 gradients.
+        ``saved`` is the ``H`` that ``lora_forward`` returned.
+        """
+        d_a, d_b = self.native.lora_backward(
+            dy2d, x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
+            params.trainable, *self._tiles(plan), saved, dx, weight_grads, grad_sqnorm,
+        )
+        if not weight_grads:
+            return None, None
+        return d_a, d_b
+
+
+def _check_device_type(device_type: object) -> str:
+    if not isinstance(device_type, str):
+        raise TypeError(f"device_type: expected one of {DEVICE_TYPES}, got {type(device_type).__name__}")
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"device_type: expected one of {DEVICE_TYPES}, got {device_type!r}")
+    return device_type
+
+
+def backend(device_type: str) -> CompiledBackend | None:
+    """The compiled backend for ``"cpu"`` or ``"cuda"`` tensors, or ``None`` if it is not built.
+
+    Raises:
+        TypeError / ValueError: ``device_type`` is not one of ``DEVICE_TYPES``.
+    """
+    device_type = _check_device_type(device_type)
+    if device_type not in _cache:
+        try:
+            native = importlib.import_module(_NATIVE_MODULES[device_type])
+        except (ImportError, OSError) as err:  # not built, or built against another torch
+            _errors[device_type] = f"{type(err).__name__}: {err}"
+            _cache[device_type] = None
+        else:
+            _cache[device_type] = CompiledBackend(device_type, native)
+    return _cache[device_type]
+
+
+def load_error(device_type: str) -> str | None:
+    """Why ``backend(device_type)`` is ``None`` (the import error), or ``None`` when it loads."""
+    device_type = _check_device_type(device_type)
+    backend(device_type)
+    return _errors.get(device_type)
