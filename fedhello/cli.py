@@ -1,0 +1,95 @@
+"""Command line: ``fedhello run | suite | plot``.
+
+    fedhello run CONFIG.yaml [--set key=value ...] [--resume]   one federated run
+    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME]   several methods, one table
+    fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedhello.config import load_config
+    from fedhello.fl.server import FederatedRun
+    from fedhello.plots import plot_run
+
+    config = load_config(args.config, args.set or [])
+    run = FederatedRun(config, progress=not args.no_progress)
+    records = run.run(resume=args.resume)
+    evaluated = [r for r in records if r.get("test_accuracy") is not None]
+    plots = plot_run(config.output_dir)
+    if evaluated:
+        best = max(r["test_accuracy"] for r in evaluated)
+        last = evaluated[-1]
+        print(f"final test accuracy {100 * last['test_accuracy']:.2f}% (macro-F1 {100 * last['test_macro_f1']:.2f}%), "
+              f"best {100 * best:.2f}% after {len(records)} rounds")
+    print(f"metrics and checkpoint in {config.output_dir}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from fedhello.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite, preset=args.preset, overrides=args.set or [])
+    run_suite(suite, progress=not args.no_progress, resume=args.resume)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fedhello.plots import plot_accuracy, plot_run
+
+    out = Path(args.out) if args.out else None
+    if len(args.run_dirs) == 1:
+        paths = plot_run(args.run_dirs[0], out)
+    else:
+        target = out or Path(args.run_dirs[0]).parent
+        paths = [plot_accuracy(args.run_dirs, target / "accuracy.png")]
+        for d in args.run_dirs:
+            paths.extend(plot_run(d, (out / Path(d).name) if out else None))
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one federated experiment from a YAML config")
+    run.add_argument("config", help="path to a run config (see configs/)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
+
+    suite = sub.add_parser("suite", help="run several methods/settings and print a comparison table")
+    suite.add_argument("suite", help="path to a suite file (see configs/suites/)")
+    suite.add_argument("--preset", help="a named size preset of the suite (e.g. gpu)")
+    suite.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of every run")
+    suite.add_argument("--resume", action="store_true", help="skip finished runs, resume unfinished ones")
+    suite.add_argument("--no-progress", action="store_true", help="no progress bars")
+    suite.set_defaults(func=_cmd_suite)
+
+    plot = sub.add_parser("plot", help="plot one or more run folders")
+    plot.add_argument("run_dirs", nargs="+", help="run folders (with metrics.jsonl)")
+    plot.add_argument("--out", help="folder for the images (default: the run folder)")
+    plot.set_defaults(func=_cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # configuration and input errors: a message, not a traceback
+        print(f"fedhello {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""The server loop of a federated run: cohort, allocation, local training, aggregation, evaluation.
+
+``FederatedRun(config).run()`` executes a whole run described by a ``RunConfig`` and writes,
+under ``config.output_dir``:
+
+* ``config.yaml``: the resolved configuration;
+* ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
+  macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
+  would travel up and down, wall time);
+* ``checkpoint.safetensors`` + ``checkpoint.json``: the global adapters and heads, and every
+  piece of state the rest of the run depends on (round, the server's numpy generator, the
+  strategy's state). Written every ``checkpoint_every`` rounds and at the end; ``run(resume=True)``
+  continues from it and reproduces the uninterrupted run exactly (wall times aside).
+
+Determinism: all server-side randomness (cohorts, allocations) comes from one numpy generator
+that is checkpointed; each client's shuffling and dropout in round t is seeded from
+``(seed, t, client)``; nothing else draws random numbers after setup.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import f1_score
+from tqdm.auto import tqdm
+
+from fedhello.config import RunConfig, derive_seed, save_config
+from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
+from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
+from fedhello.fl.allocation import AllocationContext, make_strategy
+from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig
+from fedhello.models import load_backbone, load_tokenizer
+from fedhello.nn import MultiLoRAModel, inject_multi_lora
+
+__all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
+
+# LoRA targets per architecture when the config names none: the attention query and value
+# projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
+DEFAULT_TARGET_MODULES = {
+    "bert": ["query", "value"],
+    "vit": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+Batch = dict[str, torch.Tensor]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Accuracy, mean cross-entropy and macro-F1 of bank slot ``slot`` on ``data``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = data["labels"].shape[0]
+    preds, loss_sum = [], 0.0
+    try:
+        for start in range(0, n, batch_size):
+            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+            with model.route(torch.full((batch["labels"].shape[0],), slot, dtype=torch.long)):
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            preds.append(logits.argmax(-1).cpu())
+    finally:
+        model.train(was_training)
+    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    labels = data["labels"].numpy()
+    return {
+        "accuracy": float((pred == labels).mean()) if n else math.nan,
+        "loss": loss_sum / max(n, 1),
+        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if n else math.nan,
+    }
+
+
+def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction: float = 1.0) -> int:
+    return int(sum(state[n].numel() * state[n].element_size() for n in names) * rank_fraction)
+
+
+@dataclass
+class RoundPlan:
+    """What the server decided for one round before any client trained.
+
+    Attributes:
+        round: the round index.
+        cohort: int64 ``[n]``, the sampled clients (sorted ids).
+        allocation: the strategy's ``Allocation`` for the cohort.
+        members: positions in ``cohort`` of the clients that take part.
+        tasks: one ``LocalTask`` per member, in the order of ``members``.
+    """
+
+    round: int
+    cohort: np.ndarray
+    allocation: Any
+    members: list[int]
+    tasks: list[LocalTask]
+
+
+class FederatedRun:
+    """One federated experiment, built from a ``RunConfig``.
+
+    Args:
+        config: the run's configuration (validated by ``fedhello.config``).
+        progress: show a progress bar over rounds.
+    """
+
+    def __init__(self, config: RunConfig, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.output_dir)
+        self.device = _device(config.engine.device)
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.config
+        self.data = prepare_federated_data(cfg.data, cfg.seed)
+        backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes)
+        self.client_data = self._tensors(backbone)
+        model_type = getattr(backbone.config, "model_type", "")
+        targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
+        if targets is None:
+            raise ValueError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
+        parallel = 1 if cfg.engine.kind == "sequential" else min(cfg.engine.parallel or cfg.cohort_size,
+                                                                 cfg.cohort_size)
+        self.model = inject_multi_lora(
+            backbone, targets, num_clients=parallel, rank=cfg.model.rank, alpha=cfg.model.alpha,
+            dropout=cfg.model.dropout, head_modules="auto", seed=derive_seed(cfg.seed, "adapters"),
+        ).to(self.device)
+        local = LocalTrainingConfig(**asdict(cfg.local))
+        self.engine = ClientParallelEngine(self.model, local, parallel=parallel, device=self.device)
+        self.num_blocks = self.model.num_blocks
+        self.tiers = cfg.capacity_tiers()
+        self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
+        context = AllocationContext(self.num_blocks, self.capacities.tier_capacities, lora_rank=cfg.model.rank)
+        self.strategy = make_strategy(cfg.strategy.name, context, cfg.strategy.options)
+        self.tensor_blocks = self.model.tensor_blocks()
+        self.global_state = self.model.client_state(0)
+        self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
+        self.start_round = 0
+
+    def _tensors(self, backbone) -> dict[str, Any]:
+        """Every client's training tensors, the test tensors and the proxy tensors."""
+        cfg, data = self.config, self.data
+        if "text" in data.train.column_names:
+            tokenizer = load_tokenizer(cfg.model.name)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+
+            def prepare(ds):
+                return to_tensors(tokenize_text(ds, tokenizer, cfg.data.max_length))
+        else:
+            from fedhello.data import ImageTransform
+
+            size = getattr(backbone.config, "image_size", 224)
+            transform = ImageTransform(size, num_channels=getattr(backbone.config, "num_channels", 3))
+
+            def prepare(ds):
+                return to_tensors(ds, transform=transform)
+        train = prepare(data.train)
+        clients = [{k: v[torch.as_tensor(idx)] for k, v in train.items()} for idx in data.partitions]
+        proxy = prepare(data.proxy) if data.proxy is not None else None
+        return {"clients": clients, "test": prepare(data.test), "proxy": proxy}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_paths(self) -> tuple[Path, Path]:
+        return self.out / "checkpoint.safetensors", self.out / "checkpoint.json"
+
+    def _save_checkpoint(self, next_round: int) -> None:
+        weights, meta = self._checkpoint_paths()
+        tmp_w, tmp_m = weights.with_suffix(".safetensors.tmp"), meta.with_suffix(".json.tmp")
+        save_file({k: v.contiguous().cpu() for k, v in self.global_state.items()}, str(tmp_w))
+        tmp_m.write_text(json.dumps({
+            "next_round": next_round,
+            "rng": self.rng.bit_generator.state,
+            "strategy": self.strategy.state_dict(),
+        }, default=_json_default))
+        # Weights first, then the metadata that points at them: a kill between the two renames
+        # leaves the old metadata, whose round the new weights are not for, so check both.
+        os.replace(tmp_w, weights)
+        os.replace(tmp_m, meta)
+
+    def _load_checkpoint(self) -> bool:
+        weights, meta = self._checkpoint_paths()
+        if not (weights.exists() and meta.exists()):
+            return False
+        info = json.loads(meta.read_text())
+        state = load_file(str(weights))
+        missing = set(self.global_state) ^ set(state)
+        if missing:
+            raise ValueError(f"resume: checkpoint {weights} does not match this model (tensors {sorted(missing)[:3]})")
+        self.global_state = {k: state[k].to(self.global_state[k].device) for k in self.global_state}
+        self.rng.bit_generator.state = info["rng"]
+        self.strategy.load_state_dict(info["strategy"])
+        self.start_round = int(info["next_round"])
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Run the remaining rounds; returns every round's metrics record."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        records: list[dict[str, Any]] = []
+        if resume and self._load_checkpoint():
+            records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
+        save_config(self.config, self.out / "config.yaml")
+        _write_jsonl(metrics_path, records)
+
+        cfg = self.config
+        rounds = range(self.start_round, cfg.rounds)
+        bar = tqdm(rounds, desc="rounds", disable=not self.progress, initial=self.start_round, total=cfg.rounds)
+        for rnd in bar:
+            record = self._round(rnd)
+            records.append(record)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record, default=_json_default) + "\n")
+            if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
+                self._save_checkpoint(rnd + 1)
+            if "test_accuracy" in record:
+                bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
+        _write_csv(self.out / "metrics.csv", records)
+        return records
+
+    def _round(self, rnd: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        plan = self.plan_round(rnd)
+        results = self.engine.train(self.global_state, plan.tasks)
+        return self.finish_round(plan, results, t0)
+
+    def plan_round(self, rnd: int) -> "RoundPlan":
+        """Server side, before local training: the cohort, its allocation and every participant's task."""
+        cfg = self.config
+        cohort = np.sort(self.rng.choice(self.data.num_clients, size=cfg.cohort_size, replace=False))
+        if self.strategy.needs_proxy_scores(rnd):
+            self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
+        alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
+        members = [i for i in range(len(cohort)) if alloc.participating[i]]
+        tasks = [
+            LocalTask(
+                client=int(cohort[i]),
+                data=self.client_data["clients"][int(cohort[i])],
+                trainable_blocks=torch.as_tensor(alloc.trainable[:, i], dtype=torch.bool),
+                seed=derive_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
+                rank=None if alloc.ranks is None else int(alloc.ranks[i]),
+            )
+            for i in members
+        ]
+        return RoundPlan(rnd, cohort, alloc, members, tasks)
+
+    def finish_round(self, plan: "RoundPlan", results: list[LocalResult], t0: float) -> dict[str, Any]:
+        """Server side, after local training: aggregate, update the strategy, evaluate; the round's record.
+
+        ``results`` are the participants' results in the order of ``plan.tasks`` (some may be
+        missing when a client failed; their blocks simply get no update this round).
+        """
+        cfg, rnd, cohort, alloc = self.config, plan.round, plan.cohort, plan.allocation
+        self._aggregate(results)
+        position = {int(cohort[i]): i for i in plan.members}
+        scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
+        trained = np.zeros((self.num_blocks, len(cohort)), dtype=bool)
+        for res in results:
+            scores[:, position[res.client]] = res.fisher.double().numpy()
+            trained[:, position[res.client]] = res.trainable_blocks.numpy()
+        self.strategy.observe_fisher(rnd, scores, trained)
+
+        down, up = self._traffic(results)
+        record: dict[str, Any] = {
+            "round": rnd,
+            "cohort": cohort.tolist(),
+            "participants": [res.client for res in results],
+            "allocation": {str(res.client): res.trainable_blocks.nonzero().flatten().tolist() for res in results},
+            "ranks": None if alloc.ranks is None else [int(alloc.ranks[i]) for i in plan.members],
+            "probabilities": _as_list(alloc.probabilities),
+            "fisher_scores": _as_list(self.strategy.fisher_scores),
+            "train_loss": float(np.mean([r.loss for r in results])) if results else math.nan,
+            "bytes_down": down,
+            "bytes_up": up,
+        }
+        if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
+            metrics = self.evaluate_global()
+            record.update({f"test_{k}": v for k, v in metrics.items()})
+        record["wall_time"] = time.perf_counter() - t0
+        return record
+
+    def _aggregate(self, results: list[LocalResult]) -> None:
+        if not results:
+            return
+        updates = [
+            ClientUpdate.from_states(r.state, self.global_state, r.num_samples,
+                                     r.trainable_blocks.nonzero().flatten().tolist(), self.tensor_blocks, rank=r.rank)
+            for r in results
+        ]
+        agg = self.config.aggregation
+        if any(r.rank is not None for r in results):
+            self.global_state = aggregate_rank_padded(
+                self.global_state, updates, self.tensor_blocks, lora_rank_dims(self.global_state),
+                weighting=agg.weighting, normalize=agg.rank_normalize)
+        else:
+            self.global_state = aggregate_layerwise(self.global_state, updates, self.tensor_blocks,
+                                                    weighting=agg.weighting)
+
+    def _traffic(self, results: list[LocalResult]) -> tuple[int, int]:
+        """Bytes the round would move: the whole global state down to each participant, and up
+        the tensors of the blocks each trained (rank-sliced for HetLoRA) plus its head."""
+        names = list(self.global_state)
+        down = _state_bytes(self.global_state, names) * len(results)
+        up = 0
+        for r in results:
+            blocks = set(r.trainable_blocks.nonzero().flatten().tolist())
+            lora = [n for n in names if self.tensor_blocks[n] in blocks]
+            head = [n for n in names if self.tensor_blocks[n] is None]
+            fraction = 1.0 if r.rank is None else r.rank / self.config.model.rank
+            up += _state_bytes(self.global_state, lora, fraction) + _state_bytes(self.global_state, head)
+        return down, up
+
+    def evaluate_global(self) -> dict[str, float]:
+        """The global model (slot 0, full rank) on the held-out test split."""
+        self.model.load_client_state(0, self.global_state)
+        self.model.set_ranks({0: self.config.model.rank})
+        return evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
+                        device=self.device)
+
+    def proxy_fisher_scores(self) -> np.ndarray:
+        """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
+        the per-sample squared gradient norm. Each sample of a batch is routed to its own bank
+        slot, so one batched backward yields per-sample norms."""
+        proxy = self.client_data["proxy"]
+        if proxy is None:
+            raise ValueError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
+        model, slots = self.model, self.model.num_clients
+        model.broadcast_state(self.global_state, range(slots))
+        model.set_ranks({s: self.config.model.rank for s in range(slots)})
+        model.set_trainable(torch.ones(self.num_blocks, slots, dtype=torch.bool))
+        model.reset_fisher_norms()
+        model.eval()
+        n = proxy["labels"].shape[0]
+        for start in range(0, n, slots):
+            batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}
+            ids = torch.arange(batch["labels"].shape[0])
+            with model.route(ids):
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            F.cross_entropy(logits, batch["labels"], reduction="sum").backward()
+            for p in model.parameters():
+                p.grad = None
+        return (model.fisher_norms().sum(dim=1) / max(n, 1)).double().cpu().numpy()
+
+
+def _as_list(value) -> list | None:
+    """A float array as a JSON-ready list; NaN (a block nobody has scored yet) becomes None."""
+    if value is None:
+        return None
+    return [None if math.isnan(v) else v for v in np.asarray(value, dtype=np.float64).tolist()]
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+
+
+_CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "bytes_up", "bytes_down",
+               "wall_time", "participants")
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "participants": len(r.get("participants", []))})

@@ -1,0 +1,124 @@
+"""Plots of federated runs, read from their ``metrics.jsonl``.
+
+* ``plot_accuracy``: test accuracy against round, one line per run;
+* ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
+  that trained each block;
+* ``plot_fisher``: the server's Fisher score of each block against round.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["read_metrics", "run_label", "plot_accuracy", "plot_allocation", "plot_fisher", "plot_run"]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-round records of a run folder (``metrics.jsonl``)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_label(run_dir: str | Path) -> str:
+    return Path(run_dir).name
+
+
+def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
+                  title: str = "Test accuracy of the global model") -> Path:
+    """One line per run: test accuracy at each evaluated round."""
+    labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run_dir, label in zip(run_dirs, labels):
+        recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
+        ax.plot([r["round"] + 1 for r in recs], [100 * r["test_accuracy"] for r in recs], marker="o",
+                markersize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, out)
+
+
+def allocation_matrix(records: Sequence[dict[str, Any]], num_blocks: int) -> np.ndarray:
+    """float ``[L, rounds]``: share of each round's participants that trained each block."""
+    mat = np.zeros((num_blocks, len(records)))
+    for j, r in enumerate(records):
+        alloc = r.get("allocation") or {}
+        for blocks in alloc.values():
+            mat[blocks, j] += 1
+        if alloc:
+            mat[:, j] /= len(alloc)
+    return mat
+
+
+def _num_blocks(records: Sequence[dict[str, Any]]) -> int:
+    for r in records:
+        if r.get("fisher_scores") is not None:
+            return len(r["fisher_scores"])
+        if r.get("probabilities") is not None:
+            return len(r["probabilities"])
+    return 1 + max((b for r in records for blocks in (r.get("allocation") or {}).values() for b in blocks), default=0)
+
+
+def plot_allocation(run_dir: str | Path, out: str | Path) -> Path:
+    """Heat map blocks x rounds of the share of participants training each block."""
+    recs = read_metrics(run_dir)
+    mat = allocation_matrix(recs, _num_blocks(recs))
+    fig, ax = plt.subplots(figsize=(8, 0.25 * mat.shape[0] + 2))
+    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("round")
+    ax.set_ylabel("block")
+    ax.set_title(f"Allocation: share of participants training each block ({run_label(run_dir)})")
+    fig.colorbar(im, ax=ax, label="share of participants")
+    return _save(fig, out)
+
+
+def plot_fisher(run_dir: str | Path, out: str | Path) -> Path:
+    """The server's Fisher score estimate of every block against round (log scale)."""
+    recs = [r for r in read_metrics(run_dir) if r.get("fisher_scores") is not None]
+    if not recs:
+        raise ValueError(f"run_dir: {run_dir} has no Fisher scores (its strategy does not use them)")
+    scores = np.array([[np.nan if v is None else v for v in r["fisher_scores"]] for r in recs], dtype=float)
+    rounds = [r["round"] + 1 for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("coolwarm")
+    for b in range(scores.shape[1]):
+        ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("Fisher score (mean squared gradient norm)")
+    ax.set_title(f"Fisher scores per block ({run_label(run_dir)})")
+    if scores.shape[1] <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Every plot of one run into ``out_dir`` (default: the run folder)."""
+    out_dir = Path(out_dir or run_dir)
+    paths = [plot_accuracy([run_dir], out_dir / "accuracy.png"), plot_allocation(run_dir, out_dir / "allocation.png")]
+    try:
+        paths.append(plot_fisher(run_dir, out_dir / "fisher.png"))
+    except ValueError:
+        pass  # strategies without Fisher scores have no such plot
+    return paths
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

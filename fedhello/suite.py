@@ -1,0 +1,222 @@
+"""Experiment suites: several methods x settings x seeds over one base config, one table.
+
+A suite file (YAML)::
+
+    base: ../quickstart.yaml          # a run config, relative to this file
+    output_dir: runs/suite-quickstart
+    seeds: [0]
+    settings:                         # named overrides: partitions, tier mixes, ...
+      dirichlet-0.5: {data.partition.kind: dirichlet, data.partition.alpha: 0.5}
+    methods:                          # named overrides: strategies and their options
+      Fed-HeLLo: {strategy.name: fedhello}
+      FedRA: {strategy.name: fedra}
+    presets:                          # optional, chosen with --preset NAME; replaces any of
+      gpu: {overrides: {rounds: 100}, seeds: [0, 1, 2], settings: {...}, methods: {...}}
+
+Every run goes to ``output_dir/<setting>/<method>/seed-<s>``; finished runs are skipped when
+resuming. The summary (``summary.json``, ``results.md``, one accuracy plot per setting) gives
+final and best test accuracy as mean ± std over seeds, and the wall time of each run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from fedhello.config import ConfigError, apply_overrides, load_config
+from fedhello.plots import plot_accuracy, plot_allocation, read_metrics
+
+__all__ = ["Suite", "load_suite", "run_suite", "summarize"]
+
+
+@dataclass
+class Suite:
+    """A resolved suite: the base config file, overrides, and the grid to run."""
+
+    base: Path
+    output_dir: Path
+    seeds: list[int]
+    settings: dict[str, dict[str, Any]]
+    methods: dict[str, dict[str, Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = "suite"
+
+    def runs(self) -> list[tuple[str, str, int, Path]]:
+        """(setting, method, seed, run folder) of every run, in execution order."""
+        return [(s, m, seed, self.output_dir / s / m / f"seed-{seed}")
+                for s in self.settings for m in self.methods for seed in self.seeds]
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _flatten(prefix: str, value: Any) -> list[str]:
+    """``{a: {b: 1}}`` -> ``["a.b=1"]``, except for the values of ``options`` mappings."""
+    if isinstance(value, dict) and not prefix.endswith("options"):
+        out = []
+        for k, v in value.items():
+            out.extend(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return [f"{prefix}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+
+
+def load_suite(path: str | Path, preset: str | None = None, overrides: list[str] | tuple = ()) -> Suite:
+    """Read a suite file; ``preset`` picks one of its ``presets``; ``overrides`` apply to every run."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"suite: no such file {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"suite: expected a mapping at the top of {path}")
+    presets = _mapping("presets", raw.get("presets"))
+    chosen: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(f"preset: expected one of {sorted(presets)}, got {preset!r}")
+        chosen = _mapping(f"presets.{preset}", presets[preset])
+    if "base" not in raw:
+        raise ConfigError("base: expected the path of a run config")
+    base = (path.parent / raw["base"]).resolve()
+    if not base.exists():
+        raise ConfigError(f"base: no such file {base}")
+    run_overrides = {**_mapping("overrides", raw.get("overrides")), **_mapping("overrides", chosen.get("overrides"))}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        run_overrides[key] = yaml.safe_load(value)
+    settings = _mapping("settings", chosen.get("settings", raw.get("settings"))) or {"default": {}}
+    methods = _mapping("methods", chosen.get("methods", raw.get("methods")))
+    if not methods:
+        raise ConfigError("methods: expected at least one method")
+    seeds = chosen.get("seeds", raw.get("seeds", [0]))
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise ConfigError(f"seeds: expected a non-empty list of ints, got {seeds!r}")
+    out = chosen.get("output_dir", raw.get("output_dir", f"runs/{path.stem}"))
+    suite = Suite(base, Path(out), seeds, settings, methods, run_overrides,
+                  name=f"{path.stem}" + (f" ({preset})" if preset else ""))
+    for setting, method, seed, run_dir in suite.runs():  # validate every run up front
+        _run_config(suite, setting, method, seed, run_dir)
+    return suite
+
+
+def _run_config(suite: Suite, setting: str, method: str, seed: int, run_dir: Path):
+    items = (_flatten("", suite.overrides) + _flatten("", _mapping(f"settings.{setting}", suite.settings[setting]))
+             + _flatten("", _mapping(f"methods.{method}", suite.methods[method]))
+             + [f"seed={seed}", f"output_dir={run_dir}"])
+    try:
+        return load_config(suite.base, items)
+    except ConfigError as err:
+        raise ConfigError(f"{setting}/{method}: {err}") from err
+
+
+def _finished(run_dir: Path, rounds: int) -> bool:
+    meta = run_dir / "checkpoint.json"
+    return meta.exists() and json.loads(meta.read_text()).get("next_round") == rounds
+
+
+def run_suite(suite: Suite, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Run every (setting, method, seed) of ``suite``; write and print the summary."""
+    from fedhello.fl.server import FederatedRun
+
+    runs = suite.runs()
+    for i, (setting, method, seed, run_dir) in enumerate(runs, 1):
+        config = _run_config(suite, setting, method, seed, run_dir)
+        if resume and _finished(run_dir, config.rounds):
+            print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}: finished, skipped")
+            continue
+        print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}")
+        start = time.perf_counter()
+        FederatedRun(config, progress=progress).run(resume=resume)
+        (run_dir / "wall_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    summary = summarize(suite)
+    print(render_table(summary))
+    print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/accuracy.png")
+    return summary
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def summarize(suite: Suite) -> dict[str, Any]:
+    """Final/best accuracy (mean, std over seeds) and wall time per setting and method."""
+    table: dict[str, dict[str, Any]] = {}
+    for setting in suite.settings:
+        table[setting] = {}
+        method_dirs = []
+        for method in suite.methods:
+            finals, bests, f1s, walls = [], [], [], []
+            for seed in suite.seeds:
+                run_dir = suite.output_dir / setting / method / f"seed-{seed}"
+                recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
+                if not recs:
+                    continue
+                finals.append(100 * recs[-1]["test_accuracy"])
+                bests.append(100 * max(r["test_accuracy"] for r in recs))
+                f1s.append(100 * recs[-1]["test_macro_f1"])
+                wall = run_dir / "wall_time.json"
+                walls.append(json.loads(wall.read_text())["seconds"] if wall.exists() else float("nan"))
+            if finals:
+                table[setting][method] = {
+                    "final": _mean_std(finals), "best": _mean_std(bests), "macro_f1": _mean_std(f1s),
+                    "wall_time_s": float(np.nanmean(walls)), "seeds": len(finals),
+                }
+                method_dirs.append((method, suite.output_dir / setting / method / f"seed-{suite.seeds[0]}"))
+        if method_dirs:
+            plot_accuracy([d for _, d in method_dirs], suite.output_dir / setting / "accuracy.png",
+                          labels=[m for m, _ in method_dirs], title=f"Test accuracy, {setting}")
+            for method, run_dir in method_dirs:
+                plot_allocation(run_dir, suite.output_dir / setting / f"allocation-{_slug(method)}.png")
+    summary = {
+        "suite": suite.name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "seeds": suite.seeds,
+        "table": table,
+    }
+    suite.output_dir.mkdir(parents=True, exist_ok=True)
+    (suite.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (suite.output_dir / "results.md").write_text(render_table(summary) + "\n")
+    return summary
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name).strip("-").lower()
+
+
+def render_table(summary: dict[str, Any]) -> str:
+    """A markdown table: rows = methods, columns = settings, cells = final (best) accuracy."""
+    table = summary["table"]
+    settings = list(table)
+    methods = list(dict.fromkeys(m for s in settings for m in table[s]))
+    n_seeds = len(summary["seeds"])
+    pm = " ± std" if n_seeds > 1 else ""
+    header = "| method | " + " | ".join(f"{s}: final{pm} (best) %" for s in settings) + " | wall time / run |"
+    lines = [header, "|" + "---|" * (len(settings) + 2)]
+    for m in methods:
+        cells, walls = [], []
+        for s in settings:
+            row = table[s].get(m)
+            if row is None:
+                cells.append("–")
+                continue
+            (f, fs), (b, _) = row["final"], row["best"]
+            cells.append(f"{f:.2f}" + (f" ± {fs:.2f}" if n_seeds > 1 else "") + f" ({b:.2f})")
+            walls.append(row["wall_time_s"])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.nanmean(walls):.0f} s |")
+    return "\n".join(lines)
