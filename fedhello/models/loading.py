@@ -14,12 +14,19 @@ ones raise ``MissingAssetError`` naming the pip command.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
+from transformers.utils import logging as transformers_logging
 
 from .assets import MissingAssetError, minilm_path, smollm2_path
 
 __all__ = ["TASKS", "resolve_backbone", "load_backbone", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("sequence-classification", "causal-lm", "feature-extraction", "image-classification")
 
@@ -80,10 +87,39 @@ def load_tokenizer(name_or_path: str | Path, **kwargs):
     return tokenizer
 
 
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's global RNG for the block (weights ``from_pretrained`` creates draw from it)
+    and restore the caller's RNG state afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _report_loading(model, path: str, info: dict) -> None:
+    """One log line for a new head, a warning for anything else that did not load cleanly."""
+    prefix = f"{model.base_model_prefix}."
+    missing = info.get("missing_keys", [])
+    new_head = [k for k in missing if not k.startswith(prefix)]
+    if new_head:
+        logger.info("%s: new, randomly initialised head weights %s", path, sorted(new_head))
+    problems = {name: sorted(keys) for name, keys in (
+        ("missing", [k for k in missing if k.startswith(prefix)]),
+        ("unexpected", info.get("unexpected_keys", [])),
+        ("mismatched", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]),
+    ) if keys}
+    if problems:
+        logger.warning("%s: weights that did not load cleanly: %s", path, problems)
+
+
 def load_backbone(
     name_or_path: str | Path,
     task: str = "sequence-classification",
     num_labels: int | None = None,
+    seed: int | None = None,
     **kwargs,
 ):
     """A ``transformers`` model for ``task``, in eval mode.
@@ -94,7 +130,12 @@ def load_backbone(
             and randomly initialised when the checkpoint has none), "causal-lm",
             "feature-extraction" (``AutoModel``) or "image-classification".
         num_labels: number of classes of a classification head.
+        seed: seeds the initialisation of weights the checkpoint lacks (a new head), so that
+            two loads give the same model; ``None`` draws from torch's global RNG.
         kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ``local_files_only``, ...).
+
+    A new head is logged at INFO level (``fedhello.models``) instead of transformers' load
+    report; other missing, unexpected or mismatched weights are logged as a warning.
 
     For sequence classification, a model without ``pad_token_id`` (LLaMA, GPT-2: their heads
     read the last non-padding token) gets the tokenizer's padding token id.
@@ -107,7 +148,14 @@ def load_backbone(
             raise ValueError(f"num_labels: only for classification tasks, got task {task!r}")
         kwargs["num_labels"] = num_labels
     path = resolve_backbone(name_or_path)
-    model = auto.from_pretrained(path, **kwargs)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with _seeded(seed):
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    _report_loading(model, path, info)
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
         tokenizer = load_tokenizer(path)
         model.config.pad_token_id = tokenizer.pad_token_id
