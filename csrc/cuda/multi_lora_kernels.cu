@@ -534,51 +534,43 @@ int64_t backward_workspace_floats(const Routing& rt) {
   return rt.num_clients * (grad_blocks(rt, rt.d_in) + grad_blocks(rt, rt.d_out));
 }
 
-cudaError_t launch_forward(DType dtype, const Routing& rt, const void* x, const void* lora_a, const void* lora_b,
-                           float* h, void* out, cudaStream_t stream) {
+namespace {
+
+// Calls fn(T{}) with T the element type named by dtype.
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
     case DType::kFloat16:
-      return forward_impl<__half>(rt, static_cast<const __half*>(x), static_cast<const __half*>(lora_a),
-                                  static_cast<const __half*>(lora_b), h, static_cast<__half*>(out), stream);
+      return fn(__half{});
     case DType::kBFloat16:
-      return forward_impl<__nv_bfloat16>(rt, static_cast<const __nv_bfloat16*>(x),
-                                         static_cast<const __nv_bfloat16*>(lora_a),
-                                         static_cast<const __nv_bfloat16*>(lora_b), h,
-                                         static_cast<__nv_bfloat16*>(out), stream);
+      return fn(__nv_bfloat16{});
     case DType::kFloat32:
-      return forward_impl<float>(rt, static_cast<const float*>(x), static_cast<const float*>(lora_a),
-                                 static_cast<const float*>(lora_b), h, static_cast<float*>(out), stream);
+      return fn(float{});
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_forward(DType dtype, const Routing& rt, const void* x, const void* lora_a, const void* lora_b,
+                           float* h, void* out, cudaStream_t stream) {
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return forward_impl<T>(rt, static_cast<const T*>(x), static_cast<const T*>(lora_a),
+                           static_cast<const T*>(lora_b), h, static_cast<T*>(out), stream);
+  });
 }
 
 cudaError_t launch_backward(DType dtype, const Routing& rt, const void* dy, const void* x, const void* lora_a,
                             const void* lora_b, const float* h, float* g, void* dx, void* d_a, void* d_b,
                             float* workspace, float* grad_sqnorm, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat16: {
-      using T = __half;
-      return backward_impl<T>(rt, static_cast<const T*>(dy), static_cast<const T*>(x),
-                              static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), h, g,
-                              static_cast<T*>(dx), static_cast<T*>(d_a), static_cast<T*>(d_b), workspace,
-                              grad_sqnorm, stream);
-    }
-    case DType::kBFloat16: {
-      using T = __nv_bfloat16;
-      return backward_impl<T>(rt, static_cast<const T*>(dy), static_cast<const T*>(x),
-                              static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), h, g,
-                              static_cast<T*>(dx), static_cast<T*>(d_a), static_cast<T*>(d_b), workspace,
-                              grad_sqnorm, stream);
-    }
-    case DType::kFloat32: {
-      using T = float;
-      return backward_impl<T>(rt, static_cast<const T*>(dy), static_cast<const T*>(x),
-                              static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), h, g,
-                              static_cast<T*>(dx), static_cast<T*>(d_a), static_cast<T*>(d_b), workspace,
-                              grad_sqnorm, stream);
-    }
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return backward_impl<T>(rt, static_cast<const T*>(dy), static_cast<const T*>(x),
+                            static_cast<const T*>(lora_a), static_cast<const T*>(lora_b), h, g,
+                            static_cast<T*>(dx), static_cast<T*>(d_a), static_cast<T*>(d_b), workspace,
+                            grad_sqnorm, stream);
+  });
 }
 
 }  // namespace fedhello::cuda
