@@ -2,7 +2,7 @@
 
 * ``plot_accuracy``: test accuracy against round, one line per run;
 * ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
-  that trained each block;
+  that trained each block; ``plot_allocation_grid``: those of several runs side by side;
 * ``plot_fisher``: the server's Fisher score of each block against round.
 """
 
@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["read_metrics", "run_label", "plot_accuracy", "plot_allocation", "plot_fisher", "plot_run"]
+__all__ = ["read_metrics", "run_label", "plot_accuracy", "plot_allocation", "plot_allocation_grid", "plot_fisher",
+           "plot_run"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -71,17 +72,46 @@ def _num_blocks(records: Sequence[dict[str, Any]]) -> int:
     return 1 + max((b for r in records for blocks in (r.get("allocation") or {}).values() for b in blocks), default=0)
 
 
+def _draw_allocation(ax, records: Sequence[dict[str, Any]]):
+    mat = allocation_matrix(records, _num_blocks(records))
+    ax.set_xlabel("round")
+    ax.set_ylabel("block")
+    return ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+
+
 def plot_allocation(run_dir: str | Path, out: str | Path) -> Path:
     """Heat map blocks x rounds of the share of participants training each block."""
     recs = read_metrics(run_dir)
-    mat = allocation_matrix(recs, _num_blocks(recs))
-    fig, ax = plt.subplots(figsize=(8, 0.25 * mat.shape[0] + 2))
-    im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("round")
-    ax.set_ylabel("block")
+    fig, ax = plt.subplots(figsize=(8, 0.25 * _num_blocks(recs) + 2))
+    im = _draw_allocation(ax, recs)
     ax.set_title(f"Allocation: share of participants training each block ({run_label(run_dir)})")
     fig.colorbar(im, ax=ax, label="share of participants")
     return _save(fig, out)
+
+
+def plot_allocation_grid(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
+                         title: str = "Allocation: share of participants training each block",
+                         columns: int = 5) -> Path:
+    """The allocation heat maps of several runs side by side, on one colour scale."""
+    labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("run_dirs: expected at least one run folder")
+    cols = min(columns, len(run_dirs))
+    rows = -(-len(run_dirs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.8), squeeze=False)
+    im = None
+    for ax, run_dir, label in zip(axes.flat, run_dirs, labels):
+        im = _draw_allocation(ax, read_metrics(run_dir))
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[len(run_dirs):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.colorbar(im, ax=axes, label="share of participants", shrink=0.8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def plot_fisher(run_dir: str | Path, out: str | Path) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,9 @@ import torch
 import yaml
 
 from fedhello.config import ConfigError, apply_overrides, load_config
-from fedhello.plots import plot_accuracy, plot_allocation, read_metrics
+from fedhello.plots import plot_accuracy, plot_allocation_grid, plot_fisher, read_metrics
 
-__all__ = ["Suite", "load_suite", "run_suite", "summarize"]
+__all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
 
 
 @dataclass
@@ -153,38 +154,68 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    model = platform.processor() or platform.machine()
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"CPU ({model}, {torch.get_num_threads()} threads)"
+
+
+def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """(run folder, evaluated records) of every seed of one cell that has evaluated rounds."""
+    runs = []
+    for seed in suite.seeds:
+        run_dir = suite.output_dir / setting / method / f"seed-{seed}"
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
+        if recs:
+            runs.append((run_dir, recs))
+    return runs
+
+
+def _read_json(path: Path, key: str) -> float:
+    return json.loads(path.read_text())[key] if path.exists() else float("nan")
+
+
 def summarize(suite: Suite) -> dict[str, Any]:
-    """Final/best accuracy (mean, std over seeds) and wall time per setting and method."""
+    """Final/best accuracy (mean, std over seeds), the untrained model's accuracy and wall time per
+    setting and method; one accuracy plot, one allocation grid and the Fisher plots per setting."""
     table: dict[str, dict[str, Any]] = {}
     for setting in suite.settings:
         table[setting] = {}
         method_dirs = []
         for method in suite.methods:
-            finals, bests, f1s, walls = [], [], [], []
-            for seed in suite.seeds:
-                run_dir = suite.output_dir / setting / method / f"seed-{seed}"
-                recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
-                if not recs:
-                    continue
-                finals.append(100 * recs[-1]["test_accuracy"])
-                bests.append(100 * max(r["test_accuracy"] for r in recs))
-                f1s.append(100 * recs[-1]["test_macro_f1"])
-                wall = run_dir / "wall_time.json"
-                walls.append(json.loads(wall.read_text())["seconds"] if wall.exists() else float("nan"))
-            if finals:
-                table[setting][method] = {
-                    "final": _mean_std(finals), "best": _mean_std(bests), "macro_f1": _mean_std(f1s),
-                    "wall_time_s": float(np.nanmean(walls)), "seeds": len(finals),
-                }
-                method_dirs.append((method, suite.output_dir / setting / method / f"seed-{suite.seeds[0]}"))
-        if method_dirs:
-            plot_accuracy([d for _, d in method_dirs], suite.output_dir / setting / "accuracy.png",
-                          labels=[m for m, _ in method_dirs], title=f"Test accuracy, {setting}")
-            for method, run_dir in method_dirs:
-                plot_allocation(run_dir, suite.output_dir / setting / f"allocation-{_slug(method)}.png")
+            runs = _finished_runs(suite, setting, method)
+            if not runs:
+                continue
+            table[setting][method] = {
+                "final": _mean_std([100 * recs[-1]["test_accuracy"] for _, recs in runs]),
+                "best": _mean_std([100 * max(r["test_accuracy"] for r in recs) for _, recs in runs]),
+                "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs in runs]),
+                "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _ in runs]),
+                "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _ in runs])),
+                "seeds": len(runs),
+            }
+            method_dirs.append((method, runs[0][0]))
+        if not method_dirs:
+            continue
+        out = suite.output_dir / setting
+        labels, dirs = [m for m, _ in method_dirs], [d for _, d in method_dirs]
+        plot_accuracy(dirs, out / "accuracy.png", labels=labels, title=f"Test accuracy, {setting}")
+        plot_allocation_grid(dirs, out / "allocation.png", labels=labels,
+                             title=f"Share of participants training each block, {setting}")
+        for method, run_dir in method_dirs:
+            if any(r.get("fisher_scores") is not None for r in read_metrics(run_dir)):
+                plot_fisher(run_dir, out / f"fisher-{_slug(method)}.png")
     summary = {
         "suite": suite.name,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "device": _device_name(),
         "torch": torch.__version__,
         "seeds": suite.seeds,
         "table": table,
@@ -195,12 +226,45 @@ def summarize(suite: Suite) -> dict[str, Any]:
     return summary
 
 
+# What a published suite keeps of each run: its small text records (no checkpoints).
+_PUBLISHED_RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "initial_eval.json", "wall_time.json")
+
+
+def publish(suite: Suite, dest: str | Path) -> Path:
+    """Copy a summarized suite's table, plots and every run's metrics (no weights) into ``dest``.
+
+    ``dest`` gets ``results.md``, ``summary.json``, ``<setting>/*.png`` and
+    ``<setting>/<method>/seed-<s>/{config.yaml, metrics.jsonl, ...}``: small files meant to be
+    committed beside a report so that every number in it can be checked.
+    """
+    dest = Path(dest)
+    src = suite.output_dir
+    for name in ("results.md", "summary.json"):
+        if not (src / name).exists():
+            raise ValueError(f"publish: {src / name} does not exist; run or summarize the suite first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("results.md", "summary.json"):
+        shutil.copy2(src / name, dest / name)
+    for setting in suite.settings:
+        for png in sorted((src / setting).glob("*.png")):
+            (dest / setting).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, dest / setting / png.name)
+    for setting, method, seed, run_dir in suite.runs():
+        target = dest / setting / method / f"seed-{seed}"
+        for name in _PUBLISHED_RUN_FILES:
+            if (run_dir / name).exists():
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run_dir / name, target / name)
+    return dest
+
+
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name).strip("-").lower()
 
 
 def render_table(summary: dict[str, Any]) -> str:
-    """A markdown table: rows = methods, columns = settings, cells = final (best) accuracy."""
+    """A markdown table: rows = methods, columns = settings, cells = final (best) test accuracy;
+    a last row with the untrained model's accuracy, and the device the runs took."""
     table = summary["table"]
     settings = list(table)
     methods = list(dict.fromkeys(m for s in settings for m in table[s]))
@@ -219,4 +283,10 @@ def render_table(summary: dict[str, Any]) -> str:
             cells.append(f"{f:.2f}" + (f" ± {fs:.2f}" if n_seeds > 1 else "") + f" ({b:.2f})")
             walls.append(row["wall_time_s"])
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.nanmean(walls):.0f} s |")
+    untrained = []
+    for s in settings:
+        values = [row["untrained"][0] for row in table[s].values() if not np.isnan(row["untrained"][0])]
+        untrained.append(f"{np.mean(values):.2f}" if values else "–")
+    lines.append("| *untrained model* | " + " | ".join(untrained) + " | – |")
+    lines.append(f"\n{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n".join(lines)

