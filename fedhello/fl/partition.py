@@ -29,7 +29,6 @@ from typing import Sequence
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 __all__ = [
     "PARTITION_KINDS",
@@ -84,6 +83,8 @@ def iid_partition(num_samples: int, num_clients: int, seed: int = 0) -> list[np.
         raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
     _check_num_clients(num_clients, num_samples)
     table = datasets.Dataset.from_dict({_ROW: np.arange(num_samples, dtype=np.int64)}).shuffle(seed=seed)
+    from flwr_datasets.partitioner import IidPartitioner  # heavy import (~3 s): only when partitioning
+
     partitioner = IidPartitioner(num_partitions=int(num_clients))
     partitioner.dataset = table
     return _rows_of(partitioner, num_clients)
@@ -112,6 +113,8 @@ def dirichlet_partition(labels: Sequence[int] | np.ndarray, num_clients: int, al
     if min_size * num_clients > y.size:
         raise ValueError(f"min_size: {num_clients} clients x {min_size} samples exceed the {y.size} samples")
     table = datasets.Dataset.from_dict({_LABEL: y, _ROW: np.arange(y.size, dtype=np.int64)})
+    from flwr_datasets.partitioner import DirichletPartitioner  # heavy import: only when partitioning
+
     partitioner = DirichletPartitioner(num_partitions=int(num_clients), partition_by=_LABEL, alpha=alpha,
                                        min_partition_size=int(min_size), self_balancing=False, shuffle=True,
                                        seed=seed)

@@ -4,6 +4,7 @@
 under ``config.output_dir``:
 
 * ``config.yaml``: the resolved configuration;
+* ``initial_eval.json``: test accuracy, loss and macro-F1 of the untrained global model;
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
   macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
   would travel up and down, wall time);
@@ -26,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -132,7 +133,8 @@ class FederatedRun:
     def _setup(self) -> None:
         cfg = self.config
         self.data = prepare_federated_data(cfg.data, cfg.seed)
-        backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes)
+        backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
+                                 seed=derive_seed(cfg.seed, "head"))
         self.client_data = self._tensors(backbone)
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
@@ -213,8 +215,14 @@ class FederatedRun:
         return True
 
     # ------------------------------------------------------------------ the loop
-    def run(self, resume: bool = False) -> list[dict[str, Any]]:
-        """Run the remaining rounds; returns every round's metrics record."""
+    def run(self, resume: bool = False,
+            play_round: Callable[[int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Run the remaining rounds; returns every round's metrics record.
+
+        ``play_round(rnd)`` plays one round and returns its record; the default trains the
+        participants on this process's engine. ``fedhello.fl.flower`` passes one that trains
+        them on Flower nodes (same ``plan_round``/``finish_round``, same files).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         records: list[dict[str, Any]] = []
@@ -222,12 +230,14 @@ class FederatedRun:
             records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
         save_config(self.config, self.out / "config.yaml")
         _write_jsonl(metrics_path, records)
+        if self.start_round == 0:  # the untrained model, the baseline every run is judged against
+            (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
 
         cfg = self.config
         rounds = range(self.start_round, cfg.rounds)
         bar = tqdm(rounds, desc="rounds", disable=not self.progress, initial=self.start_round, total=cfg.rounds)
         for rnd in bar:
-            record = self._round(rnd)
+            record = (play_round or self._round)(rnd)
             records.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
