@@ -1,13 +1,16 @@
-"""Command line: ``fedhello run | suite | plot``.
+"""Command line: ``fedhello run | flower | suite | plot``.
 
     fedhello run CONFIG.yaml [--set key=value ...] [--resume]   one federated run
-    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME]   several methods, one table
+    fedhello flower CONFIG.yaml --nodes N [--set key=value ...]  the same run as a Flower simulation
+    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume] [--publish DIR]
+                                                                 several methods, one table
     fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,10 +23,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedhello.plots import plot_run
 
     config = load_config(args.config, args.set or [])
-    run = FederatedRun(config, progress=not args.no_progress)
-    records = run.run(resume=args.resume)
+    if args.command == "flower":
+        from fedhello.fl.flower import simulate
+
+        records = simulate(config, args.nodes, resume=args.resume, timeout=args.round_timeout,
+                           num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    else:
+        records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
+    initial = Path(config.output_dir) / "initial_eval.json"
+    if initial.exists():
+        print(f"untrained model: test accuracy {100 * json.loads(initial.read_text())['accuracy']:.2f}%")
     if evaluated:
         best = max(r["test_accuracy"] for r in evaluated)
         last = evaluated[-1]
@@ -34,10 +45,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
-    from fedhello.suite import load_suite, run_suite
+    from fedhello.suite import load_suite, publish, run_suite
 
     suite = load_suite(args.suite, preset=args.preset, overrides=args.set or [])
     run_suite(suite, progress=not args.no_progress, resume=args.resume)
+    if args.publish:
+        print(f"published the table, plots and metrics to {publish(suite, args.publish)}")
     return 0
 
 
@@ -67,11 +80,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
+    flower = sub.add_parser("flower", help="the same run as a Flower simulation (Ray), local training on N nodes")
+    flower.add_argument("config", help="path to a run config (see configs/)")
+    flower.add_argument("--nodes", type=int, required=True, help="Flower nodes (one per GPU worker)")
+    flower.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
+    flower.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    flower.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per node (default 1)")
+    flower.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per node (1: one node per GPU; default 0)")
+    flower.add_argument("--round-timeout", type=float, help="seconds to wait for the nodes in a round (default: all)")
+    flower.set_defaults(func=_cmd_run)
+
     suite = sub.add_parser("suite", help="run several methods/settings and print a comparison table")
     suite.add_argument("suite", help="path to a suite file (see configs/suites/)")
     suite.add_argument("--preset", help="a named size preset of the suite (e.g. gpu)")
     suite.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of every run")
     suite.add_argument("--resume", action="store_true", help="skip finished runs, resume unfinished ones")
+    suite.add_argument("--publish", metavar="DIR",
+                       help="afterwards copy the table, plots and every run's metrics (no weights) into DIR")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")
     suite.set_defaults(func=_cmd_suite)
 
