@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -45,10 +41,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from _common import RESULTS_DIR, run_metadata, write_json
+from _common import finite as _finite
+from _common import int_list as _int_list
+from _common import name_list as _name_list
+from _common import percentile as _percentile
 from fedhello.kernels import LoRAPlan, multi_lora_linear, resolve_backend
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
 LORA_IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc")
@@ -372,12 +370,6 @@ class Stats:
     q20_ms: float
     q80_ms: float
     reps: int
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    idx = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(idx), math.ceil(idx)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (idx - lo)
 
 
 def _stats(times_ms: list[float]) -> Stats:
@@ -706,54 +698,16 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
 # --------------------------------------------------------------------------------------- metadata
 
 
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def slug(text: str) -> str:
-    """File-name form of a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``nvidia-h100-80gb-hbm3``."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
-
-
 def metadata(device: torch.device, argv: Sequence[str], opts: RunOptions) -> dict:
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = device_name(device)
     meta = {
-        "device": name,
-        "device_type": device.type,
-        "device_slug": slug(name if device.type == "cuda" else f"cpu-{name}"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **run_metadata(device, argv),
         "triton": triton_version,
-        "cuda": torch.version.cuda,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": _git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": None,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(argv),
         "timing": {
             "method": "cuda events per call" if device.type == "cuda" else "time.perf_counter per call",
             **asdict(opts.timing),
@@ -779,13 +733,6 @@ def metadata(device: torch.device, argv: Sequence[str], opts: RunOptions) -> dic
         },
         "goals": {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()},
     }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    if status is not None:
-        meta["git_dirty"] = bool(status)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        meta.update(capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
-                    total_memory_bytes=props.total_memory)
     return meta
 
 
@@ -853,51 +800,7 @@ def headline_report(record: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-
-
-def _finite(obj: object) -> object:
-    """JSON has no NaN/inf: write them as strings so the file stays valid."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def _int_list(text: str) -> list[int]:
-    """``"1k,8192,32K"`` -> ``[1024, 8192, 32768]``."""
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        mult = 1024 if item.endswith("k") else 1
-        try:
-            value = int(item.removesuffix("k")) * mult
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated ints (1k = 1024), got {text!r}")
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-        out.append(value)
-    return out
-
-
-def _name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        bad = [n for n in names if n not in choices]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"expected names from {tuple(choices)}, got {text!r}")
-        return names
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

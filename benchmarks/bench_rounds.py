@@ -1,0 +1,793 @@
+"""End-to-end benchmark of one federated round: N clients' local training on one frozen backbone.
+
+A round trains N clients from the same global state (LoRA adapters on the model's q/v projections
+plus a classification head): each client holds ``steps * batch`` synthetic samples (random token
+ids of length ``seq``, labels in 5 classes), trains the blocks of its capacity tier (1/2, 3/4 or
+all of the L blocks, seeded random tier and random blocks) for ``steps`` AdamW steps of ``batch``
+samples (one local epoch), and ends with its adapters and head. Three implementations do exactly
+that work:
+
+* ``batched``     ``ClientParallelEngine``: waves of up to ``parallel`` clients (default all N), one
+                  batched forward/backward per local step through one backbone, masked AdamW;
+* ``sequential``  ``SequentialEngine``: the same engine, one client at a time;
+* ``peft``        a PEFT-per-client loop as a Flower/FedML user writes it: one ``PeftModel``
+                  (``get_peft_model`` once, LoRA on the same targets, the head in
+                  ``modules_to_save``); for each client ``set_peft_model_state_dict`` with the
+                  global state, ``requires_grad`` off for the blocks it does not train, a fresh
+                  ``torch.optim.AdamW``, a shuffling ``DataLoader``, its steps, and
+                  ``get_peft_model_state_dict`` to read back its update.
+
+Dropout is off everywhere (LoRA dropout 0, backbone in eval mode, as the engines keep it), so the
+three compute the same function; the engines also accumulate the per-block squared gradient
+norms (Fisher scores) that the PEFT loop does not.
+
+Measured per implementation: wall time of a round (median over ``--repeats`` rounds after one
+warm-up round, device synchronised around each; the implementations' timed rounds alternate,
+so load from other processes falls on all of them alike), and memory. On CUDA
+``max_memory_allocated`` over each round (reset before it), net of what the other
+implementations alive at the time hold. On CPU the process RSS high-water mark cannot be reset
+between implementations, so the CPU measure is the *training state held*: bytes of the model's
+parameters (frozen backbone included), the peak of the gradients present during the round, and
+the optimizer state; it is recorded on every device (``state_bytes``); activations are not in it.
+
+Correctness guard: the warm-up round's client states of each implementation are compared with
+those of the first one run (``sequential`` when requested): the largest relative Frobenius error
+over clients and tensors must stay below ``--guard-tol`` (1e-3), or the implementation is reported
+as ``mismatch`` instead of timed and the script exits with status 1.
+
+Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=.``)::
+
+    python benchmarks/bench_rounds.py --smoke                 # tiny random BERT, CPU, seconds
+    python benchmarks/bench_rounds.py --models minilm --n 1,8 --out benchmarks/results/rounds.json
+    python benchmarks/bench_rounds.py                         # GPU: MiniLM and SmolLM2, N in 1,8,32,100
+
+Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``, rewritten after
+every case) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as _dt
+import gc
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _common import RESULTS_DIR, finite, int_list, name_list, package_versions, percentile, run_metadata, write_json
+from fedhello.fl.capacity import CapacityTiers
+from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine
+from fedhello.fl.optim import make_masked_optimizer
+from fedhello.fl.server import DEFAULT_TARGET_MODULES
+from fedhello.kernels import BACKENDS, resolve_backend
+from fedhello.nn import MultiLoRAModel, inject_multi_lora
+
+IMPL_NAMES = ("sequential", "batched", "peft")  # run in this order: the first one run is the guard's reference
+MODEL_NAMES = ("tiny-bert", "minilm", "smollm2")
+# Offline aliases understood by fedhello.models.load_backbone.
+BACKBONES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
+NUM_LABELS = 5
+TIERS = CapacityTiers()  # 1/2, 3/4 and all of the blocks, shares 1:1:1
+GUARD_TOL = 1e-3
+GLOBAL_NOISE = 0.05  # the global state is the adapters' init plus N(0, 0.05^2): B != 0, a mid-training state
+PEFT_PREFIX = "base_model.model."
+
+ClientState = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """Settings shared by every case of a run.
+
+    Attributes:
+        seq: tokens per sample; batch: samples per client per step; steps: local steps (each
+            client holds ``steps * batch`` samples, so a round is one local epoch).
+        rank, alpha: LoRA rank and alpha (scale alpha / rank); lr, weight_decay: AdamW's.
+        parallel: most clients the batched engine trains at once (None: all N).
+        backend: the engines' ``multi_lora_linear`` backend.
+        repeats: timed rounds per implementation (after one warm-up round).
+    """
+
+    device: torch.device
+    impls: tuple[str, ...]
+    seq: int = 64
+    batch: int = 8
+    steps: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    parallel: int | None = None
+    backend: str = "auto"
+    repeats: int = 3
+    seed: int = 0
+    guard_tol: float = GUARD_TOL
+
+    def local_config(self) -> LocalTrainingConfig:
+        return LocalTrainingConfig(steps=self.steps, batch_size=self.batch, optimizer="adamw", lr=self.lr,
+                                   weight_decay=self.weight_decay)
+
+    def slots(self, n: int, impl: str) -> int:
+        """Adapter slots the implementation's model holds for a round of ``n`` clients."""
+        if impl == "batched":
+            return n if self.parallel is None else min(n, self.parallel)
+        return 1
+
+
+# ------------------------------------------------------------------------------------- backbones
+
+
+def tiny_bert(seq: int, seed: int) -> nn.Module:
+    """A random 4-block BERT (hidden 32, vocab 100) for the smoke mode, in eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=seq, num_labels=NUM_LABELS, pad_token_id=0)).eval()
+
+
+def load_model(name: str, seq: int, seed: int) -> nn.Module:
+    """The backbone called ``name`` (``MODEL_NAMES``) with a ``NUM_LABELS``-class head, fp32, eval, on CPU."""
+    if name == "tiny-bert":
+        return tiny_bert(seq, seed)
+    from fedhello.models import load_backbone
+
+    model = load_backbone(BACKBONES[name], num_labels=NUM_LABELS).float().eval()
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq > limit:
+        raise ValueError(f"--seq: {name} takes at most {limit} positions, got {seq}")
+    return model
+
+
+def target_modules(backbone: nn.Module) -> list[str]:
+    """LoRA targets of the backbone's architecture (the server's defaults: q/v projections)."""
+    model_type = backbone.config.model_type
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"model: no default LoRA targets for model type {model_type!r}")
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+# --------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """The inputs of one round, identical for every implementation (all on the CPU).
+
+    Attributes:
+        tasks: N ``LocalTask`` s: ``input_ids`` / ``attention_mask`` int64 ``[steps*batch, seq]``,
+            ``labels`` int64 ``[steps*batch]``, ``trainable_blocks`` bool ``[L]``.
+        global_state: the state every client starts from, keys as ``MultiLoRAModel.client_state``
+            (``"<module>.lora_a"`` ``[r, d_in]``, ``"<module>.lora_b"`` ``[d_out, r]``, head tensors).
+        tensor_blocks: state key -> block index (None for head tensors).
+        targets: the LoRA target names given to ``inject_multi_lora``.
+        num_blocks: L, the backbone's transformer blocks.
+    """
+
+    tasks: list[LocalTask]
+    global_state: ClientState
+    tensor_blocks: dict[str, int | None]
+    targets: list[str]
+    num_blocks: int
+
+    @property
+    def capacities(self) -> list[int]:
+        """Number of blocks each client trains."""
+        return [int(t.trainable_blocks.sum()) for t in self.tasks]
+
+
+def make_workload(backbone: nn.Module, n: int, settings: RoundSettings) -> Workload:
+    """N clients' data and block masks and a random global state for ``backbone`` (not modified)."""
+    targets = target_modules(backbone)
+    probe = inject_multi_lora(copy.deepcopy(backbone), targets, num_clients=1, rank=settings.rank,
+                              alpha=settings.alpha, backend="torch", seed=settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + n)
+    global_state = {k: v + GLOBAL_NOISE * torch.randn(v.shape, generator=gen)
+                    for k, v in probe.client_state(0).items()}
+    num_blocks = probe.num_blocks
+    capacities = TIERS.assign(n, num_blocks, seed=settings.seed + n).capacity
+    vocab, pad = backbone.config.vocab_size, backbone.config.pad_token_id
+    samples = settings.steps * settings.batch
+    tasks = []
+    for c in range(n):
+        blocks = torch.zeros(num_blocks, dtype=torch.bool)
+        blocks[torch.randperm(num_blocks, generator=gen)[:int(capacities[c])]] = True
+        ids = torch.randint(0, vocab, (samples, settings.seq), generator=gen)
+        if pad is not None:
+            ids[ids == pad] = (pad + 1) % vocab  # full-length sequences: no padding token inside
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, NUM_LABELS, (samples,), generator=gen)}
+        tasks.append(LocalTask(client=c, data=data, trainable_blocks=blocks, seed=settings.seed * 100_003 + c))
+    return Workload(tasks, global_state, probe.tensor_blocks(), targets, num_blocks)
+
+
+# ---------------------------------------------------------------------------------- memory meter
+
+
+def tensor_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensors inside ``obj`` (tensors, dicts, lists, tuples, dataclasses)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return 0
+
+
+class StateMeter:
+    """Training state held during a round: parameters, peak gradients, optimizer state (bytes).
+
+    ``params`` counts every parameter of the model (frozen backbone included). Gradients are
+    watched with post-accumulate hooks on ``tracked`` (the trainable tensors): after each
+    accumulation the bytes of all ``.grad`` present are summed, and the peak is kept. The
+    optimizer state is reported by the implementation (``saw_optimizer_state``).
+    """
+
+    def __init__(self, model: nn.Module, tracked: Sequence[nn.Parameter]) -> None:
+        self.params = tensor_bytes(list(model.parameters()))
+        self.grads = 0
+        self.optimizer = 0
+        self._tracked = list(tracked)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._tracked]
+
+    def _on_grad(self, _param: torch.Tensor) -> None:
+        self.grads = max(self.grads, tensor_bytes([p.grad for p in self._tracked if p.grad is not None]))
+
+    def saw_optimizer_state(self, state: object) -> None:
+        self.optimizer = max(self.optimizer, tensor_bytes(state))
+
+    def close(self) -> dict[str, int]:
+        """Remove the hooks (timed rounds run without them); the byte counts and their total."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "total": self.params + self.grads + self.optimizer}
+
+
+# ------------------------------------------------------------------------------- implementations
+
+
+class EngineRound:
+    """``batched`` / ``sequential``: a ``MultiLoRAModel`` with ``slots`` adapter slots and its engine.
+
+    Args:
+        backbone: a private copy of the backbone (injected in place), already on the device.
+        slots: 1 for the sequential engine; up to N for the batched one.
+    """
+
+    def __init__(self, name: str, backbone: nn.Module, workload: Workload, settings: RoundSettings,
+                 slots: int) -> None:
+        self.name = name
+        self.cfg = settings.local_config()
+        self.model: MultiLoRAModel = inject_multi_lora(
+            backbone, workload.targets, num_clients=slots, rank=settings.rank, alpha=settings.alpha,
+            backend=settings.backend, seed=settings.seed)
+        self.engine = (SequentialEngine(self.model, self.cfg) if name == "sequential"
+                       else ClientParallelEngine(self.model, self.cfg, parallel=slots))
+        device = settings.device
+        self.global_state = {k: v.to(device) for k, v in workload.global_state.items()}
+        self.banks = [p for _, _, p in self.model.lora_banks()] + [p for _, p in self.model.head_banks()]
+
+    def run(self, tasks: list[LocalTask]) -> list[ClientState]:
+        """One round; the clients' states (device tensors, keys as ``client_state``) in task order."""
+        return [result.state for result in self.engine.train(self.global_state, tasks)]
+
+    def measure(self, tasks: list[LocalTask]) -> tuple[list[ClientState], dict[str, int]]:
+        """A round with the state meter on. The engine's optimizer lives inside ``train``, so its
+        state is that of the same masked optimizer built over meta-device copies of the banks."""
+        meter = StateMeter(self.model, self.banks)
+        states = self.run(tasks)
+        meta_banks = [torch.empty_like(p, device="meta") for p in self.banks]
+        meter.saw_optimizer_state(make_masked_optimizer(self.cfg.optimizer, meta_banks, self.cfg.lr).state)
+        return states, meter.close()
+
+    def to_client_state(self, state: ClientState) -> ClientState:
+        return state
+
+
+class PeftRound:
+    """``peft``: one ``PeftModel`` reused for every client, weights reloaded per client.
+
+    Args:
+        backbone: a private copy of the backbone (wrapped in place), already on the device.
+    """
+
+    name = "peft"
+
+    def __init__(self, backbone: nn.Module, workload: Workload, settings: RoundSettings) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.settings = settings
+        lora_keys = [k for k, b in workload.tensor_blocks.items() if b is not None]
+        head_keys = [k for k, b in workload.tensor_blocks.items() if b is None]
+        modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in lora_keys))
+        heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in head_keys))
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=modules,
+                            modules_to_save=heads, bias="none")
+        self.model = get_peft_model(backbone, config).eval()
+        inner = self.model.base_model.model
+        # The LoRA factors of each block, to switch requires_grad per client.
+        self.block_params: dict[int, list[nn.Parameter]] = {}
+        for module in modules:
+            layer = inner.get_submodule(module)
+            block = workload.tensor_blocks[f"{module}.lora_a"]
+            self.block_params.setdefault(block, []).extend(
+                [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+        self.head_params = [p for n, p in self.model.named_parameters() if ".modules_to_save." in n]
+        self.to_peft = {key: self._peft_key(key) for key in workload.global_state}
+        self.from_peft = {v: k for k, v in self.to_peft.items()}
+        self.global_state = {self.to_peft[k]: v.to(settings.device) for k, v in workload.global_state.items()}
+
+    @staticmethod
+    def _peft_key(key: str) -> str:
+        """``"<module>.lora_a"`` -> ``"base_model.model.<module>.lora_A.weight"`` (PEFT's saved
+        form); head tensors keep their name under the prefix."""
+        for ours, theirs in ((".lora_a", ".lora_A.weight"), (".lora_b", ".lora_B.weight")):
+            if key.endswith(ours):
+                return PEFT_PREFIX + key.removesuffix(ours) + theirs
+        return PEFT_PREFIX + key
+
+    def run(self, tasks: list[LocalTask], on_optimizer: Callable[[object], None] | None = None) -> list[ClientState]:
+        """One round, client after client; the states in PEFT's keys (device tensors) in task order."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+        device, s = self.settings.device, self.settings
+        states = []
+        for task in tasks:
+            set_peft_model_state_dict(self.model, self.global_state)
+            for block, params in self.block_params.items():
+                for p in params:
+                    p.requires_grad_(bool(task.trainable_blocks[block]))
+            optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                          lr=s.lr, weight_decay=s.weight_decay)
+            keys = list(task.data)
+            dataset = TensorDataset(*(task.data[k] for k in keys))
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(task.seed))
+            loader = DataLoader(dataset, batch_size=s.batch, sampler=sampler)
+            for tensors in loader:
+                batch = {k: t.to(device) for k, t in zip(keys, tensors)}
+                labels = batch.pop("labels")
+                logits = self.model(**batch).logits
+                F.cross_entropy(logits.float(), labels).backward()
+                optimizer.step()
+                if on_optimizer is not None:
+                    on_optimizer(optimizer.state)
+                optimizer.zero_grad()
+            states.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()})
+        return states
+
+    def measure(self, tasks: list[LocalTask]) -> tuple[list[ClientState], dict[str, int]]:
+        """A round with the state meter on (optimizer state read after every step)."""
+        tracked = [p for params in self.block_params.values() for p in params] + self.head_params
+        meter = StateMeter(self.model, tracked)
+        states = self.run(tasks, on_optimizer=meter.saw_optimizer_state)
+        return states, meter.close()
+
+    def to_client_state(self, state: ClientState) -> ClientState:
+        return {self.from_peft[k]: v for k, v in state.items()}
+
+
+IMPL_DESCRIPTIONS = {
+    "sequential": "SequentialEngine: the engine with one client at a time, masked AdamW",
+    "batched": "ClientParallelEngine: up to `slots` clients per batched forward/backward, masked AdamW",
+    "peft": "one PeftModel; per client: set_peft_model_state_dict, requires_grad by block, torch AdamW, "
+            "DataLoader, get_peft_model_state_dict",
+}
+
+
+def build_impl(name: str, backbone: nn.Module, workload: Workload, settings: RoundSettings,
+               n: int) -> EngineRound | PeftRound:
+    """Implementation ``name`` on a private copy of ``backbone`` moved to the device."""
+    copy_on_device = copy.deepcopy(backbone).to(settings.device)
+    if name == "peft":
+        return PeftRound(copy_on_device, workload, settings)
+    return EngineRound(name, copy_on_device, workload, settings, settings.slots(n, name))
+
+
+# ----------------------------------------------------------------------------------------- guard
+
+
+def max_rel_err(got: list[ClientState], want: list[ClientState], base: ClientState | None = None) -> float:
+    """Largest relative Frobenius error over clients and tensors; with ``base``, of the updates
+    ``state - base`` instead of the states (tensors that no client moved are left out)."""
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        if set(g) != set(w):
+            raise ValueError(f"states: different tensor names, {sorted(set(g) ^ set(w))[:3]}")
+        for key, ref in w.items():
+            value = g[key].double()
+            ref = ref.double()
+            if base is not None:
+                value, ref = value - base[key].double(), ref - base[key].double()
+            denom = float(ref.norm())
+            diff = float((value - ref).norm())
+            if denom == 0.0:
+                if diff != 0.0:
+                    return float("inf")
+                continue
+            worst = max(worst, diff / denom)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_stats(times_s: list[float]) -> dict:
+    """Median, 20th/80th percentiles and minimum (s) of the timed rounds, and the rounds themselves."""
+    s = sorted(times_s)
+    return {"median_s": statistics.median(s), "q20_s": percentile(s, 0.2), "q80_s": percentile(s, 0.8),
+            "min_s": s[0], "reps": len(s), "times_s": list(times_s)}
+
+
+def time_round(impl: EngineRound | PeftRound, tasks: list[LocalTask], device: torch.device,
+               own_resident: int) -> tuple[float, int | None]:
+    """Wall time (s) of one round and, on CUDA, its peak memory (bytes) net of what the other
+    implementations alive in the process hold: ``max_memory_allocated`` over the round (reset
+    before it) minus ``memory_allocated`` at its start, plus this implementation's resident bytes."""
+    cuda = device.type == "cuda"
+    others = 0
+    if cuda:
+        others = torch.cuda.memory_allocated(device) - own_resident
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    states = impl.run(tasks)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del states
+    return elapsed, (torch.cuda.max_memory_allocated(device) - others if cuda else None)
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class RoundCase:
+    """One benchmark configuration: a model and a number of clients N."""
+
+    model: str
+    n: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-n{self.n}"
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> dict:
+    """Warm-up + guard of every implementation, then their timed rounds; returns the case's JSON record.
+
+    Each implementation is built on its own copy of the backbone and runs its warm-up round (with
+    the state meter on); its client states are compared with the first implementation's. Those
+    that pass stay alive and the timed rounds go round-robin over them (A, B, C, A, B, C, ...),
+    so that load from other processes on a shared machine falls on all of them alike.
+    """
+    device = settings.device
+    workload = make_workload(backbone, case.n, settings)
+    record: dict = {
+        "name": case.name, "model": case.model, "backbone": BACKBONES.get(case.model, "random BertConfig, 4 blocks"),
+        "n": case.n, "num_blocks": workload.num_blocks, "capacities": workload.capacities,
+        "samples_per_client": settings.steps * settings.batch, "targets": workload.targets,
+        "impls": {}, "guard": {},
+    }
+    live: dict[str, EngineRound | PeftRound] = {}
+    resident: dict[str, int] = {}
+    reference: tuple[str, list[ClientState]] | None = None
+    try:
+        for name in (i for i in IMPL_NAMES if i in settings.impls):
+            entry: dict = {"description": IMPL_DESCRIPTIONS[name], "slots": settings.slots(case.n, name)}
+            record["impls"][name] = entry
+            before = _allocated(device)
+            try:
+                impl = build_impl(name, backbone, workload, settings, case.n)
+                _sync(device)
+                start = time.perf_counter()
+                states, state_bytes = impl.measure(workload.tasks)
+                _sync(device)
+            except torch.cuda.OutOfMemoryError:
+                impl = states = None
+                _free(device)
+                entry.update(status="skipped", note="out of memory in the warm-up round (try a smaller --parallel)")
+                continue
+            entry.update(warmup_s=time.perf_counter() - start, state_bytes=state_bytes)
+            states = [{k: v.cpu() for k, v in impl.to_client_state(s).items()} for s in states]
+            if reference is None:
+                reference = (name, states)
+            else:
+                err = max_rel_err(states, reference[1])
+                ok = err < settings.guard_tol  # NaN compares False: fails
+                record["guard"][name] = {
+                    "reference": reference[0], "state_max_rel_err": err,
+                    "update_max_rel_err": max_rel_err(states, reference[1], workload.global_state), "ok": ok}
+                if not ok:
+                    entry.update(status="mismatch", note=f"client states differ from {reference[0]} "
+                                                         f"(max rel err {err:.2e} >= {settings.guard_tol:g})")
+                    impl = None
+                    _free(device)
+                    continue
+            live[name], impl, states = impl, None, None
+            resident[name] = _allocated(device) - before
+
+        times: dict[str, list[float]] = {name: [] for name in live}
+        peaks: dict[str, list[int]] = {name: [] for name in live}
+        for _ in range(settings.repeats):
+            for name in list(live):
+                try:
+                    elapsed, peak = time_round(live[name], workload.tasks, device, resident[name])
+                except torch.cuda.OutOfMemoryError:
+                    del live[name]
+                    _free(device)
+                    record["impls"][name].update(status="skipped", note="out of memory while timing")
+                    continue
+                times[name].append(elapsed)
+                if peak is not None:
+                    peaks[name].append(peak)
+        for name in live:
+            entry = record["impls"][name]
+            entry.update(status="ok", round_s=round_stats(times[name]))
+            if device.type == "cuda":
+                entry.update(cuda_peak_bytes=max(peaks[name]), cuda_resident_bytes=resident[name])
+    finally:
+        live.clear()
+        _free(device)
+    record["ratios"] = derive(record["impls"], case.n)
+    record["status"] = "ok" if any(e["status"] == "ok" for e in record["impls"].values()) else "skipped"
+    return record
+
+
+def derive(impls: dict[str, dict], n: int) -> dict:
+    """Speedups of every timed implementation over ``sequential`` and over ``peft`` (ratios of
+    median round times; None when one side is missing) and the median time per client (ms)."""
+
+    def median(name: str) -> float | None:
+        entry = impls.get(name, {})
+        return entry["round_s"]["median_s"] if entry.get("status") == "ok" else None
+
+    timed = [name for name in IMPL_NAMES if median(name) is not None]
+    out: dict = {"ms_per_client": {name: 1e3 * median(name) / n for name in timed}}
+    for ref in ("sequential", "peft"):
+        out[f"speedup_vs_{ref}"] = {
+            name: (median(ref) / median(name) if median(ref) is not None else None)
+            for name in timed if name != ref}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_table(records: Sequence[dict], cuda: bool) -> str:
+    """One line per case: median round times (s), batched speedups, memory (MiB) per implementation."""
+    mem = "CUDA peak MiB" if cuda else "state MiB"
+    head = (f"{'case':<18} {'seq s':>8} {'batch s':>8} {'peft s':>8} {'b/seq':>6} {'b/peft':>6}  "
+            f"{mem + ' seq/batch/peft':<30} guard")
+    lines = ["median wall time of one round (s); b/seq, b/peft: speedup of batched; memory per implementation "
+             + ("(max_memory_allocated)" if cuda else "(params + peak grads + optimizer state)"),
+             head, "-" * len(head)]
+    for rec in records:
+        if rec.get("status") != "ok":
+            lines.append(f"{rec['name']:<18} {rec.get('status')}: {rec.get('note', '')}")
+            continue
+        impls, ratios = rec["impls"], rec["ratios"]
+
+        def med(name: str) -> float | None:
+            e = impls.get(name, {})
+            return e["round_s"]["median_s"] if e.get("status") == "ok" else None
+
+        def mib(name: str) -> str:
+            e = impls.get(name, {})
+            value = e.get("cuda_peak_bytes") if cuda else e.get("state_bytes", {}).get("total")
+            return "-" if value is None else f"{value / 2**20:.1f}"
+
+        guard = ",".join(f"{k}:{v['state_max_rel_err']:.1e}" for k, v in rec["guard"].items()) or "-"
+        lines.append(
+            f"{rec['name']:<18} {_fmt(med('sequential'), '.3f'):>8} {_fmt(med('batched'), '.3f'):>8} "
+            f"{_fmt(med('peft'), '.3f'):>8} "
+            f"{_fmt(ratios['speedup_vs_sequential'].get('batched'), '.2f'):>6} "
+            f"{_fmt(ratios['speedup_vs_peft'].get('batched'), '.2f'):>6}  "
+            f"{'/'.join(mib(i) for i in IMPL_NAMES):<30} {guard}")
+    return "\n".join(lines)
+
+
+def metadata(settings: RoundSettings, argv: Sequence[str]) -> dict:
+    device = settings.device
+    return {
+        **run_metadata(device, argv),
+        **package_versions(("transformers", "peft", "triton")),
+        "engine_backend": resolve_backend(settings.backend, device).__name__,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
+        "dtype": "fp32",
+        "tiers": {"fractions": list(TIERS.fractions), "shares": list(TIERS.shares)},
+        "num_labels": NUM_LABELS,
+        "timing": {
+            "method": "time.perf_counter around a whole round, device synchronised before and after",
+            "warmup_rounds": 1,
+            "order": "every implementation's warm-up first, then the timed rounds round-robin over them",
+            "statistic": "median over `repeats` rounds (q20/q80/min alongside)",
+        },
+        "definitions": {
+            "round": "local training of N clients from one global state: steps AdamW steps of batch "
+                     "samples each (one local epoch), tier masks 1/2, 3/4, 1 of the blocks, read back states",
+            "round_s": "wall time of one round, seconds",
+            "state_bytes": "training state held: params = every model parameter (frozen backbone included); "
+                           "grads = peak bytes of .grad present during the warm-up round; optimizer = "
+                           "AdamW moments and step counts (PEFT: torch AdamW state, max over clients; engines: "
+                           "the masked AdamW over the banks); activations are not included. The CPU memory "
+                           "measure, since the process RSS high-water mark cannot be reset between runs",
+            "cuda_peak_bytes": "torch.cuda.max_memory_allocated over a round (reset before it) minus what "
+                               "the other live implementations hold, max over the timed rounds; "
+                               "cuda_resident_bytes: what the implementation holds between rounds (model, "
+                               "its global-state copy)",
+            "guard.state_max_rel_err": "max over clients and tensors of ||s - s_ref|| / ||s_ref|| of the "
+                                       "warm-up round's client states; must be < guard_tol",
+            "guard.update_max_rel_err": "the same for the updates s - global (informational: Adam turns "
+                                        "fp32 summation-order noise in near-zero gradients into lr-sized steps)",
+            "speedup_vs_sequential": "median round_s(sequential) / median round_s(impl)",
+            "speedup_vs_peft": "median round_s(peft) / median round_s(impl)",
+            "ms_per_client": "1000 * median round_s / N",
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Time one federated round (N clients' local training): batched engine, sequential engine, "
+                    "PEFT-per-client loop.")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random BERT, N in 1,4, 1 step, seq 16, batch 4: seconds on CPU")
+    p.add_argument("--models", type=name_list(MODEL_NAMES),
+                   help="minilm, smollm2, tiny-bert (default minilm,smollm2 on CUDA, minilm on CPU)")
+    p.add_argument("--n", type=int_list, help="numbers of clients (default 1,8,32,100)")
+    p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(IMPL_NAMES),
+                   help=f"subset of {','.join(IMPL_NAMES)} (default all)")
+    p.add_argument("--seq", type=int, help="tokens per sample (default 64)")
+    p.add_argument("--steps", type=int, help="local steps per client (default 2)")
+    p.add_argument("--batch", type=int, help="samples per client per step (default 8)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--parallel", type=int, help="most clients the batched engine trains at once (default N)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="the engines' multi_lora_linear backend")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per implementation (default 3)")
+    p.add_argument("--guard-tol", type=float, default=GUARD_TOL,
+                   help=f"largest relative error of client states against the reference (default {GUARD_TOL:g})")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/rounds-<device>-<date>.json)")
+    p.add_argument("--budget-s", type=float,
+                   help="start no new case after this many seconds (the rest is recorded as skipped)")
+    p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; --smoke uses 1)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                       device: torch.device) -> RoundSettings:
+    defaults = {"seq": 16, "steps": 1, "batch": 4} if args.smoke else {"seq": 64, "steps": 2, "batch": 8}
+    values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    for key, low in (("seq", 2), ("steps", 1), ("batch", 1), ("rank", 1), ("repeats", 1)):
+        value = values.get(key, getattr(args, key))
+        if value < low:
+            parser.error(f"--{key}: expected >= {low}, got {value}")
+    if args.parallel is not None and args.parallel < 1:
+        parser.error(f"--parallel: expected >= 1, got {args.parallel}")
+    for key in ("alpha", "lr", "guard_tol"):
+        if not getattr(args, key) > 0:
+            parser.error(f"--{key.replace('_', '-')}: expected > 0, got {getattr(args, key)}")
+    try:
+        resolve_backend(args.backend, device)
+    except ValueError as err:
+        parser.error(f"--backend: {err}")
+    return RoundSettings(device=device, impls=tuple(args.impls), rank=args.rank, alpha=args.alpha, lr=args.lr,
+                         parallel=args.parallel, backend=args.backend, repeats=args.repeats, seed=args.seed,
+                         guard_tol=args.guard_tol, **values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    threads = args.threads or (1 if args.smoke else None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads: expected >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    settings = settings_from_args(args, parser, device)
+    models = args.models or (["tiny-bert"] if args.smoke else
+                             ["minilm", "smollm2"] if device.type == "cuda" else ["minilm"])
+    ns = args.n or ([1, 4] if args.smoke else [1, 8, 32, 100])
+    cases = [RoundCase(m, n) for m in models for n in ns]
+
+    meta = metadata(settings, argv)
+    out = args.out or RESULTS_DIR / (
+        f"rounds-{meta['device_slug']}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    doc = {"schema": 1, "meta": meta, "grid": {"models": models, "n": ns, "impls": list(settings.impls)},
+           "complete": False, "cases": []}
+    print(f"{meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | peft {meta['peft']} | "
+          f"{len(cases)} case(s) | seq {settings.seq} batch {settings.batch} steps {settings.steps} | "
+          f"backend {meta['engine_backend']} | -> {out}", flush=True)
+    start = time.monotonic()
+    backbones: dict[str, nn.Module] = {}
+    for i, case in enumerate(cases, 1):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            record = {"name": case.name, **asdict(case), "status": "skipped",
+                      "note": f"time budget of {args.budget_s:g} s spent"}
+        else:
+            if case.model not in backbones:
+                backbones.clear()
+                _free(device)
+                try:
+                    backbones[case.model] = load_model(case.model, settings.seq, settings.seed)
+                except ValueError as err:
+                    parser.error(str(err))
+            record = run_case(case, backbones[case.model], settings)
+        doc["cases"].append(finite(record))
+        write_json(doc, out)
+        bad = [k for k, v in record.get("guard", {}).items() if not v["ok"]]
+        times = ", ".join(f"{k} {e['round_s']['median_s']:.3f}s" for k, e in record.get("impls", {}).items()
+                          if e.get("status") == "ok")
+        print(f"[{i}/{len(cases)}] {case.name}: {record['status']}"
+              + (f" ({record['note']})" if record.get("note") else "")
+              + (f" | {times}" if times else "")
+              + (f" GUARD FAILED: {','.join(bad)}" if bad else ""), flush=True)
+    doc["complete"] = True
+    doc["elapsed_s"] = round(time.monotonic() - start, 3)
+    write_json(doc, out)
+    print("\n" + summary_table(doc["cases"], device.type == "cuda"))
+    print(f"\nwrote {out}")
+    mismatches = [(r["name"], k) for r in doc["cases"] for k, v in r.get("guard", {}).items() if not v["ok"]]
+    if mismatches:
+        print(f"correctness guard failed for: {mismatches}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
