@@ -749,11 +749,12 @@ def _median(record: dict, impl: str, phase: str) -> float | None:
 
 
 def summary_table(records: Sequence[dict]) -> str:
-    """One line per case: whole-layer fwd+bwd medians (ms) and the Triton ratios."""
+    """One line per case: whole-layer fwd+bwd medians (ms), the Triton ratios and csrc's over the loop."""
     head = (f"{'case':<40} {'base':>8} {'triton':>8} {'torch':>8} {'bmm':>8} {'csrc':>8} "
-            f"{'xLoop':>6} {'xBmm':>6} {'ovh/base':>8} {'norm%':>6}")
+            f"{'xLoop':>6} {'xBmm':>6} {'ovh/base':>8} {'norm%':>6} {'cLoop':>6}")
     lines = ["fwd+bwd medians in ms (whole layer); xLoop/xBmm: LoRA-path speedup of triton; "
-             "ovh/base: triton LoRA path / base; norm%: fused-norm cost of the backward", head,
+             "ovh/base: triton LoRA path / base; norm%: fused-norm cost of the backward; "
+             "cLoop: LoRA-path speedup of csrc over the torch loop", head,
              "-" * len(head)]
     for rec in records:
         if rec.get("status") != "ok":
@@ -768,7 +769,8 @@ def summary_table(records: Sequence[dict]) -> str:
             + f" {_fmt(r['lora_speedup_vs_torch_loop'].get('triton', {}).get('fwd_bwd'), '.2f'):>6}"
             + f" {_fmt(r['lora_speedup_vs_bmm'].get('triton', {}).get('fwd_bwd'), '.2f'):>6}"
             + f" {_fmt(r['lora_overhead_vs_base'].get('triton', {}).get('fwd_bwd'), '.3f'):>8}"
-            + f" {_fmt(None if norm is None else 100 * norm, '.1f'):>6}")
+            + f" {_fmt(None if norm is None else 100 * norm, '.1f'):>6}"
+            + f" {_fmt(r['lora_speedup_vs_torch_loop'].get('csrc', {}).get('fwd_bwd'), '.2f'):>6}")
     return "\n".join(lines)
 
 
