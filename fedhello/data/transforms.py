@@ -44,7 +44,14 @@ def tokenize_text(dataset: datasets.Dataset, tokenizer: Any, max_length: int, *,
         out = tokenizer(batch[text_column], truncation=True, max_length=max_length, padding="max_length")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
-    return dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=[text_column])
+    # A second of work: no progress bar of its own in the middle of a run's output.
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        return dataset.map(encode, batched=True, batch_size=batch_size, remove_columns=[text_column])
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 class ImageTransform:

@@ -148,13 +148,16 @@ def load_backbone(
             raise ValueError(f"num_labels: only for classification tasks, got task {task!r}")
         kwargs["num_labels"] = num_labels
     path = resolve_backbone(name_or_path)
-    verbosity = transformers_logging.get_verbosity()
+    verbosity, bar_was_on = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         with _seeded(seed):
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
     _report_loading(model, path, info)
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
         tokenizer = load_tokenizer(path)
