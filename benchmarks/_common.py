@@ -14,6 +14,7 @@ import math
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -168,3 +169,12 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(f"expected names from {tuple(choices)}, got {text!r}")
         return names
     return parse
+
+
+def guard_exit_status(cases: Sequence[dict]) -> int:
+    """1 (and a message on stderr) when any case's correctness guard failed, else 0."""
+    mismatches = [(r["name"], k) for r in cases for k, v in r.get("guard", {}).items() if not v["ok"]]
+    if mismatches:
+        print(f"correctness guard failed for: {mismatches}", file=sys.stderr)
+        return 1
+    return 0

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS_DIR, run_metadata, write_json
+from _common import RESULTS_DIR, guard_exit_status, run_metadata, write_json
 from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
@@ -938,11 +938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if headline is not None:
         print("\n" + headline_report(headline))
     print(f"\nwrote {out}")
-    mismatches = [(r["name"], k) for r in doc["cases"] for k, v in r.get("guard", {}).items() if not v["ok"]]
-    if mismatches:
-        print(f"correctness guard failed for: {mismatches}", file=sys.stderr)
-        return 1
-    return 0
+    return guard_exit_status(doc["cases"])
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import RESULTS_DIR, finite, int_list, name_list, package_versions, percentile, run_metadata, write_json
+from _common import (RESULTS_DIR, finite, guard_exit_status, int_list, name_list, package_versions, percentile,
+                     run_metadata, write_json)
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine
 from fedhello.fl.optim import make_masked_optimizer
@@ -782,11 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(doc, out)
     print("\n" + summary_table(doc["cases"], device.type == "cuda"))
     print(f"\nwrote {out}")
-    mismatches = [(r["name"], k) for r in doc["cases"] for k, v in r.get("guard", {}).items() if not v["ok"]]
-    if mismatches:
-        print(f"correctness guard failed for: {mismatches}", file=sys.stderr)
-        return 1
-    return 0
+    return guard_exit_status(doc["cases"])
 
 
 if __name__ == "__main__":
