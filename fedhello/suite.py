@@ -197,6 +197,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
             table[setting][method] = {
                 "final": _mean_std([100 * recs[-1]["test_accuracy"] for _, recs in runs]),
                 "best": _mean_std([100 * max(r["test_accuracy"] for r in recs) for _, recs in runs]),
+                # One evaluation swings by several points under label skew; the mean of the
+                # last three is the steadier end-of-run number.
+                "last3": _mean_std([100 * np.mean([r["test_accuracy"] for r in recs[-3:]]) for _, recs in runs]),
                 "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs in runs]),
                 "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _ in runs]),
                 "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _ in runs])),
@@ -263,30 +266,34 @@ def _slug(name: str) -> str:
 
 
 def render_table(summary: dict[str, Any]) -> str:
-    """A markdown table: rows = methods, columns = settings, cells = final (best) test accuracy;
-    a last row with the untrained model's accuracy, and the device the runs took."""
+    """Markdown tables: rows = methods, columns = settings; first the final (best) test accuracy,
+    then the mean of the last three evaluations, each with a last row for the untrained model;
+    then the device the runs took."""
     table = summary["table"]
     settings = list(table)
     methods = list(dict.fromkeys(m for s in settings for m in table[s]))
     n_seeds = len(summary["seeds"])
     pm = " ± std" if n_seeds > 1 else ""
-    header = "| method | " + " | ".join(f"{s}: final{pm} (best) %" for s in settings) + " | wall time / run |"
-    lines = [header, "|" + "---|" * (len(settings) + 2)]
-    for m in methods:
-        cells, walls = [], []
-        for s in settings:
-            row = table[s].get(m)
-            if row is None:
-                cells.append("–")
-                continue
-            (f, fs), (b, _) = row["final"], row["best"]
-            cells.append(f"{f:.2f}" + (f" ± {fs:.2f}" if n_seeds > 1 else "") + f" ({b:.2f})")
-            walls.append(row["wall_time_s"])
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {np.nanmean(walls):.0f} s |")
+
+    def cell(row: dict[str, Any], stat: str) -> str:
+        mean, std = row[stat]
+        text = f"{mean:.2f}" + (f" ± {std:.2f}" if n_seeds > 1 else "")
+        return text + (f" ({row['best'][0]:.2f})" if stat == "final" else "")
+
     untrained = []
     for s in settings:
         values = [row["untrained"][0] for row in table[s].values() if not np.isnan(row["untrained"][0])]
         untrained.append(f"{np.mean(values):.2f}" if values else "–")
-    lines.append("| *untrained model* | " + " | ".join(untrained) + " | – |")
-    lines.append(f"\n{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
-    return "\n".join(lines)
+    parts = []
+    for stat, title in (("final", f"final{pm} (best) %"), ("last3", f"mean of the last 3 evaluations{pm} %")):
+        lines = [f"| method | " + " | ".join(f"{s}: {title}" for s in settings) + " | wall time / run |",
+                 "|" + "---|" * (len(settings) + 2)]
+        for m in methods:
+            rows = [table[s].get(m) for s in settings]
+            walls = [row["wall_time_s"] for row in rows if row is not None]
+            lines.append(f"| {m} | " + " | ".join("–" if row is None else cell(row, stat) for row in rows)
+                         + f" | {np.nanmean(walls):.0f} s |")
+        lines.append("| *untrained model* | " + " | ".join(untrained) + " | – |")
+        parts.append("\n".join(lines))
+    parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
+    return "\n\n".join(parts)
