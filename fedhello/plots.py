@@ -39,10 +39,12 @@ def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Seque
     """One line per run: test accuracy at each evaluated round."""
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run_dir, label in zip(run_dirs, labels):
+    # Ten colours, then the same colours dashed, so that up to 20 methods stay apart.
+    colors = plt.get_cmap("tab10").colors
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
         recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
         ax.plot([r["round"] + 1 for r in recs], [100 * r["test_accuracy"] for r in recs], marker="o",
-                markersize=3, label=label)
+                markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -98,11 +100,13 @@ def plot_allocation_grid(run_dirs: Sequence[str | Path], out: str | Path, labels
         raise ValueError("run_dirs: expected at least one run folder")
     cols = min(columns, len(run_dirs))
     rows = -(-len(run_dirs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 1.2, 2.2 * rows + 0.6), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
     im = None
-    for ax, run_dir, label in zip(axes.flat, run_dirs, labels):
+    for i, (ax, run_dir, label) in enumerate(zip(axes.flat, run_dirs, labels)):
         im = _draw_allocation(ax, read_metrics(run_dir))
         ax.set_title(label, fontsize=9)
+        ax.label_outer()  # axis labels on the left column and bottom row only
     for ax in list(axes.flat)[len(run_dirs):]:
         ax.axis("off")
     fig.suptitle(title)
