@@ -118,7 +118,7 @@ def plot_allocation_grid(run_dirs: Sequence[str | Path], out: str | Path, labels
     return out
 
 
-def plot_fisher(run_dir: str | Path, out: str | Path) -> Path:
+def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) -> Path:
     """The server's Fisher score estimate of every block against round (log scale)."""
     recs = [r for r in read_metrics(run_dir) if r.get("fisher_scores") is not None]
     if not recs:
@@ -132,7 +132,7 @@ def plot_fisher(run_dir: str | Path, out: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel("Fisher score (mean squared gradient norm)")
-    ax.set_title(f"Fisher scores per block ({run_label(run_dir)})")
+    ax.set_title(title or f"Fisher scores per block ({run_label(run_dir)})")
     if scores.shape[1] <= 12:
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, out)

@@ -215,7 +215,8 @@ def summarize(suite: Suite) -> dict[str, Any]:
                              title=f"Share of participants training each block, {setting}")
         for method, run_dir in method_dirs:
             if any(r.get("fisher_scores") is not None for r in read_metrics(run_dir)):
-                plot_fisher(run_dir, out / f"fisher-{_slug(method)}.png")
+                plot_fisher(run_dir, out / f"fisher-{_slug(method)}.png",
+                            title=f"Fisher scores per block, {method}, {setting}")
     summary = {
         "suite": suite.name,
         "device": _device_name(),
