@@ -64,6 +64,20 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+# Setting and method names become folder names: keep them valid on every OS a results folder may
+# be cloned to (Windows rejects these characters and names ending in a dot or space).
+_UNPORTABLE = set('<>:"/\\|?*')
+
+
+def _folder_names(name: str, value: dict[str, Any]) -> None:
+    for key in value:
+        if (not isinstance(key, str) or not key.strip() or key in (".", "..") or key[-1] in ". "
+                or _UNPORTABLE & set(key)):
+            raise ConfigError(f"{name}: {key!r} is not usable as a folder name on every OS "
+                              f"(expected a non-empty name without any of {''.join(sorted(_UNPORTABLE))} "
+                              "that does not end in '.' or ' ')")
+
+
 def _flatten(prefix: str, value: Any) -> list[str]:
     """``{a: {b: 1}}`` -> ``["a.b=1"]``, except for the values of ``options`` mappings."""
     if isinstance(value, dict) and not prefix.endswith("options"):
@@ -101,6 +115,8 @@ def load_suite(path: str | Path, preset: str | None = None, overrides: list[str]
         run_overrides[key] = yaml.safe_load(value)
     settings = _mapping("settings", chosen.get("settings", raw.get("settings"))) or {"default": {}}
     methods = _mapping("methods", chosen.get("methods", raw.get("methods")))
+    _folder_names("settings", settings)
+    _folder_names("methods", methods)
     if not methods:
         raise ConfigError("methods: expected at least one method")
     seeds = chosen.get("seeds", raw.get("seeds", [0]))

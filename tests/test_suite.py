@@ -73,6 +73,9 @@ def test_suite_table_plots_publish_and_resume(tmp_path, capsys):
     ({"seeds": []}, "^seeds"),
     ({"methods": {}}, "^methods"),
     ({"methods": {"Bad": {"strategy": {"name": "greedy"}}}}, "^iid/Bad: strategy.name"),
+    ({"settings": {"dir0.5-1:1:1": {}}}, "^settings: 'dir0.5-1:1:1' is not usable as a folder name"),
+    ({"methods": {"GD/RGD": {}}}, "^methods: 'GD/RGD' is not usable as a folder name"),
+    ({"methods": {"Full.": {}}}, "^methods: 'Full.' is not usable"),
 ])
 def test_suite_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
