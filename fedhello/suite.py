@@ -219,6 +219,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs in runs]),
                 "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _ in runs]),
                 "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _ in runs])),
+                # What the participants send up per round (adapters they trained + head), in MB.
+                "upload_mb_per_round": float(np.mean([np.mean([r["bytes_up"] for r in read_metrics(d)]) / 1e6
+                                                      for d, _ in runs])),
                 "seeds": len(runs),
             }
             method_dirs.append((method, runs[0][0]))
@@ -284,8 +287,9 @@ def _slug(name: str) -> str:
 
 def render_table(summary: dict[str, Any]) -> str:
     """Markdown tables: rows = methods, columns = settings; first the final (best) test accuracy,
-    then the mean of the last three evaluations, each with a last row for the untrained model;
-    then the device the runs took."""
+    then the mean of the last three evaluations, each with a last row for the untrained model and
+    columns for the wall time per run and the MB sent up per round (means over settings); then
+    the device the runs took."""
     table = summary["table"]
     settings = list(table)
     methods = list(dict.fromkeys(m for s in settings for m in table[s]))
@@ -303,14 +307,17 @@ def render_table(summary: dict[str, Any]) -> str:
         untrained.append(f"{np.mean(values):.2f}" if values else "–")
     parts = []
     for stat, title in (("final", f"final{pm} (best) %"), ("last3", f"mean of the last 3 evaluations{pm} %")):
-        lines = [f"| method | " + " | ".join(f"{s}: {title}" for s in settings) + " | wall time / run |",
-                 "|" + "---|" * (len(settings) + 2)]
+        lines = [f"| method | " + " | ".join(f"{s}: {title}" for s in settings)
+                 + " | wall time / run | upload / round |",
+                 "|" + "---|" * (len(settings) + 3)]
         for m in methods:
-            rows = [table[s].get(m) for s in settings]
-            walls = [row["wall_time_s"] for row in rows if row is not None]
-            lines.append(f"| {m} | " + " | ".join("–" if row is None else cell(row, stat) for row in rows)
-                         + f" | {np.nanmean(walls):.0f} s |")
-        lines.append("| *untrained model* | " + " | ".join(untrained) + " | – |")
+            rows = [row for row in (table[s].get(m) for s in settings) if row is not None]
+            walls = [row["wall_time_s"] for row in rows]
+            uploads = [row.get("upload_mb_per_round", float("nan")) for row in rows]
+            lines.append(f"| {m} | " + " | ".join("–" if table[s].get(m) is None else cell(table[s][m], stat)
+                                                  for s in settings)
+                         + f" | {np.nanmean(walls):.0f} s | {np.nanmean(uploads):.2f} MB |")
+        lines.append("| *untrained model* | " + " | ".join(untrained) + " | – | – |")
         parts.append("\n".join(lines))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)

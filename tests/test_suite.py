@@ -50,11 +50,15 @@ def test_suite_table_plots_publish_and_resume(tmp_path, capsys):
         for cell in summary["table"][setting].values():
             final, best = cell["final"][0], cell["best"][0]
             assert 0 <= final <= best <= 100 and cell["seeds"] == 1 and cell["wall_time_s"] > 0
-            assert 0 <= cell["untrained"][0] <= 100
+            assert 0 <= cell["untrained"][0] <= 100 and cell["upload_mb_per_round"] > 0
+        # Full sends every block's adapters; GD Bottleneck only the blocks each capacity allows.
+        cells = summary["table"][setting]
+        assert cells["Full"]["upload_mb_per_round"] >= cells["GD Bottleneck"]["upload_mb_per_round"]
         for png in ("accuracy.png", "allocation.png"):
             assert (tmp_path / "out" / setting / png).stat().st_size > 0
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| Full |" in table and "| GD Bottleneck |" in table and "*untrained model*" in table
+    assert "| upload / round |" in table and " MB |" in table
 
     dest = publish(suite, tmp_path / "published")
     assert json.loads((dest / "summary.json").read_text()) == json.loads(json.dumps(summary))
