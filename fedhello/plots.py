@@ -17,8 +17,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
-__all__ = ["read_metrics", "run_label", "plot_accuracy", "plot_allocation", "plot_allocation_grid", "plot_fisher",
+__all__ = ["read_metrics", "run_label", "allocation_matrix", "plot_accuracy", "plot_allocation", "plot_allocation_grid", "plot_fisher",
            "plot_run"]
 
 
@@ -135,6 +137,9 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     ax.set_title(title or f"Fisher scores per block ({run_label(run_dir)})")
     if scores.shape[1] <= 12:
         ax.legend(fontsize=7, ncol=2)
+    else:  # too many lines to name: a colour bar maps colour to block depth
+        norm = Normalize(vmin=0, vmax=scores.shape[1] - 1)
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="block")
     return _save(fig, out)
 
 
