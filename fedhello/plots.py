@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-__all__ = ["read_metrics", "run_label", "allocation_matrix", "plot_accuracy", "plot_allocation", "plot_allocation_grid", "plot_fisher",
-           "plot_run"]
+__all__ = ["read_metrics", "run_label", "allocation_matrix", "plot_accuracy", "plot_allocation",
+           "plot_allocation_grid", "plot_fisher", "plot_run"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
