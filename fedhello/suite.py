@@ -182,16 +182,18 @@ def _device_name() -> str:
     return f"CPU ({model}, {torch.get_num_threads()} threads)"
 
 
-def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, list[dict[str, Any]]]]:
-    """(run folder, evaluated records) of every seed of one cell that has evaluated rounds."""
+def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, list[dict[str, Any]], float]]:
+    """(run folder, evaluated records, MB sent up per round) of every seed of one cell that has
+    evaluated rounds; the upload is the mean over all of the run's rounds."""
     runs = []
     for seed in suite.seeds:
         run_dir = suite.output_dir / setting / method / f"seed-{seed}"
         if not (run_dir / "metrics.jsonl").exists():
             continue
-        recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
-        if recs:
-            runs.append((run_dir, recs))
+        records = read_metrics(run_dir)
+        evaluated = [r for r in records if r.get("test_accuracy") is not None]
+        if evaluated:
+            runs.append((run_dir, evaluated, float(np.mean([r["bytes_up"] for r in records])) / 1e6))
     return runs
 
 
@@ -211,17 +213,16 @@ def summarize(suite: Suite) -> dict[str, Any]:
             if not runs:
                 continue
             table[setting][method] = {
-                "final": _mean_std([100 * recs[-1]["test_accuracy"] for _, recs in runs]),
-                "best": _mean_std([100 * max(r["test_accuracy"] for r in recs) for _, recs in runs]),
+                "final": _mean_std([100 * recs[-1]["test_accuracy"] for _, recs, _ in runs]),
+                "best": _mean_std([100 * max(r["test_accuracy"] for r in recs) for _, recs, _ in runs]),
                 # One evaluation swings by several points under label skew; the mean of the
                 # last three is the steadier end-of-run number.
-                "last3": _mean_std([100 * np.mean([r["test_accuracy"] for r in recs[-3:]]) for _, recs in runs]),
-                "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs in runs]),
-                "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _ in runs]),
-                "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _ in runs])),
+                "last3": _mean_std([100 * np.mean([r["test_accuracy"] for r in recs[-3:]]) for _, recs, _ in runs]),
+                "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs, _ in runs]),
+                "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _, _ in runs]),
+                "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _, _ in runs])),
                 # What the participants send up per round (adapters they trained + head), in MB.
-                "upload_mb_per_round": float(np.mean([np.mean([r["bytes_up"] for r in read_metrics(d)]) / 1e6
-                                                      for d, _ in runs])),
+                "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
                 "seeds": len(runs),
             }
             method_dirs.append((method, runs[0][0]))
@@ -313,7 +314,7 @@ def render_table(summary: dict[str, Any]) -> str:
         for m in methods:
             rows = [row for row in (table[s].get(m) for s in settings) if row is not None]
             walls = [row["wall_time_s"] for row in rows]
-            uploads = [row.get("upload_mb_per_round", float("nan")) for row in rows]
+            uploads = [row["upload_mb_per_round"] for row in rows]
             lines.append(f"| {m} | " + " | ".join("–" if table[s].get(m) is None else cell(table[s][m], stat)
                                                   for s in settings)
                          + f" | {np.nanmean(walls):.0f} s | {np.nanmean(uploads):.2f} MB |")

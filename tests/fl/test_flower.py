@@ -153,7 +153,10 @@ def _failing_app(fail_on: int) -> ClientApp:
 
 class _InProcessGrid(Grid):
     """Flower nodes running ``app`` in this process, as Flower's runtime does: an exception becomes
-    an error reply (``Error(CLIENT_APP_RAISED_EXCEPTION)``); the ``dead`` nodes never answer."""
+    an error reply (``Error(CLIENT_APP_RAISED_EXCEPTION)``); the ``dead`` nodes never answer.
+
+    The strategy only lists nodes and sends/receives; the rest of ``Grid``'s abstract interface
+    raises, so a server loop that started to rely on it would fail this test loudly."""
 
     def __init__(self, nodes: list[int], app: ClientApp, dead: set[int]) -> None:
         self.nodes, self.app, self.dead = nodes, app, dead
