@@ -54,3 +54,63 @@ def test_empty_batch():
     plan = LoRAPlan.build(torch.zeros(0, dtype=torch.long), 2)
     assert plan.num_rows == 0 and plan.offsets.tolist() == [0, 0, 0]
     assert plan.tiles(8).max_tiles == 2
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_tiles_with_unrouted_cover_every_row_once(block_m):
+    gen = torch.Generator().manual_seed(100 + block_m)
+    n = 5
+    ids = torch.randint(-1, n, (97,), generator=gen)
+    ids[ids == 2] = 3
+    plan = LoRAPlan.build(ids, n)
+    tiles = plan.tiles(block_m, include_unrouted=True)
+    assert tiles.max_tiles == -(-97 // block_m) + n + 1
+    off = plan.offsets.tolist()
+    covered = []
+    for client, start in zip(tiles.tile_client.tolist(), tiles.tile_start.tolist()):
+        if client < 0:
+            continue
+        lo, hi = (0, off[0]) if client == n else (off[client], off[client + 1])
+        assert lo <= start < hi
+        covered.extend(range(start, min(start + block_m, hi)))
+    assert sorted(covered) == list(range(97))
+
+
+def test_client_first_indexes_each_clients_items():
+    ids = torch.tensor([-1, 0, 0, 0, 2, 2, 1, 0, 2, -1, 2])
+    plan = LoRAPlan.build(ids, 4)
+    tiles = plan.tiles(2)
+    first = tiles.client_first.tolist()
+    clients = tiles.tile_client.tolist()
+    for c in range(4):
+        assert clients[first[c]:first[c + 1]] == [c] * ((int((ids == c).sum()) + 1) // 2)
+
+
+def test_contiguous_is_detected_and_skips_the_sort():
+    ids = torch.tensor([-1, -1, 0, 0, 1, 3, 3, 3])
+    plan = LoRAPlan.build(ids, 4)
+    assert plan.contiguous and torch.equal(plan.sorted_rows, torch.arange(8, dtype=torch.int32))
+    assert not LoRAPlan.build(torch.tensor([1, 0, 0]), 2).contiguous
+
+
+def test_contiguous_claim_is_checked():
+    with pytest.raises(ValueError, match="contiguous"):
+        LoRAPlan.build(torch.tensor([1, 0]), 2, contiguous=True)
+
+
+def test_trusted_build_reads_nothing_back(monkeypatch):
+    calls = []
+    for name in ("item", "tolist", "cpu", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    plan = LoRAPlan.build(torch.tensor([0, 0, 1, 2]), 3, validate=False, contiguous=True)
+    plan.tiles(2)
+    plan.tiles(2, include_unrouted=True)
+    monkeypatch.undo()
+    assert calls == []
+    assert plan.contiguous
