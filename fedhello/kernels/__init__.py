@@ -7,7 +7,8 @@ Public API::
     y = multi_lora_linear(x, weight, bias, lora_a, lora_b, plan, scaling)
 """
 
-from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend, triton_available, triton_interpreting
+from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend
+from .runtime import triton_available, triton_interpreting
 from .plan import LoRAPlan, TileList
 
 __all__ = [

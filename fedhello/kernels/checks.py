@@ -25,11 +25,16 @@ class ClientParams:
         scaling: float32 ``[N]``.
         ranks: int32 ``[N]``, each in ``[0, r_max]``.
         trainable: bool ``[N]``.
+        dropout_p: LoRA dropout probability on the adapters' input, in ``[0, 1)``.
+        dropout_seeds: int64 ``[N]`` per-client seeds of this call's dropout masks (only used,
+            and only set, when ``dropout_p > 0``).
     """
 
     scaling: torch.Tensor
     ranks: torch.Tensor
     trainable: torch.Tensor
+    dropout_p: float = 0.0
+    dropout_seeds: torch.Tensor | None = None
 
 
 def _tensor(name: str, value: object) -> torch.Tensor:
@@ -72,8 +77,14 @@ def check_inputs(
     ranks: torch.Tensor | Sequence[int] | None,
     trainable: torch.Tensor | Sequence[bool] | None,
     grad_sqnorm: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    dropout_seeds: torch.Tensor | Sequence[int] | None = None,
 ) -> ClientParams:
-    """Validate a ``multi_lora_linear`` call; return its per-client settings on x's device."""
+    """Validate a ``multi_lora_linear`` call; return its per-client settings on x's device.
+
+    Nothing is read back from the device: tensor ``ranks`` are range-checked with an
+    asynchronous device assertion (``_check_ranks``), so a call can run inside a CUDA graph.
+    """
     x = _tensor("x", x)
     weight = _tensor("weight", weight)
     lora_a = _tensor("lora_a", lora_a)
@@ -133,10 +144,7 @@ def check_inputs(
         ranks_t = _per_client("ranks", ranks, n, device)
         if ranks_t.dtype.is_floating_point or ranks_t.dtype == torch.bool:
             raise TypeError(f"ranks: expected an integer dtype, got {ranks_t.dtype}")
-        if ranks_t.numel() > 0:
-            lo, hi = int(ranks_t.min()), int(ranks_t.max())
-            if lo < 0 or hi > r_max:
-                raise ValueError(f"ranks: expected values in [0, r_max={r_max}], got min {lo} and max {hi}")
+        _check_ranks(ranks_t, r_max)
         ranks_t = ranks_t.to(torch.int32)
 
     if trainable is None:
@@ -154,4 +162,42 @@ def check_inputs(
         _same_device("grad_sqnorm", grad_sqnorm, device)
         if not grad_sqnorm.is_contiguous():
             raise ValueError("grad_sqnorm: expected a contiguous tensor (it is accumulated in place)")
-    return ClientParams(scale_t.contiguous(), ranks_t.contiguous(), train_t.contiguous())
+    seeds_t = _check_dropout(dropout_p, dropout_seeds, n, device)
+    return ClientParams(scale_t.contiguous(), ranks_t.contiguous(), train_t.contiguous(), float(dropout_p), seeds_t)
+
+
+def _check_ranks(ranks: torch.Tensor, r_max: int) -> None:
+    """Range check of ``ranks`` without a host read.
+
+    On CPU the check runs at once and a violation raises ``ValueError``; on a GPU it is a
+    device-side assertion that fails the next synchronising call with the same message (the
+    price of never stalling the launch queue).
+    """
+    if ranks.numel() == 0:
+        return
+    message = f"ranks: expected values in [0, r_max={r_max}]"
+    ok = ((ranks >= 0) & (ranks <= r_max)).all()
+    if ranks.device.type == "cpu":
+        try:
+            torch._assert_async(ok, message)
+        except RuntimeError:
+            lo, hi = ranks.min().item(), ranks.max().item()
+            raise ValueError(f"{message}, got min {lo} and max {hi}") from None
+    else:
+        torch._assert_async(ok, message)
+
+
+def _check_dropout(p: object, seeds: object, n: int, device: torch.device) -> torch.Tensor | None:
+    """Validate ``dropout_p``/``dropout_seeds``; return int64 ``[N]`` seeds on ``device`` (or None)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {p}")
+    if float(p) == 0.0:
+        return None
+    if seeds is None:
+        raise ValueError(f"dropout_seeds: expected int64 [N] = ({n},) per-client seeds when dropout_p > 0, got None")
+    seeds_t = _per_client("dropout_seeds", seeds, n, device)
+    if seeds_t.dtype.is_floating_point or seeds_t.dtype == torch.bool or seeds_t.dtype.is_complex:
+        raise TypeError(f"dropout_seeds: expected an integer dtype, got {seeds_t.dtype}")
+    return seeds_t.to(torch.int64).contiguous()

@@ -56,20 +56,24 @@ class CompiledBackend(ModuleType):
         x2d: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
+        bias: torch.Tensor | None,
         plan: LoRAPlan,
         params: ClientParams,
-        out: torch.Tensor,
-    ) -> torch.Tensor:
-        """``out[t] += s_c (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every routed row t, in place.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out[t] = b + s_c (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every row t (``b`` only if unrouted).
 
         Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``,
-        ``out [T, d_out]``, all contiguous in one dtype of ``DTYPES``. Returns ``H``, float32
-        ``[T, r_max]`` by position in ``plan.sorted_rows`` (columns ``< r_c`` of routed rows).
+        ``bias [d_out]`` or ``None``, all contiguous in one dtype of ``DTYPES``. Returns ``(out
+        [T, d_out], H)``, ``H`` float32 ``[T, r_max]`` by position in ``plan.sorted_rows``. The
+        compiled kernels add into their output, so ``out`` starts as the bias (or zeros).
         """
-        return self.native.lora_forward(
+        t, d_out = x2d.shape[0], lora_b.shape[1]
+        out = x2d.new_zeros(t, d_out) if bias is None else bias.expand(t, d_out).contiguous()
+        h = self.native.lora_forward(
             x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
             *self._tiles(plan), out,
         )
+        return out, h
 
     def lora_backward(
         self,
@@ -80,27 +84,28 @@ class CompiledBackend(ModuleType):
         plan: LoRAPlan,
         params: ClientParams,
         saved: torch.Tensor,
-        dx: torch.Tensor | None,
+        need_dx: bool,
         weight_grads: bool,
         grad_sqnorm: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """LoRA part of the backward pass.
 
-        ``dx [T, d_in]`` (input dtype, or ``None``) receives ``G_c A_c[:r_c]`` in place, with
-        ``G_c = s_c dY_c B_c[:, :r_c]`` in float32. Returns ``(dA [N, r_max, d_in],
-        dB [N, d_out, r_max])`` in the adapters' dtype, zero for frozen clients, clients
-        without rows and entries beyond each rank, or ``(None, None)`` when ``weight_grads``
-        is False. ``grad_sqnorm`` (float32 ``[N]`` or ``None``) gets ``+= ||dA_c||^2 +
+        Returns ``dx_lora [T, d_in]`` (input dtype, ``G_c A_c[:r_c]`` with ``G_c = s_c dY_c
+        B_c[:, :r_c]`` in float32, zeros in rows without adapter; ``None`` unless ``need_dx``) and
+        ``(dA [N, r_max, d_in], dB [N, d_out, r_max])`` in the adapters' dtype, zero for frozen
+        clients, clients without rows and entries beyond each rank (``None`` unless
+        ``weight_grads``). ``grad_sqnorm`` (float32 ``[N]`` or ``None``) gets ``+= ||dA_c||^2 +
         ||dB_c||^2`` of each trainable client, computed from the complete fp32 gradients.
         ``saved`` is the ``H`` that ``lora_forward`` returned.
         """
+        dx = x2d.new_zeros(x2d.shape) if need_dx else None
         d_a, d_b = self.native.lora_backward(
             dy2d, x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
             params.trainable, *self._tiles(plan), saved, dx, weight_grads, grad_sqnorm,
         )
         if not weight_grads:
-            return None, None
-        return d_a, d_b
+            return dx, None, None
+        return dx, d_a, d_b
 
 
 def _check_device_type(device_type: object) -> str:

@@ -13,32 +13,17 @@ LoRA share of ``dx``, ``dA``/``dB`` and their fused squared norms) goes to a bac
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import reference
+from . import dropout, reference
 from .checks import ClientParams, check_inputs
 from .plan import LoRAPlan
+from .runtime import triton_available, triton_interpreting
 
 BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
-
-
-def triton_available() -> bool:
-    """True when the Triton package imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _extension(device_type: str) -> ModuleType | None:
@@ -89,34 +74,59 @@ def resolve_backend(name: str, device: torch.device) -> ModuleType:
     return _extension(device.type) or reference
 
 
+def _unfused_dropout(x2d: torch.Tensor, plan: LoRAPlan, params: ClientParams) -> tuple[torch.Tensor, ClientParams]:
+    """Dropout for backends without it in their kernels: a 0/1 mask on x and ``s_c / (1 - p)``.
+
+    ``s/(1-p) * (x * keep) A^T B^T`` equals ``s * (x * keep / (1-p)) A^T B^T``, and the backward of
+    that call gives exactly dropout's ``dA``/``dB``; only ``dx`` still needs the mask, applied by
+    the caller. The mask is the counter-based one of ``dropout.py``, the same bits as the kernels.
+    """
+    keep = dropout.row_keep(plan, params.dropout_seeds, params.dropout_p, x2d.shape[1])
+    scaled = ClientParams(params.scaling / (1.0 - params.dropout_p), params.ranks, params.trainable)
+    return keep, scaled
+
+
 class _MultiLoRALinearFn(torch.autograd.Function):
+    """``y = x W^T + b + LoRA``: the backend *writes* ``bias + LoRA`` and the BLAS adds ``x W^T`` into it.
+
+    The backward is built the same way: the backend writes the LoRA share of ``dx`` and the BLAS
+    adds ``dy W`` into it, so neither ``y`` nor ``dx`` is read and written again by a second pass.
+    """
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, backend):
         d_in = weight.shape[1]
         x2d = x.reshape(-1, d_in).contiguous()
         lora_a = lora_a.contiguous()
         lora_b = lora_b.contiguous()
-        out = F.linear(x2d, weight, bias)
-        saved = backend.lora_forward(x2d, lora_a, lora_b, plan, params, out)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, saved)
-        ctx.plan, ctx.params, ctx.grad_sqnorm, ctx.backend = plan, params, grad_sqnorm, backend
+        keep = None
+        x_lora, lora_params = x2d, params
+        if params.dropout_p > 0 and not getattr(backend, "FUSED_DROPOUT", False):
+            keep, lora_params = _unfused_dropout(x2d, plan, params)
+            x_lora = x2d * keep
+        out, saved = backend.lora_forward(x_lora, lora_a, lora_b, bias, plan, lora_params)
+        out.addmm_(x2d, weight.t())
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, saved, keep)
+        ctx.plan, ctx.params, ctx.grad_sqnorm, ctx.backend = plan, lora_params, grad_sqnorm, backend
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, saved = ctx.saved_tensors
+        x2d, weight, lora_a, lora_b, saved, keep = ctx.saved_tensors
+        x_lora = x2d if keep is None else x2d * keep
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         dy2d = dy.reshape(-1, weight.shape[0]).contiguous()
-        dx = dy2d @ weight if need_x else None
-        d_a, d_b = ctx.backend.lora_backward(
-            dy2d, x2d, lora_a, lora_b, ctx.plan, ctx.params, saved, dx,
+        dx, d_a, d_b = ctx.backend.lora_backward(
+            dy2d, x_lora, lora_a, lora_b, ctx.plan, ctx.params, saved, need_x,
             need_a or need_lb, ctx.grad_sqnorm,
         )
-        d_w = dy2d.t() @ x2d if need_w else None
-        d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
         if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
+            if keep is not None:
+                dx = dx * keep
+            dx = dx.addmm_(dy2d, weight).reshape(ctx.x_shape)
+        d_w = dy2d.t() @ x2d if need_w else None  # the base path sees x without dropout
+        d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
         return (dx, d_w, d_bias, d_a if need_a else None, d_b if need_lb else None,
                 None, None, None, None)
 
@@ -133,6 +143,8 @@ def multi_lora_linear(
     trainable: torch.Tensor | Sequence[bool] | None = None,
     grad_sqnorm: torch.Tensor | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
+    dropout_seeds: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Frozen linear plus a per-row choice among N LoRA adapters.
 
@@ -155,12 +167,20 @@ def multi_lora_linear(
         grad_sqnorm: ``None`` or float32 ``[N]`` on ``x``'s device; the backward adds
             ``||dA_c||_F^2 + ||dB_c||_F^2`` of every trainable client into it.
         backend: ``"auto"``, ``"triton"``, ``"torch"``, ``"cpu"`` or ``"cuda"``.
+        dropout_p: LoRA dropout on the adapters' input (never on the base path), in ``[0, 1)``.
+        dropout_seeds: int64 ``[N]`` per-client seeds, required when ``dropout_p > 0``. The keep
+            bit of (client c, c's j-th row in this call, column k) is a pure function of
+            ``(dropout_seeds[c] mod 2^32, j, k)`` (``fedhello.kernels.dropout``), the same on every
+            backend, so a client's rows get the same mask alone or in a batch.
+
+    With a built ``plan`` and tensor ``ranks``/``trainable``/``scaling`` on the device, neither
+    the forward nor the backward reads anything back to the host (CUDA-graph capturable).
 
     Returns:
         ``[..., d_out]`` in the dtype of ``x``. LoRA arithmetic accumulates in float32.
     """
     params: ClientParams = check_inputs(
-        x, weight, bias, lora_a, lora_b, plan, scaling, ranks, trainable, grad_sqnorm
+        x, weight, bias, lora_a, lora_b, plan, scaling, ranks, trainable, grad_sqnorm, dropout_p, dropout_seeds
     )
     impl = resolve_backend(backend, x.device)
     if x.dtype not in impl.DTYPES:

@@ -7,11 +7,16 @@ rounded once into the output dtype (float64 inputs stay in float64, for gradchec
 
 Backends share one interface, used by the autograd function in ``multi_lora.py``:
 
-* ``lora_forward(x2d, lora_a, lora_b, plan, params, out)`` adds the LoRA term into
-  ``out`` (which already holds the base output) and returns what the backward needs;
-* ``lora_backward(dy2d, x2d, lora_a, lora_b, plan, params, saved, dx, weight_grads,
-  grad_sqnorm)`` adds the LoRA part of ``dx`` into ``dx`` (when not ``None``) and returns
-  ``(dA, dB)`` (``None`` when ``weight_grads`` is False), accumulating ``grad_sqnorm``.
+* ``lora_forward(x2d, lora_a, lora_b, bias, plan, params)`` returns ``(out, saved)``: ``out
+  [T, d_out]`` holds ``bias + LoRA term`` in every row (bias or zeros for rows without
+  adapter; the caller adds ``x W^T`` into it), ``saved`` is what the backward needs;
+* ``lora_backward(dy2d, x2d, lora_a, lora_b, plan, params, saved, need_dx, weight_grads,
+  grad_sqnorm)`` returns ``(dx_lora, dA, dB)``: the LoRA part of ``dx`` in every row (``None``
+  unless ``need_dx``; the caller adds ``dy W``) and the adapter gradients (``None`` unless
+  ``weight_grads``), accumulating ``grad_sqnorm``.
+
+A backend whose kernels apply LoRA dropout themselves says ``FUSED_DROPOUT = True``; for the
+others the caller masks ``x`` and scales ``s_c`` (see ``multi_lora._unfused_dropout``).
 """
 
 from __future__ import annotations
@@ -36,17 +41,22 @@ def lora_forward(
     x2d: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
     plan: LoRAPlan,
     params: ClientParams,
-    out: torch.Tensor,
-) -> None:
-    """``out[t] += s_c * (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every routed row t (in place).
+) -> tuple[torch.Tensor, None]:
+    """``out[t] = b + s_c * (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every row t (``b`` only if unrouted).
 
-    Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``,
-    ``out [T, d_out]`` in the input dtype.
+    Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``, ``bias
+    [d_out]`` or ``None``; ``out [T, d_out]`` in the input dtype.
     """
     scaling, ranks, _ = _client_settings(params)
     acc = _accumulation_dtype(x2d)
+    t, d_out = x2d.shape[0], lora_b.shape[1]
+    if bias is None:
+        out = x2d.new_zeros(t, d_out)
+    else:
+        out = bias.expand(t, d_out).clone()
     for c in range(plan.num_clients):
         rows = plan.client_rows(c)
         r = ranks[c]
@@ -55,7 +65,7 @@ def lora_forward(
         h = x2d[rows].to(acc) @ lora_a[c, :r].to(acc).t()
         delta = (scaling[c] * h) @ lora_b[c, :, :r].to(acc).t()
         out[rows] = (out[rows].to(acc) + delta).to(out.dtype)
-    return None
+    return out, None
 
 
 def lora_backward(
@@ -66,19 +76,21 @@ def lora_backward(
     plan: LoRAPlan,
     params: ClientParams,
     saved: None,
-    dx: torch.Tensor | None,
+    need_dx: bool,
     weight_grads: bool,
     grad_sqnorm: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """LoRA part of the backward pass.
 
-    ``dx [T, d_in]`` (input dtype) receives ``G_c A_c[:r_c]`` in place. Returns
-    ``dA [N, r_max, d_in]`` and ``dB [N, d_out, r_max]`` in the adapters' dtype, zero for
-    frozen clients, clients without rows and entries beyond each rank; ``grad_sqnorm[c]``
-    (float32 ``[N]``) gets ``+= ||dA_c||^2 + ||dB_c||^2`` for trainable clients.
+    Returns ``dx_lora [T, d_in]`` (input dtype, ``G_c A_c[:r_c]`` in routed rows, zeros elsewhere;
+    ``None`` unless ``need_dx``), ``dA [N, r_max, d_in]`` and ``dB [N, d_out, r_max]`` in the
+    adapters' dtype (``None`` unless ``weight_grads``), zero for frozen clients, clients without
+    rows and entries beyond each rank; ``grad_sqnorm[c]`` (float32 ``[N]``) gets ``+= ||dA_c||^2 +
+    ||dB_c||^2`` for trainable clients.
     """
     scaling, ranks, trainable = _client_settings(params)
     acc = _accumulation_dtype(x2d)
+    dx = x2d.new_zeros(x2d.shape) if need_dx else None
     d_a = torch.zeros_like(lora_a) if weight_grads else None
     d_b = torch.zeros_like(lora_b) if weight_grads else None
     for c in range(plan.num_clients):
@@ -90,7 +102,7 @@ def lora_backward(
         a_c = lora_a[c, :r].to(acc)
         g = scaling[c] * (dy_c @ lora_b[c, :, :r].to(acc))
         if dx is not None:
-            dx[rows] = (dx[rows].to(acc) + g @ a_c).to(dx.dtype)
+            dx[rows] = (g @ a_c).to(dx.dtype)
         if not (weight_grads and trainable[c]):
             continue
         x_c = x2d[rows].to(acc)
@@ -100,4 +112,4 @@ def lora_backward(
         d_b[c, :, :r] = grad_b.to(d_b.dtype)
         if grad_sqnorm is not None:
             grad_sqnorm[c] += grad_a.square().sum() + grad_b.square().sum()
-    return d_a, d_b
+    return dx, d_a, d_b

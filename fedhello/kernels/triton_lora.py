@@ -1,44 +1,64 @@
 """Triton backend: fused kernels for the LoRA part of ``multi_lora_linear``.
 
-Three kernels, each launched on a grid whose size depends only on the shapes (never on the
-routing), so every launch can be captured by CUDA graphs:
+Every LoRA kernel is memory-bound (about 1 GFLOP against 70-140 MB at the headline size), so
+the design counts bytes: each big activation (X, dY, y, dx) is touched by exactly one LoRA
+kernel, once (``benchmarks/README.md`` has the byte model). Launch grids depend only on shapes,
+never on the routing, and nothing is read back to the host, so a whole call can be captured by
+CUDA graphs.
 
-``_shrink_kernel``  ``P[pos, :r_c] = s? * Z[row] @ M_c[:r_c]^T`` for every routed row.
-    Forward: ``H = X A_c^T`` (Z = X, M = A). Backward: ``G = s_c dY B_c`` (Z = dY, M = B^T).
-    One program owns one (client, row-tile) item of the plan and one rank chunk; it streams
-    the big operand ``Z`` once along K and keeps the ``[BLOCK_M, BLOCK_R]`` result in fp32
-    registers. ``P`` is stored in fp32, indexed by the row's position in ``plan.sorted_rows``
-    so that later kernels read a client's rows as one contiguous run.
+Forward (``y = bias + s_c H B_c^T``, then cuBLAS adds ``x W^T`` into ``y``):
 
-``_expand_kernel``  ``Out[row] += s? * P[pos, :r_c] @ M_c[:r_c]``, read-modify-write of the
-    base output. Forward: ``y += s_c H B_c^T``. Backward: ``dx += G A_c``. The loop over the
-    rank stops at the client's own rank, so a rank-4 client does a quarter of a rank-16
-    client's work within the same launch.
+``_shrink_kernel``  ``H[pos] = drop(X[row]) A_c^T`` for every (client, row-tile) item, fp32,
+    ``[T, R_PAD]`` by position in ``plan.sorted_rows``. Columns past the client's rank are
+    written as zeros, so later kernels need no rank mask. With few tiles (small T) the
+    reduction over ``d_in`` is split across programs into fp32 partials that
+    ``_sum_splits_kernel`` adds in a fixed order.
+``_expand_kernel``  ``Out[row] = s_c P[pos] M_c (+ bias)``, *writing* every row of the
+    output once, rows without adapter included (bias or zero): the base GEMM then accumulates
+    into it (``addmm_`` with beta = 1), whose read of ``Out`` hides inside a compute-bound GEMM.
+    The forward writes ``y``; the backward writes ``dx``'s LoRA part (``G A_c``, masked by dropout).
 
-``_weight_grad_kernel``  ``dW_c[r, n] = s? * sum_t P[t, r] Q[t, n]`` over all rows t of
-    client c: ``dA_c = G_c^T X_c`` and ``dB_c^T = s_c H_c^T dY_c``. One program owns one
-    complete ``[BLOCK_R, BLOCK_N]`` output tile of one client and loops over every row of that
-    client, so when it finishes it holds the *final* gradient values: it squares and sums
-    them in registers and writes one fp32 partial per tile. Summing those partials afterwards
-    gives ``||dA_c||^2 + ||dB_c||^2`` exactly as the reference does, with no atomics, so the
-    result is deterministic. Frozen clients (``trainable[c] = False``), clients without rows
-    and rank chunks past the client's rank skip the row loop and write zeros.
+Backward:
 
-The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU tensors; there every
-load is cast to fp32 at once because half-precision loads come back garbled in it.
+``_weight_grad_kernel``  one program per (row chunk of one client, column tile) sums
+    ``dW[n, r] = sum_rows Q[row, n] P[pos, r]`` over the chunk's rows: ``dB_c = s_c dY^T H``
+    (Q = dY) and ``dA_c^T = drop(X)^T G`` (Q = X). In the pass over dY it also forms this column
+    tile's share of ``G = dY B_c`` (fp32 partials per column tile), so dY is read once for both
+    ``G`` and ``dB``. A client whose rows fit one chunk gets its final gradient tile right there,
+    squared and summed in registers for the fused norm; a client with more chunks writes fp32
+    partials, so a client holding most of the batch is spread over many programs instead of one.
+``_reduce_chunks_kernel``  for clients with several chunks (and frozen or empty clients): adds
+    the partials in chunk order, writes the final gradient (zeros for frozen/empty clients) and
+    squares the *final* sums. Norms are therefore exact (``||dA_c||^2 + ||dB_c||^2`` of the
+    complete gradient) and bit-identical run to run: no atomics anywhere.
+``_sum_splits_kernel``  ``G[pos] = s_c * sum_s Gpart[s, pos]`` (and the shrink's split-K sum).
+
+LoRA dropout lives in the kernels: the mask bit of (client c, its j-th row, column k) is the
+counter-based hash of ``dropout.py``; the shrink and ``dA`` zero dropped entries of X and scale
+their fp32 result by ``1 / (1 - p)``, the ``dx`` expand masks its output the same way.
+
+Loads: adapter tiles are bounded by the constexprs ``R_PAD``/``R_MAX``, never by the run-time
+rank, so the loads along a contiguous dimension stay vectorised; the rank tail is zeroed with
+``tl.where``. The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU tensors; there
+every load is cast to fp32 at once because half-precision loads come back garbled in it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .checks import ClientParams
-from .multi_lora import triton_interpreting
+from .dropout import keep_threshold
 from .plan import LoRAPlan
+from .runtime import triton_interpreting
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_DROPOUT = True
 
 # Debug aid for tests: when set to a float (e.g. nan), every buffer the launchers allocate
 # is filled with it first, so an element a kernel forgets to write shows up in the result.
@@ -51,233 +71,430 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.full(shape, poison_value, dtype=dtype, device=device)
 
 
+# ----------------------------------------------------------------------------------- helpers
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keep(seed, j, k, threshold):
+    """Dropout keep bits ``[len(j), len(k)]`` (see ``dropout.py``); all operands uint32."""
+    h = _mix32((j * 0x9E3779B1)[:, None] ^ seed)
+    h = _mix32(h ^ (k * 0x85EBCA77)[None, :])
+    return h >= threshold
+
+
+@triton.jit
+def _item_rows(tile_client_ptr, tile_start_ptr, offsets_ptr, sorted_rows_ptr, item, NUM_CLIENTS,
+               BLOCK_M: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """Client, positions, row mask and row indices of one (client, row-tile) item.
+
+    Item client ``NUM_CLIENTS`` stands for the rows routed to -1 (positions ``0 .. offsets[0]``).
+    """
+    client = tl.load(tile_client_ptr + item)
+    end = tl.load(offsets_ptr + tl.where(client == NUM_CLIENTS, 0, client + 1))
+    pos = tl.load(tile_start_ptr + item) + tl.arange(0, BLOCK_M)
+    row_mask = pos < end
+    if CONTIGUOUS:
+        rows = pos.to(tl.int64)
+    else:
+        rows = tl.load(sorted_rows_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    return client, pos, row_mask, rows
+
+
+# ----------------------------------------------------------------------------------- kernels
 @triton.jit
 def _shrink_kernel(
-    z_ptr, stride_z,
-    m_ptr, stride_mc, stride_mr, stride_mk,
-    p_ptr, stride_p,
-    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, ranks_ptr, scaling_ptr,
-    K,
-    APPLY_SCALE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, stride_x,
+    a_ptr, stride_ac, stride_ar,
+    h_ptr, split_stride,
+    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, ranks_ptr, seeds_ptr,
+    K, K_PER_SPLIT, NUM_CLIENTS, threshold, inv_keep,
+    R_MAX: tl.constexpr, R_PAD: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     item = tl.program_id(0)
-    r0 = tl.program_id(1) * BLOCK_R
-    client = tl.load(tile_client_ptr + item)
+    split = tl.program_id(1)
+    client, pos, row_mask, rows = _item_rows(tile_client_ptr, tile_start_ptr, offsets_ptr, sorted_rows_ptr,
+                                             item, NUM_CLIENTS, BLOCK_M, CONTIGUOUS)
     if client < 0:  # unused slot of the fixed-size work list
         return
     rank = tl.load(ranks_ptr + client)
-    if r0 >= rank:
-        return
-    pos = tl.load(tile_start_ptr + item) + tl.arange(0, BLOCK_M)
-    row_mask = pos < tl.load(offsets_ptr + client + 1)
-    rows = tl.load(sorted_rows_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-    r = r0 + tl.arange(0, BLOCK_R)
-    r_mask = r < rank
-    m_base = m_ptr + client.to(tl.int64) * stride_mc
-
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    r = tl.arange(0, R_PAD)
+    a_base = a_ptr + client.to(tl.int64) * stride_ac
+    if DROPOUT:
+        seed = tl.load(seeds_ptr + client).to(tl.uint32)
+        j = (pos - tl.load(offsets_ptr + client)).to(tl.uint32)
+    k_lo = split * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        z = tl.load(z_ptr + rows[:, None] * stride_z + k[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        m = tl.load(m_base + r[None, :] * stride_mr + k[:, None] * stride_mk,
-                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        # Masks only on the row dimension and on K (divisible by 16 in every real model, which
+        # Triton specialises on), so both loads stay vectorised along their contiguous axis.
+        x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
+                    mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+        a_mask = (k < K)[:, None]
+        if R_PAD != R_MAX:
+            a_mask = a_mask & (r < R_MAX)[None, :]
+        a = tl.load(a_base + r[None, :] * stride_ar + k[:, None], mask=a_mask, other=0.0)
+        a = tl.where((r < rank)[None, :], a, 0.0)
+        if DROPOUT:
+            x = tl.where(_keep(seed, j, k.to(tl.uint32), threshold), x, 0.0)
         if UPCAST:
-            z = z.to(tl.float32)
-            m = m.to(tl.float32)
-        acc = tl.dot(z, m, acc, input_precision=PRECISION)
-    if APPLY_SCALE:
-        acc *= tl.load(scaling_ptr + client)
-    tl.store(p_ptr + pos[:, None].to(tl.int64) * stride_p + r[None, :], acc,
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc *= inv_keep
+    tl.store(h_ptr + split * split_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], acc,
              mask=row_mask[:, None])
 
 
 @triton.jit
+def _sum_splits_kernel(
+    part_ptr, split_stride, out_ptr,
+    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, scaling_ptr,
+    SPLITS, NUM_CLIENTS,
+    APPLY_SCALE: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    item = tl.program_id(0)
+    client, pos, row_mask, rows = _item_rows(tile_client_ptr, tile_start_ptr, offsets_ptr, sorted_rows_ptr,
+                                             item, NUM_CLIENTS, BLOCK_M, True)
+    if client < 0:
+        return
+    r = tl.arange(0, R_PAD)
+    offs = pos[:, None].to(tl.int64) * R_PAD + r[None, :]
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for s in range(0, SPLITS):  # fixed order: deterministic
+        acc += tl.load(part_ptr + s * split_stride + offs, mask=row_mask[:, None], other=0.0)
+    if APPLY_SCALE:
+        acc *= tl.load(scaling_ptr + client)
+    tl.store(out_ptr + offs, acc, mask=row_mask[:, None])
+
+
+@triton.jit
 def _expand_kernel(
-    p_ptr, stride_p,
+    p_ptr,
     m_ptr, stride_mc, stride_mr, stride_mn,
+    bias_ptr,
     out_ptr, stride_out,
-    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, ranks_ptr, scaling_ptr,
-    N_OUT,
-    APPLY_SCALE: tl.constexpr, MIX_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, ranks_ptr, scaling_ptr, seeds_ptr,
+    N_OUT, NUM_CLIENTS, threshold, inv_keep,
+    R_MAX: tl.constexpr, R_PAD: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, APPLY_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    MIX_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     item = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    client = tl.load(tile_client_ptr + item)
+    client, pos, row_mask, rows = _item_rows(tile_client_ptr, tile_start_ptr, offsets_ptr, sorted_rows_ptr,
+                                             item, NUM_CLIENTS, BLOCK_M, CONTIGUOUS)
     if client < 0:
         return
-    rank = tl.load(ranks_ptr + client)
-    if rank == 0:
-        return
-    pos = tl.load(tile_start_ptr + item) + tl.arange(0, BLOCK_M)
-    row_mask = pos < tl.load(offsets_ptr + client + 1)
-    rows = tl.load(sorted_rows_ptr + pos, mask=row_mask, other=0).to(tl.int64)
     n_mask = n < N_OUT
-    m_base = m_ptr + client.to(tl.int64) * stride_mc
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < rank
-        p = tl.load(p_ptr + pos[:, None].to(tl.int64) * stride_p + r[None, :],
-                    mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        m = tl.load(m_base + r[:, None] * stride_mr + n[None, :] * stride_mn,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    if client < NUM_CLIENTS:  # a routed tile (else: rows without adapter, bias or zero only)
+        rank = tl.load(ranks_ptr + client)
+        r = tl.arange(0, R_PAD)
+        p = tl.load(p_ptr + pos[:, None].to(tl.int64) * R_PAD + r[None, :], mask=row_mask[:, None], other=0.0)
+        m_mask = n_mask[None, :]
+        if R_PAD != R_MAX:
+            m_mask = m_mask & (r < R_MAX)[:, None]
+        m = tl.load(m_ptr + client.to(tl.int64) * stride_mc + r[:, None] * stride_mr + n[None, :] * stride_mn,
+                    mask=m_mask, other=0.0)
+        # P is zero past the rank; zeroing M's tail too keeps ignored entries (even inf/nan) out.
+        m = tl.where((r < rank)[:, None], m.to(tl.float32), 0.0)
         acc = tl.dot(p, m, acc, input_precision=MIX_PRECISION)
-    if APPLY_SCALE:
-        acc *= tl.load(scaling_ptr + client)
-    out_ptrs = out_ptr + rows[:, None] * stride_out + n[None, :]
-    io_mask = row_mask[:, None] & n_mask[None, :]
-    base = tl.load(out_ptrs, mask=io_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=io_mask)
+        if APPLY_SCALE:
+            acc *= tl.load(scaling_ptr + client)
+        if DROPOUT:
+            seed = tl.load(seeds_ptr + client).to(tl.uint32)
+            j = (pos - tl.load(offsets_ptr + client)).to(tl.uint32)
+            acc = tl.where(_keep(seed, j, n.to(tl.uint32), threshold), acc * inv_keep, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _weight_grad_kernel(
-    p_ptr, stride_p,
     q_ptr, stride_q,
-    out_ptr, stride_oc, stride_or, stride_on,
-    partial_ptr,
-    sorted_rows_ptr, offsets_ptr, ranks_ptr, scaling_ptr, trainable_ptr,
-    N_OUT, R_MAX,
-    APPLY_SCALE: tl.constexpr, MIX_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_ptr,
+    b_ptr, stride_bc, stride_bn,
+    gpart_ptr, gpart_stride,
+    out_ptr, stride_oc, stride_on, stride_or,
+    part_ptr, norm_ptr,
+    sorted_rows_ptr, offsets_ptr, tile_client_ptr, tile_start_ptr, client_first_ptr,
+    ranks_ptr, scaling_ptr, trainable_ptr, seeds_ptr,
+    N_OUT, CHUNK, threshold, inv_keep,
+    R_MAX: tl.constexpr, R_PAD: tl.constexpr,
+    CONTIGUOUS: tl.constexpr, FUSE_G: tl.constexpr, APPLY_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    NORMS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, MIX_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    client = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    item = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    client = tl.load(tile_client_ptr + item)
+    if client < 0:
+        return
+    chunk_start = tl.load(tile_start_ptr + item)
+    chunk_end = tl.minimum(chunk_start + CHUNK, tl.load(offsets_ptr + client + 1))
+    rank = tl.load(ranks_ptr + client)
+    train = tl.load(trainable_ptr + client) != 0
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N_OUT
-    rank = tl.load(ranks_ptr + client)
-    r_mask = r < rank
-    start = tl.load(offsets_ptr + client)
-    end = tl.load(offsets_ptr + client + 1)
-    active = (tl.load(trainable_ptr + client) != 0) & (pid_r * BLOCK_R < rank)
-
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    if active:
-        for m0 in range(start, end, BLOCK_M):
-            pos = m0 + tl.arange(0, BLOCK_M)
-            row_mask = pos < end
+    r = tl.arange(0, R_PAD)
+    if FUSE_G:
+        # This column tile of B_c, [BLOCK_N, R_PAD] (contiguous along r: vector loads).
+        b_mask = n_mask[:, None]
+        if R_PAD != R_MAX:
+            b_mask = b_mask & (r < R_MAX)[None, :]
+        b = tl.load(b_ptr + client.to(tl.int64) * stride_bc + n[:, None] * stride_bn + r[None, :],
+                    mask=b_mask, other=0.0)
+        b = tl.where((r < rank)[None, :], b, 0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+    if DROPOUT:
+        seed = tl.load(seeds_ptr + client).to(tl.uint32)
+        first_pos = tl.load(offsets_ptr + client)
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for m0 in range(chunk_start, chunk_end, BLOCK_M):
+        pos = m0 + tl.arange(0, BLOCK_M)
+        row_mask = pos < chunk_end
+        if CONTIGUOUS:
+            rows = pos.to(tl.int64)
+        else:
             rows = tl.load(sorted_rows_ptr + pos, mask=row_mask, other=0).to(tl.int64)
-            p = tl.load(p_ptr + pos[:, None].to(tl.int64) * stride_p + r[None, :],
-                        mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-            q = tl.load(q_ptr + rows[:, None] * stride_q + n[None, :],
-                        mask=row_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(tl.trans(p), q, acc, input_precision=MIX_PRECISION)
+        # The big load first; the small P tile and the dots follow.
+        q = tl.load(q_ptr + rows[:, None] * stride_q + n[None, :],
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if FUSE_G:
+            qg = q.to(tl.float32) if UPCAST else q
+            g = tl.dot(qg, b, input_precision=PRECISION)
+            tl.store(gpart_ptr + pid_n * gpart_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], g,
+                     mask=row_mask[:, None])
+        if train:
+            if DROPOUT:
+                q = tl.where(_keep(seed, (pos - first_pos).to(tl.uint32), n.to(tl.uint32), threshold), q, 0.0)
+            p = tl.load(p_ptr + pos[:, None].to(tl.int64) * R_PAD + r[None, :], mask=row_mask[:, None], other=0.0)
+            acc = tl.dot(tl.trans(q.to(tl.float32)), p, acc, input_precision=MIX_PRECISION)
+    if train:
         if APPLY_SCALE:
             acc *= tl.load(scaling_ptr + client)
-
-    # The tile is complete (every row of the client is in it): its square is exact.
-    num_n_tiles = tl.num_programs(2)
-    tl.store(partial_ptr + (client * tl.num_programs(1) + pid_r) * num_n_tiles + pid_n,
-             tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    out_ptrs = out_ptr + client.to(tl.int64) * stride_oc + r[:, None] * stride_or + n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
-             mask=(r[:, None] < R_MAX) & n_mask[None, :])
-
-
-def _rank_block(r_max: int) -> int:
-    """Rank chunk: a power of two in [16, 64] (tl.dot needs >= 16 on every side)."""
-    return min(64, max(16, triton.next_power_of_2(max(r_max, 1))))
-
-
-def _config(dtype: torch.dtype) -> dict:
-    interp = triton_interpreting()
-    # fp32 inputs follow torch's tf32 switch, so "tf32 off" means ieee here too.
-    tf32 = torch.backends.cuda.matmul.allow_tf32 and not interp
-    precision = "tf32" if (dtype == torch.float32 and tf32) else "ieee"
-    return {
-        "UPCAST": interp or dtype == torch.float32,
-        "PRECISION": precision,
-        # Dots of the fp32 rank intermediate with a half-precision operand: the half
-        # operand is exact in tf32 (<= 10 mantissa bits), so tf32 only drops low bits of
-        # the intermediate, far below the output's own rounding.
-        "MIX_PRECISION": "ieee" if interp else ("tf32" if dtype != torch.float32 else precision),
-        # The interpreter runs one program at a time: few, large blocks are fastest there.
-        "BLOCK_M": 64,
-        "BLOCK_K": 128 if interp else 64,
-        "BLOCK_N": 128,
-    }
+        if DROPOUT:
+            acc *= inv_keep
+        num_chunks = tl.load(client_first_ptr + client + 1) - tl.load(client_first_ptr + client)
+        if num_chunks == 1:
+            # The tile is complete (it covers every row of the client): its square is exact.
+            if NORMS:
+                tl.store(norm_ptr + client * tl.num_programs(1) + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+            o_mask = n_mask[:, None]
+            if R_PAD != R_MAX:
+                o_mask = o_mask & (r < R_MAX)[None, :]
+            tl.store(out_ptr + client.to(tl.int64) * stride_oc + n[:, None] * stride_on + r[None, :] * stride_or,
+                     acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            tl.store(part_ptr + (item.to(tl.int64) * N_OUT + n[:, None]) * R_PAD + r[None, :], acc,
+                     mask=n_mask[:, None])
 
 
-def _shrink(z, m, m_strides, plan, params, r_max, apply_scale, cfg):
-    """Rank intermediate ``[T, R_PAD]`` (fp32, sorted-position rows) of ``z @ M_c^T``."""
-    block_r = _rank_block(r_max)
-    r_chunks = triton.cdiv(r_max, block_r)
-    tiles = plan.tiles(cfg["BLOCK_M"])
-    p = _alloc((max(plan.num_rows, 1), r_chunks * block_r), torch.float32, z.device)
-    if r_max == 0:
-        return p
-    _shrink_kernel[(tiles.max_tiles, r_chunks)](
-        z, z.stride(0), m, *m_strides, p, p.stride(0),
-        plan.sorted_rows, plan.offsets, tiles.tile_client, tiles.tile_start,
-        params.ranks, params.scaling, z.shape[1],
-        APPLY_SCALE=apply_scale, UPCAST=cfg["UPCAST"], PRECISION=cfg["PRECISION"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"],
-    )
-    return p
-
-
-def _expand(p, m, m_strides, out, plan, params, r_max, apply_scale, cfg):
-    """``out[row] += s? * P[pos] @ M_c`` in place; ``out`` is ``[T, n_out]`` contiguous."""
-    if r_max == 0:
+@triton.jit
+def _reduce_chunks_kernel(
+    part_ptr,
+    out_ptr, stride_oc, stride_on, stride_or,
+    norm_ptr, client_first_ptr, trainable_ptr,
+    N_OUT,
+    R_MAX: tl.constexpr, R_PAD: tl.constexpr, NORMS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    client = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    first = tl.load(client_first_ptr + client)
+    last = tl.load(client_first_ptr + client + 1)
+    train = tl.load(trainable_ptr + client) != 0
+    if train & (last - first == 1):  # finished by its only chunk
         return
-    tiles = plan.tiles(cfg["BLOCK_M"])
-    n_out = out.shape[1]
-    _expand_kernel[(tiles.max_tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        p, p.stride(0), m, *m_strides, out, out.stride(0),
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N_OUT
+    r = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    if train:
+        for i in range(first, last):  # chunk order: deterministic
+            chunk = first.to(tl.int64) + (i - first)  # 64-bit offsets (the loop index is 32-bit)
+            acc += tl.load(part_ptr + (chunk * N_OUT + n[:, None]) * R_PAD + r[None, :],
+                           mask=n_mask[:, None], other=0.0)
+    if NORMS:
+        tl.store(norm_ptr + client * tl.num_programs(1) + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    o_mask = n_mask[:, None]
+    if R_PAD != R_MAX:
+        o_mask = o_mask & (r < R_MAX)[None, :]
+    tl.store(out_ptr + client.to(tl.int64) * stride_oc + n[:, None] * stride_on + r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------- launchers
+def _r_pad(r_max: int) -> int:
+    """Rank tile: a power of two >= 16 (``tl.dot`` needs >= 16 on every side)."""
+    return max(16, triton.next_power_of_2(max(r_max, 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About two waves of programs fill a GPU; the interpreter wants as few as possible."""
+    if device.type != "cuda":
+        return 1
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class _Call:
+    """Everything the launchers of one call share: settings, dtype flags, dropout arguments."""
+
+    def __init__(self, dtype: torch.dtype, r_max: int, plan: LoRAPlan, params: ClientParams) -> None:
+        interp = triton_interpreting()
+        self.r_max, self.r_pad = r_max, _r_pad(r_max)
+        self.cfg = tuning.lookup(dtype, self.r_pad, interp)
+        # fp32 inputs follow torch's tf32 switch, so "tf32 off" means ieee here too.
+        tf32 = torch.backends.cuda.matmul.allow_tf32 and not interp
+        self.precision = "tf32" if (dtype == torch.float32 and tf32) else "ieee"
+        # Dots of an fp32 rank intermediate with a half-precision operand: the half operand is
+        # exact in tf32 (<= 10 mantissa bits), so tf32 only drops low bits of the intermediate,
+        # far below the output's own rounding.
+        self.mix_precision = "ieee" if interp else ("tf32" if dtype != torch.float32 else self.precision)
+        self.upcast = interp or dtype == torch.float32
+        self.plan, self.params = plan, params
+        self.dropout = params.dropout_p > 0.0
+        self.threshold = keep_threshold(params.dropout_p)
+        self.inv_keep = 1.0 / (1.0 - params.dropout_p)
+        self.seeds = params.dropout_seeds if self.dropout else params.ranks  # any int tensor when unused
+        self.launch = {"num_warps": self.cfg.num_warps, "num_stages": self.cfg.num_stages}
+
+    def rank_constexprs(self) -> dict:
+        return {"R_MAX": self.r_max, "R_PAD": self.r_pad}
+
+
+def _shrink(call: _Call, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``H = drop(X) A_c^T``: fp32 ``[T, R_PAD]`` by sorted position, zero past each rank."""
+    plan, cfg = call.plan, call.cfg
+    t, k = x.shape
+    tiles = plan.tiles(cfg.block_m)
+    # Split K when the tiles alone would leave most of the GPU idle (small T).
+    k_steps = triton.cdiv(k, cfg.block_k)
+    splits = max(1, min(k_steps, _programs_wanted(x.device) // max(tiles.max_tiles, 1)))
+    k_per_split = triton.cdiv(k_steps, splits) * cfg.block_k
+    splits = triton.cdiv(k, k_per_split) if k else 1
+    rows_alloc = max(t, 1)
+    out = _alloc((splits, rows_alloc, call.r_pad), torch.float32, x.device)
+    _shrink_kernel[(tiles.max_tiles, splits)](
+        x, x.stride(0), lora_a, lora_a.stride(0), lora_a.stride(1), out, out.stride(0),
+        plan.sorted_rows, plan.offsets, tiles.tile_client, tiles.tile_start, call.params.ranks, call.seeds,
+        k, k_per_split, plan.num_clients, call.threshold, call.inv_keep,
+        **call.rank_constexprs(), CONTIGUOUS=plan.contiguous, DROPOUT=call.dropout, UPCAST=call.upcast,
+        PRECISION=call.precision, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, **call.launch,
+    )
+    if splits == 1:
+        return out[0]
+    return _sum_splits(call, out, apply_scale=False)
+
+
+def _sum_splits(call: _Call, parts: torch.Tensor, apply_scale: bool) -> torch.Tensor:
+    """``[S, T, R_PAD]`` fp32 partials -> ``[T, R_PAD]``, times ``s_c`` if ``apply_scale``."""
+    plan, cfg = call.plan, call.cfg
+    tiles = plan.tiles(cfg.block_m)
+    out = _alloc(tuple(parts.shape[1:]), torch.float32, parts.device)
+    _sum_splits_kernel[(tiles.max_tiles,)](
+        parts, parts.stride(0), out, plan.sorted_rows, plan.offsets, tiles.tile_client, tiles.tile_start,
+        call.params.scaling, parts.shape[0], plan.num_clients,
+        APPLY_SCALE=apply_scale, R_PAD=call.r_pad, BLOCK_M=cfg.block_m, **call.launch,
+    )
+    return out
+
+
+def _expand(call: _Call, p: torch.Tensor, m: torch.Tensor, m_strides: tuple[int, int, int],
+            bias: torch.Tensor | None, n_out: int, dtype: torch.dtype, apply_scale: bool,
+            dropout: bool) -> torch.Tensor:
+    """Write ``Out [T, n_out] = s? * P[pos] @ M_c (+ bias)`` for every row (bias/zero if unrouted)."""
+    plan, cfg = call.plan, call.cfg
+    out = _alloc((plan.num_rows, n_out), dtype, p.device)
+    tiles = plan.tiles(cfg.block_m, include_unrouted=True)
+    _expand_kernel[(tiles.max_tiles, triton.cdiv(n_out, cfg.block_n))](
+        p, m, *m_strides, bias if bias is not None else out, out, out.stride(0),
         plan.sorted_rows, plan.offsets, tiles.tile_client, tiles.tile_start,
-        params.ranks, params.scaling, n_out,
-        APPLY_SCALE=apply_scale, MIX_PRECISION=cfg["MIX_PRECISION"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_R=_rank_block(r_max), BLOCK_N=cfg["BLOCK_N"],
+        call.params.ranks, call.params.scaling, call.seeds,
+        n_out, plan.num_clients, call.threshold, call.inv_keep,
+        **call.rank_constexprs(), CONTIGUOUS=plan.contiguous, APPLY_SCALE=apply_scale,
+        HAS_BIAS=bias is not None, DROPOUT=dropout, MIX_PRECISION=call.mix_precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **call.launch,
     )
+    return out
 
 
-def _weight_grad(p, q, out, out_strides, n_out, plan, params, r_max, apply_scale, cfg):
-    """Fill ``out`` with every client's complete gradient; return fp32 ``[N]`` squared norms."""
-    n = plan.num_clients
-    block_r = _rank_block(r_max)
-    grid = (n, triton.cdiv(r_max, block_r), triton.cdiv(n_out, cfg["BLOCK_N"]))
-    partial = _alloc((n, grid[1] * grid[2]), torch.float32, q.device)
-    if r_max == 0 or n_out == 0:
-        out.zero_()
-        return torch.zeros(n, dtype=torch.float32, device=q.device)
-    _weight_grad_kernel[grid](
-        p, p.stride(0), q, q.stride(0), out, *out_strides, partial,
-        plan.sorted_rows, plan.offsets, params.ranks, params.scaling, params.trainable,
-        n_out, r_max,
-        APPLY_SCALE=apply_scale, MIX_PRECISION=cfg["MIX_PRECISION"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"],
+def _weight_grad(call: _Call, q: torch.Tensor, p: torch.Tensor, out: torch.Tensor,
+                 out_strides: tuple[int, int, int], norms: bool, *, lora_b: torch.Tensor | None = None,
+                 apply_scale: bool, dropout: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Fill ``out`` with every client's gradient ``sum_rows Q^T P``; return (norms [N], G partials).
+
+    With ``lora_b`` (the pass over dY) the kernel also writes ``dY B_c`` per column tile,
+    returned as fp32 ``[n_tiles, T, R_PAD]`` partials.
+    """
+    plan, cfg = call.plan, call.cfg
+    n_cols = q.shape[1]
+    chunks = plan.tiles(cfg.chunk)
+    n_tiles = triton.cdiv(n_cols, cfg.block_n)
+    device = q.device
+    parts = _alloc((chunks.max_tiles, n_cols, call.r_pad), torch.float32, device)
+    norm_parts = _alloc((plan.num_clients, n_tiles), torch.float32, device) if norms else parts
+    fuse_g = lora_b is not None
+    gpart = _alloc((n_tiles, max(plan.num_rows, 1), call.r_pad), torch.float32, device) if fuse_g else parts
+    b = lora_b if fuse_g else out
+    _weight_grad_kernel[(chunks.max_tiles, n_tiles)](
+        q, q.stride(0), p, b, b.stride(0), b.stride(1), gpart, gpart.stride(0) if fuse_g else 0,
+        out, *out_strides, parts, norm_parts,
+        plan.sorted_rows, plan.offsets, chunks.tile_client, chunks.tile_start, chunks.client_first,
+        call.params.ranks, call.params.scaling, call.params.trainable, call.seeds,
+        n_cols, cfg.chunk, call.threshold, call.inv_keep,
+        **call.rank_constexprs(), CONTIGUOUS=plan.contiguous, FUSE_G=fuse_g, APPLY_SCALE=apply_scale,
+        DROPOUT=dropout, NORMS=norms, UPCAST=call.upcast, PRECISION=call.precision,
+        MIX_PRECISION=call.mix_precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **call.launch,
     )
-    return partial.sum(dim=1)
+    _reduce_chunks_kernel[(plan.num_clients, n_tiles)](
+        parts, out, *out_strides, norm_parts, chunks.client_first, call.params.trainable, n_cols,
+        **call.rank_constexprs(), NORMS=norms, BLOCK_N=cfg.block_n, **call.launch,
+    )
+    return (norm_parts.sum(dim=1) if norms else None), (gpart if fuse_g else None)
 
 
 def lora_forward(
     x2d: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
     plan: LoRAPlan,
     params: ClientParams,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """Add ``s_c (x A_c^T) B_c^T`` into ``out [T, d_out]`` in place.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Out = bias + s_c (drop(x) A_c^T) B_c^T``, written once for every row.
 
-    Returns the fp32 rank intermediate ``H [T, R_PAD]`` (rows by sorted position), which the
-    backward reuses for ``dB``.
+    Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``, ``bias
+    [d_out]`` or ``None``, all contiguous in one dtype. Returns ``(Out [T, d_out]`` in that
+    dtype, rows without adapter hold the bias (or zeros), and ``H``: fp32 ``[T, R_PAD]`` by
+    sorted position, which the backward reuses for ``dB``).
     """
-    cfg = _config(x2d.dtype)
     n, r_max, _ = lora_a.shape
-    a_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
-    h = _shrink(x2d, lora_a, a_strides, plan, params, r_max, False, cfg)
+    call = _Call(x2d.dtype, r_max, plan, params)
+    h = _shrink(call, x2d, lora_a)
     # B_c seen as M_c[r, n] = B[c, n, r].
-    b_strides = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))
-    _expand(h, lora_b, b_strides, out, plan, params, r_max, True, cfg)
-    return h
+    out = _expand(call, h, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), bias,
+                  lora_b.shape[1], x2d.dtype, apply_scale=True, dropout=False)
+    return out, h
 
 
 def lora_backward(
@@ -288,34 +505,48 @@ def lora_backward(
     plan: LoRAPlan,
     params: ClientParams,
     saved: torch.Tensor,
-    dx: torch.Tensor | None,
+    need_dx: bool,
     weight_grads: bool,
     grad_sqnorm: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """LoRA backward: ``dx += G A_c`` in place, and ``(dA, dB)`` with fused squared norms.
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """LoRA backward: ``(dx_lora, dA, dB)`` with fused squared norms.
 
-    ``G = s_c dY B_c`` is formed once (fp32) and serves both ``dx`` and ``dA``; ``H`` comes
-    from the forward (``saved``).
+    ``dx_lora [T, d_in]`` (input dtype, every row written: ``drop'(G A_c)``, zeros for rows
+    without adapter; ``None`` unless ``need_dx``), ``dA [N, r_max, d_in]`` and ``dB [N, d_out,
+    r_max]`` (adapter dtype; ``None`` unless ``weight_grads``). One pass over dY forms ``G = s_c
+    dY B_c`` and ``dB``; ``H`` comes from the forward (``saved``). ``grad_sqnorm`` (fp32 ``[N]``)
+    gets ``+= ||dA_c||^2 + ||dB_c||^2`` of every trainable client.
     """
-    if dx is None and not weight_grads:
-        return None, None
-    cfg = _config(dy2d.dtype)
+    if not (need_dx or weight_grads):
+        return None, None, None
     n, r_max, d_in = lora_a.shape
     d_out = lora_b.shape[1]
-    # B_c^T seen as M_c[r, k] = B[c, k, r].
-    bt_strides = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))
-    g = _shrink(dy2d, lora_b, bt_strides, plan, params, r_max, True, cfg)
-    if dx is not None:
-        a_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2))
-        _expand(g, lora_a, a_strides, dx, plan, params, r_max, False, cfg)
-    if not weight_grads:
-        return None, None
-    d_a = _alloc(tuple(lora_a.shape), lora_a.dtype, lora_a.device)
+    call = _Call(dy2d.dtype, r_max, plan, params)
+    norms = grad_sqnorm is not None
     d_b = _alloc(tuple(lora_b.shape), lora_b.dtype, lora_b.device)
-    norm_a = _weight_grad(g, x2d, d_a, (d_a.stride(0), d_a.stride(1), d_a.stride(2)), d_in,
-                          plan, params, r_max, False, cfg)
-    norm_b = _weight_grad(saved, dy2d, d_b, (d_b.stride(0), d_b.stride(2), d_b.stride(1)), d_out,
-                          plan, params, r_max, True, cfg)
+    # dB[c, n, r]: one pass over dY gives dB and this column tile's share of G = dY B_c. When
+    # no weight gradient is wanted the same pass still forms G (frozen flags off via trainable).
+    params_b = params if weight_grads else _frozen(params)
+    call_b = call if weight_grads else _Call(dy2d.dtype, r_max, plan, params_b)
+    norm_b, gpart = _weight_grad(call_b, dy2d, saved, d_b, (d_b.stride(0), d_b.stride(1), d_b.stride(2)),
+                                 norms and weight_grads, lora_b=lora_b, apply_scale=True, dropout=False)
+    g = _sum_splits(call, gpart, apply_scale=True)
+    dx = None
+    if need_dx:
+        # A_c seen as M_c[r, k] = A[c, r, k].
+        dx = _expand(call, g, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), None, d_in,
+                     dy2d.dtype, apply_scale=False, dropout=call.dropout)
+    if not weight_grads:
+        return dx, None, None
+    d_a = _alloc(tuple(lora_a.shape), lora_a.dtype, lora_a.device)
+    norm_a, _ = _weight_grad(call, x2d, g, d_a, (d_a.stride(0), d_a.stride(2), d_a.stride(1)), norms,
+                             apply_scale=False, dropout=call.dropout)
     if grad_sqnorm is not None:
         grad_sqnorm += norm_a + norm_b
-    return d_a, d_b
+    return dx, d_a, d_b
+
+
+def _frozen(params: ClientParams) -> ClientParams:
+    """The same settings with every client frozen (no weight-gradient work)."""
+    return ClientParams(params.scaling, params.ranks, torch.zeros_like(params.trainable),
+                        params.dropout_p, params.dropout_seeds)
