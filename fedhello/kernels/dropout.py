@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ROW_MULT", "COL_MULT", "keep_mask", "keep_threshold", "mix32", "row_keep", "next_call_seeds"]
+__all__ = ["MASK32", "ROW_MULT", "COL_MULT", "keep_mask", "keep_threshold", "mix32", "row_keep", "next_call_seeds"]
 
 MASK32 = 0xFFFFFFFF
 ROW_MULT = 0x9E3779B1

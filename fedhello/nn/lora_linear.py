@@ -21,10 +21,9 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedhello.kernels import BACKENDS, LoRAPlan, multi_lora_linear
+from fedhello.kernels import BACKENDS, multi_lora_linear
 
 from .discovery import is_conv1d, is_linear_like
 from .routing import RoutingContext
@@ -68,8 +67,9 @@ class MultiLoRALinear(nn.Module):
         rank: r_max, the rank dimension of the bank.
         ranks: optional per-client ranks (list of N ints ``<= rank``, HetLoRA); default all ``rank``.
         alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]``.
-        dropout: LoRA dropout probability on the adapter input (training mode only); each client
-            draws its masks from its own generator in ``context``.
+        dropout: LoRA dropout probability on the adapter input (training mode only, fused into the
+            kernels, never on the base path); each client's masks come from its own stream in
+            ``context``, so they do not depend on the other clients in the batch.
         backend: ``multi_lora_linear`` backend ("auto", "triton", "torch", "cpu", "cuda").
         context: the routing shared with the other layers of a model; a private one by default
             (route standalone use with ``layer.context.route(ids)``).
@@ -146,30 +146,15 @@ class MultiLoRALinear(nn.Module):
         bias = self.base.bias
         lora_a = self.lora_a if self.lora_a.dtype == x.dtype else self.lora_a.to(x.dtype)
         lora_b = self.lora_b if self.lora_b.dtype == x.dtype else self.lora_b.to(x.dtype)
-        x_lora = self._dropout(x, plan) if self.training and self.dropout > 0 else x
-        y = multi_lora_linear(
-            x_lora, weight, bias, lora_a, lora_b, plan, self.scaling,
+        # LoRA dropout happens inside the kernels, on the adapters' input only; each client's
+        # masks come from its own counter-based stream in the routing context.
+        dropping = self.training and self.dropout > 0
+        return multi_lora_linear(
+            x, weight, bias, lora_a, lora_b, plan, self.scaling,
             ranks=self.ranks, trainable=self.trainable, grad_sqnorm=self.grad_sqnorm, backend=self.backend,
+            dropout_p=self.dropout if dropping else 0.0,
+            dropout_seeds=self.context.dropout_seeds(plan) if dropping else None,
         )
-        if x_lora is not x:
-            # The kernel applies the base weight to its input too; put back the part of the
-            # base output that dropout removed, so only the adapter sees the dropped input.
-            y = y + F.linear(x - x_lora, weight)
-        return y
-
-    def _dropout(self, x: torch.Tensor, plan: LoRAPlan) -> torch.Tensor:
-        """Inverted dropout on the rows of routed clients, each client's mask from its own generator."""
-        x2d = x.reshape(-1, self.in_features)
-        mask = torch.ones_like(x2d)
-        keep = 1.0 - self.dropout
-        for c in range(self.num_clients):
-            rows = plan.client_rows(c)
-            if rows.numel() == 0:
-                continue
-            draw = torch.rand(rows.numel(), self.in_features, generator=self.context.generator(c, x.device),
-                              device=x.device)
-            mask[rows] = (draw >= self.dropout).to(x.dtype) / keep
-        return (x2d * mask).reshape(x.shape)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.conv1d else "Linear"

@@ -7,9 +7,10 @@ A ``RoutingContext`` holds the client id of each *sample* of the current batch (
 the ``LoRAPlan`` once per row count, so every layer of one forward pass (and their backward)
 shares one plan.
 
-The context also owns the per-client random generators of LoRA dropout: each client draws its
-masks from its own stream, so a client's masks do not depend on which other clients share the
-batch.
+The context also owns the per-client streams of LoRA dropout: a base seed and a call counter per
+client, from which each layer call takes that client's seed (``fedhello.kernels.dropout``). The
+counter of a client advances only in calls where it has rows, so a client's masks do not depend
+on which other clients share the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from fedhello.kernels import LoRAPlan
+from fedhello.kernels.dropout import MASK32 as _MASK32
+from fedhello.kernels.dropout import next_call_seeds
 
 __all__ = ["RoutingContext", "derive_seed", "normalize_client_ids"]
 
@@ -82,8 +85,9 @@ class RoutingContext:
         self.num_clients = num_clients
         self._client_ids: torch.Tensor | int | None = None
         self._plans: dict[tuple[int, torch.device], LoRAPlan] = {}
-        self._seeds = [derive_seed(seed, c) for c in range(num_clients)]
-        self._generators: dict[tuple[int, torch.device], torch.Generator] = {}
+        self._base_seeds = torch.tensor([derive_seed(seed, c) & _MASK32 for c in range(num_clients)],
+                                        dtype=torch.int64)
+        self._draws = torch.zeros(num_clients, dtype=torch.int64)
 
     @property
     def active(self) -> bool:
@@ -162,21 +166,21 @@ class RoutingContext:
             for client, seed in seeds.items():
                 if not 0 <= int(client) < self.num_clients:
                     raise ValueError(f"seeds: expected client keys in [0, {self.num_clients}), got {client}")
-                self._seeds[int(client)] = int(seed)
-                for key in [k for k in self._generators if k[0] == int(client)]:
-                    del self._generators[key]
+                self._base_seeds[int(client)] = int(seed) & _MASK32
+                self._draws[int(client)] = 0
             return
         if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)):
             raise TypeError(f"seeds: expected an int or a mapping client -> seed, got {type(seeds).__name__}")
-        self._seeds = [derive_seed(int(seeds), c) for c in range(self.num_clients)]
-        self._generators.clear()
+        self._base_seeds.copy_(torch.tensor([derive_seed(int(seeds), c) & _MASK32 for c in range(self.num_clients)]))
+        self._draws.zero_()
 
-    def generator(self, client: int, device: torch.device) -> torch.Generator:
-        """The dropout generator of ``client`` on ``device`` (created from its seed on first use)."""
-        key = (client, device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seeds[client])
-            self._generators[key] = gen
-        return gen
+    def dropout_seeds(self, plan: LoRAPlan) -> torch.Tensor:
+        """int64 ``[N]`` dropout seeds of one layer call routed by ``plan``, on the plan's device.
+
+        Advances the stream of every client with rows in ``plan`` (device ops only: no host read).
+        """
+        if self._draws.device != plan.device:
+            self._base_seeds = self._base_seeds.to(plan.device)
+            self._draws = self._draws.to(plan.device)
+        self._draws += (plan.counts > 0).to(torch.int64)
+        return next_call_seeds(self._base_seeds, self._draws)

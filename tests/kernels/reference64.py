@@ -20,10 +20,12 @@ class Reference:
     sqnorm: torch.Tensor
 
 
-def reference_fp64(x, weight, bias, lora_a, lora_b, client_ids, scaling, ranks, trainable, dy) -> Reference:
+def reference_fp64(x, weight, bias, lora_a, lora_b, client_ids, scaling, ranks, trainable, dy,
+                   dropout_scale=None) -> Reference:
     """fp64 forward and backward of ``multi_lora_linear`` for inputs of any dtype.
 
-    ``scaling [N]`` float, ``ranks [N]`` int, ``trainable [N]`` bool, ``dy`` like the output.
+    ``scaling [N]`` float, ``ranks [N]`` int, ``trainable [N]`` bool, ``dy`` like the output;
+    ``dropout_scale``: optional ``[rows, d_in]`` factors (0 or ``1/(1-p)``) on the adapters' input.
     Frozen clients' gradients are zeroed afterwards, as the contract says.
     """
     f64 = dict(dtype=torch.float64)
@@ -39,7 +41,8 @@ def reference_fp64(x, weight, bias, lora_a, lora_b, client_ids, scaling, ranks, 
     ids = client_ids.long()
     routed = (ids >= 0).to(torch.float64)[:, None]
     c = ids.clamp(min=0)
-    h = torch.einsum("td,trd->tr", x2, a_m[c])
+    x_lora = x2 if dropout_scale is None else x2 * dropout_scale.to(**f64)
+    h = torch.einsum("td,trd->tr", x_lora, a_m[c])
     delta = torch.einsum("tr,tor->to", h, b_m[c]) * scaling.to(**f64)[c][:, None] * routed
     y2 = x2 @ w.t() + delta
     if bias is not None:

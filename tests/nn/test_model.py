@@ -280,3 +280,40 @@ def test_bfloat16_backbone_with_float32_master_banks():
     for name, _, bank in model.lora_banks():
         assert bank.dtype == torch.float32 and bank.grad.dtype == torch.float32, name
         assert bank.grad[[0, 1, 3]].abs().sum() > 0 and torch.count_nonzero(bank.grad[2]) == 0, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_dropout_runs_no_second_base_gemm(backend):
+    """LoRA dropout lives in the adapter path: with p > 0 the frozen weight is multiplied exactly as
+    often as with p = 0 (once forward, once for dx), and no per-client Python loop builds masks."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fedhello.kernels.multi_lora import _extension
+
+    if backend == "cpu" and _extension("cpu") is None:
+        pytest.skip("csrc extension for cpu is not built")
+
+    class WeightUses(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.storage, self.count = weight.untyped_storage().data_ptr(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if any(t.untyped_storage().data_ptr() == self.storage for t in tensors):
+                if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_", "matmul", "linear", "bmm"):
+                    self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for p in (0.0, 0.3):
+        layer = MultiLoRALinear(torch.nn.Linear(24, 16), 3, rank=4, dropout=p, backend=backend).train()
+        randomize = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=randomize))
+        x = torch.randn(10, 24, requires_grad=True)
+        mode = WeightUses(layer.base.weight)
+        with layer.context.route(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, -1, 2])), mode:
+            layer(x).sum().backward()
+        counts[p] = mode.count
+    assert counts[0.0] == counts[0.3] == 2
