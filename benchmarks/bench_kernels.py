@@ -41,17 +41,20 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+import kernel_profile
 from _common import RESULTS_DIR, guard_exit_status, run_metadata, write_json
 from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
 from _common import percentile as _percentile
+from byte_model import lora_bytes
 from fedhello.kernels import LoRAPlan, multi_lora_linear, resolve_backend
 
 IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
 LORA_IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc")
 PHASES = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("uniform", "mixed", "frozen")
+ROUTINGS = ("scattered", "contiguous", "zipf1", "zipf2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 FULL_SIZES = {"n": (1, 8, 32, 128), "t": (1024, 8192, 32768), "d": (1024, 4096), "r": (8, 16, 64)}
@@ -81,7 +84,10 @@ class KernelCase:
         variant: ``"uniform"`` (every client rank r, all trainable), ``"mixed"`` (ranks cycling
             through r/8, r/4, r/2, r, all trainable) or ``"frozen"`` (rank r, odd clients frozen).
         dtype: ``"bf16"``, ``"fp16"`` or ``"fp32"``.
-        skew: 0 for uniform client popularity, s > 0 for client c drawn with weight (c+1)^-s.
+        routing: how rows are routed to clients (``ROUTINGS``): ``"scattered"`` (uniform
+            popularity, rows in random order), ``"contiguous"`` (uniform popularity, each client's
+            rows one block, as the batched engine makes them), ``"zipf1"`` / ``"zipf2"`` (client c
+            drawn with weight (c+1)^-s, s = 1 or 2, rows scattered).
     """
 
     n: int
@@ -90,7 +96,7 @@ class KernelCase:
     r: int
     variant: str = "uniform"
     dtype: str = "bf16"
-    skew: float = 0.0
+    routing: str = "scattered"
 
     def __post_init__(self) -> None:
         for name in ("n", "t", "d", "r"):
@@ -101,13 +107,13 @@ class KernelCase:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.skew < 0:
-            raise ValueError(f"skew: expected >= 0, got {self.skew}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing: expected one of {ROUTINGS}, got {self.routing!r}")
 
     @property
     def name(self) -> str:
-        skew = f"-skew{self.skew:g}" if self.skew else ""
-        return f"n{self.n}-t{self.t}-d{self.d}-r{self.r}-{self.variant}-{self.dtype}{skew}"
+        routing = "" if self.routing == "scattered" else f"-{self.routing}"
+        return f"n{self.n}-t{self.t}-d{self.d}-r{self.r}-{self.variant}-{self.dtype}{routing}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -133,16 +139,20 @@ class KernelCase:
         return None
 
 
-def make_client_ids(n: int, t: int, skew: float, generator: torch.Generator) -> torch.Tensor:
-    """Random routing: int64 ``[T]`` with values in ``[0, n)``, rows in random order.
+def make_client_ids(n: int, t: int, routing: str, generator: torch.Generator) -> torch.Tensor:
+    """Routing of ``routing`` (see ``KernelCase``): int64 ``[T]`` with values in ``[0, n)``.
 
-    ``skew = 0`` gives every client the same popularity; ``skew > 0`` draws client c with
-    probability proportional to ``(c + 1) ** -skew`` (Zipf-like: client 0 is the most popular).
+    ``scattered``: every client equally popular, rows in random order; ``contiguous``: the same
+    counts in blocks of consecutive rows, client 0 first; ``zipfS``: client c drawn with
+    probability proportional to ``(c + 1) ** -S`` (client 0 the most popular), rows in random order.
     """
-    if skew == 0:
-        return torch.randint(0, n, (t,), generator=generator)
-    weights = torch.arange(1, n + 1, dtype=torch.float64).pow(-skew)
-    return torch.multinomial(weights, t, replacement=True, generator=generator)
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing: expected one of {ROUTINGS}, got {routing!r}")
+    if routing.startswith("zipf"):
+        weights = torch.arange(1, n + 1, dtype=torch.float64).pow(-float(routing[4:]))
+        return torch.multinomial(weights, t, replacement=True, generator=generator)
+    ids = torch.randint(0, n, (t,), generator=generator)
+    return torch.sort(ids).values if routing == "contiguous" else ids
 
 
 @dataclass
@@ -603,6 +613,58 @@ def headline_ratios(case_result: dict) -> dict[str, float | None]:
     }
 
 
+def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
+    """The byte model of ``case`` (``byte_model.lora_bytes``) for both designs, per phase and
+    kernel; ``client_rows`` (rows per client of the routing) sizes the v2 partials."""
+    e = torch.tensor([], dtype=case.torch_dtype).element_size()
+    return {design: lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design=design,
+                               client_rows=client_rows) for design in ("v1", "v2")}
+
+
+def effective_gbps(impl_results: dict[str, dict], model: dict, copy_bytes_per_s: float | None) -> dict:
+    """Per LoRA implementation and phase: the model's bytes over the LoRA-path time, in GB/s
+    (``gbps``), and as a fraction of the copy bandwidth measured in the same run (``frac_of_copy``).
+    ``None`` where the LoRA-path time is not positive."""
+    out: dict = {}
+    for name, entry in impl_results.items():
+        lora = entry.get("lora_ms")
+        if not lora:
+            continue
+        out[name] = {}
+        for phase in PHASES:
+            ms = lora[phase]
+            gbps = model["phases"][phase] / (ms * 1e-3) / 1e9 if ms > 0 else None
+            frac = gbps * 1e9 / copy_bytes_per_s if gbps is not None and copy_bytes_per_s else None
+            out[name][phase] = {"gbps": gbps, "frac_of_copy": frac}
+    return out
+
+
+def measure_extras(impls: Sequence[Impl], s: InputSet, case: KernelCase, models: dict[str, dict],
+                   opts: "RunOptions") -> dict:
+    """The base GEMM / ``addmm_`` ceilings at the case's shape and, on CUDA, for the Triton
+    implementations: the per-kernel profile of one forward+backward (achieved GB/s per kernel
+    against the byte model and the run's copy bandwidth) and host vs device time per call."""
+    device = opts.device
+    out: dict = {"ceilings": kernel_profile.gemm_ceilings(case.t, case.d, case.d, case.torch_dtype, device,
+                                                          reps=5 if device.type == "cpu" else 20)}
+    if device.type != "cuda":
+        return out
+    lora_names = kernel_profile.triton_kernel_names()
+    for impl in impls:
+        if impl.name not in ("triton", "triton_nonorm"):
+            continue
+        prepare, timed = phase_callables(impl, "fwd_bwd")
+        call = lambda: timed(prepare(s))  # noqa: E731
+        prof = kernel_profile.profile_kernels(call, device)
+        if "kernels" in prof:
+            prof.update(kernel_profile.assign_model_bytes(prof["kernels"], lora_names, models,
+                                                          opts.copy_bytes_per_s))
+        out.setdefault("profile", {})[impl.name] = prof
+        if impl.name == "triton":
+            out["host_vs_device"] = kernel_profile.host_vs_device(call, device)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- runner
 
 
@@ -616,6 +678,8 @@ class RunOptions:
     rotate: int
     seed: int = 0
     guard_tol: float = GUARD_TOL
+    copy_bytes_per_s: float | None = None  # measured once per run (kernel_profile.copy_bandwidth)
+    profile: bool = True  # per-case base-GEMM ceilings, and on CUDA kernel profiles / launch overhead
 
 
 def _case_seed(case: KernelCase, seed: int) -> int:
@@ -659,7 +723,7 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
 
     # Routings first (cheap, on the host): the padded baseline's size depends on the largest client.
     cpu_gen = torch.Generator().manual_seed(seed)
-    routings = [make_client_ids(case.n, case.t, case.skew, cpu_gen) for _ in range(opts.rotate)]
+    routings = [make_client_ids(case.n, case.t, case.routing, cpu_gen) for _ in range(opts.rotate)]
     max_rows = max(int(torch.bincount(ids, minlength=case.n).max()) for ids in routings)
     need = estimate_bytes(case, max_rows)
     budget = available_bytes(device)
@@ -682,6 +746,9 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
         sets = [build_input_set(case, routings[i], device, seed + i) for i in range(rotate)]
         record["guard"] = check_agreement(fits, sets[0], opts.guard_tol)
         record["impls"].update(_time_impls(fits, sets, record["guard"], opts))
+        record["bytes_model"] = case_bytes(case, torch.bincount(routings[0], minlength=case.n).tolist())
+        if opts.profile:
+            record.update(measure_extras(fits, sets[0], case, record["bytes_model"], opts))
     except torch.cuda.OutOfMemoryError:
         return {**record, "status": "skipped", "note": "out of memory building inputs or checking"}
     finally:
@@ -691,6 +758,8 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
     if device.type == "cuda":
         record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
     record["ratios"] = derive(record["impls"])
+    record["ratios"]["effective_gbps_v2_model"] = effective_gbps(
+        record["impls"], record["bytes_model"]["v2"], opts.copy_bytes_per_s)
     record["status"] = "ok"
     return record
 
@@ -792,6 +861,34 @@ def detail_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def kernel_table(record: dict, copy: dict | None) -> list[str]:
+    """Per-kernel device times of the Triton forward+backward (K4: GB/s against the byte model
+    and against the copy bandwidth of the run), the LoRA kernels' total, and host vs device time."""
+    profile = record.get("profile", {}).get("triton")
+    if not profile or "kernels" not in profile:
+        return []
+    bw = f"{copy['bytes_per_s'] / 1e9:.0f} GB/s" if copy else "not measured"
+    lines = [f"{record['name']}: kernels of one triton fwd+bwd (copy bandwidth {bw}; matched byte model: "
+             f"{profile.get('matched_design')})",
+             f"  {'kernel':<44} {'us':>9} {'model MB':>9} {'GB/s':>7} {'of copy':>8}"]
+    for k in profile.get("lora_kernels", []) + profile.get("other_kernels", []):
+        mb = f"{k['bytes'] / 1e6:.1f}" if "bytes" in k else "-"
+        gbps = f"{k['gbps']:.0f}" if k.get("gbps") else "-"
+        frac = f"{100 * k['frac_of_copy']:.0f} %" if k.get("frac_of_copy") else "-"
+        lines.append(f"  {k['name'][:44]:<44} {k['median_us']:>9.1f} {mb:>9} {gbps:>7} {frac:>8}")
+    total = profile.get("lora_total", {})
+    for design, r in total.get("vs_model", {}).items():
+        frac = f", {100 * r['frac_of_copy']:.0f} % of copy" if r.get("frac_of_copy") else ""
+        lines.append(f"  LoRA kernels together: {total['device_us']:.1f} us = {r['gbps']:.0f} GB/s against "
+                     f"the {design} model{frac}")
+    hvd = record.get("host_vs_device", {})
+    if "host_ms" in hvd:
+        lines.append(f"  host vs device per fwd+bwd call: host {hvd['host_ms']:.3f} ms to enqueue, device "
+                     f"{hvd['device_ms']:.3f} ms (host/device {hvd['host_over_device']:.2f}; near 1 = launch-bound "
+                     "or syncing)")
+    return lines
+
+
 def headline_report(record: dict) -> str:
     lines = [f"Headline case {record['name']} (issue 2 goals):"]
     for key, value in headline_ratios(record).items():
@@ -819,8 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=_int_list, help="max rank (default 8,16,64)")
     p.add_argument("--variants", type=_name_list(VARIANTS),
                    help="uniform, mixed (ranks r/8..r), frozen (half the clients); default all")
-    p.add_argument("--skew", type=float, default=0.0,
-                   help="client popularity skew s: client c drawn with weight (c+1)^-s (default 0)")
+    p.add_argument("--routing", type=_name_list(ROUTINGS), default=["scattered"],
+                   help="scattered (default), contiguous (each client one block of rows), zipf1, "
+                        "zipf2 (client c drawn with weight (c+1)^-s); comma-separated")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--impls", type=_name_list(IMPL_NAMES), default=list(IMPL_NAMES),
                    help=f"subset of {','.join(IMPL_NAMES)} (default all)")
@@ -838,6 +936,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU intra-op threads (default: torch's; --smoke uses 1, which stays steady "
                         "on a shared machine where idle OpenMP workers get descheduled)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the copy-bandwidth and base-GEMM ceilings and (CUDA) the kernel profiles")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -856,9 +956,9 @@ def cases_from_args(args: argparse.Namespace, dtype: str) -> list[KernelCase]:
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
     variants = args.variants or variants
-    return [KernelCase(n, t, d, r, v, dtype, args.skew)
+    return [KernelCase(n, t, d, r, v, dtype, routing)
             for d in sizes["d"] for t in sizes["t"] for n in sizes["n"] for r in sizes["r"]
-            for v in variants]
+            for v in variants for routing in args.routing]
 
 
 def _enable_interpreter_for_smoke(smoke: bool) -> None:
@@ -897,14 +997,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rotate is not None and args.rotate < 1:
         raise SystemExit(f"--rotate: expected >= 1, got {args.rotate}")
     rotate = args.rotate or (4 if cuda else 2)
-    opts = RunOptions(device, tuple(args.impls), timing, rotate, args.seed)
+    # The copy bandwidth every per-kernel GB/s is compared with: measured once, in this run.
+    copy = kernel_profile.copy_bandwidth(device) if not args.no_profile else None
+    opts = RunOptions(device, tuple(args.impls), timing, rotate, args.seed,
+                      copy_bytes_per_s=copy["bytes_per_s"] if copy else None, profile=not args.no_profile)
     cases = cases_from_args(args, dtype)
 
     meta = metadata(device, argv, opts)
+    meta["copy_bandwidth"] = copy
     out = args.out or RESULTS_DIR / (
         f"kernels-{meta['device_slug']}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     grid = {key: sorted({getattr(c, key) for c in cases}) for key in ("n", "t", "d", "r", "variant")}
-    doc = {"schema": 1, "meta": meta, "grid": {**grid, "dtype": dtype, "skew": args.skew},
+    doc = {"schema": 1, "meta": meta, "grid": {**grid, "dtype": dtype, "routing": list(args.routing)},
            "complete": False, "cases": []}
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"{len(cases)} case(s) | {dtype} | impls {','.join(args.impls)} | -> {out}", flush=True)
@@ -923,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f" GUARD FAILED: {','.join(guard_bad)}" if guard_bad else ""), flush=True)
 
     headline = next((r for r in doc["cases"] if r.get("status") == "ok"
-                     and r["skew"] == 0 and all(r[k] == v for k, v in HEADLINE.items())), None)
+                     and r["routing"] == "scattered" and all(r[k] == v for k, v in HEADLINE.items())), None)
     if headline is not None:
         doc["headline"] = {"case": headline["name"], **headline_ratios(headline)}
     doc["complete"] = True
@@ -937,6 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + summary_table(doc["cases"]))
     if headline is not None:
         print("\n" + headline_report(headline))
+    kernel_lines = [line for record in ran for line in kernel_table(record, copy)]
+    if kernel_lines:
+        print("\n" + "\n".join(kernel_lines))
     print(f"\nwrote {out}")
     return guard_exit_status(doc["cases"])
 

@@ -42,7 +42,7 @@ IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
 def case_sets(request) -> tuple[bk.KernelCase, list[bk.InputSet]]:
     case = request.param
     gen = torch.Generator().manual_seed(0)
-    sets = [bk.build_input_set(case, bk.make_client_ids(case.n, case.t, case.skew, gen), DEVICE, i)
+    sets = [bk.build_input_set(case, bk.make_client_ids(case.n, case.t, case.routing, gen), DEVICE, i)
             for i in range(ROTATE)]
     return case, sets
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_kernels.py"
@@ -45,7 +46,9 @@ def test_metadata(smoke) -> None:
     assert meta["triton_interpret"] is True
     assert meta["git_commit"] == "unknown" or len(meta["git_commit"]) == 40
     assert doc["grid"] == {"n": [4], "t": [192], "d": [64], "r": [8],
-                           "variant": ["frozen", "mixed", "uniform"], "dtype": "fp32", "skew": 0.0}
+                           "variant": ["frozen", "mixed", "uniform"], "dtype": "fp32", "routing": ["scattered"]}
+    copy = meta["copy_bandwidth"]
+    assert copy["bytes_per_s"] == pytest.approx(copy["bytes"] / copy["median_s"])
 
 
 def test_cases_and_sizes(smoke) -> None:
@@ -114,6 +117,48 @@ def test_derived_values_follow_their_definitions(smoke) -> None:
             without = impls["triton_nonorm"]["bwd"]["median_ms"]
             assert math.isclose(ratios["fused_norm_cost_frac_of_bwd"], (with_norm - without) / without,
                                 rel_tol=1e-9)
+
+
+def test_byte_model_rates_and_ceilings_recorded(smoke) -> None:
+    doc, _ = smoke
+    copy_bw = doc["meta"]["copy_bandwidth"]["bytes_per_s"]
+    for case in doc["cases"]:
+        model = case["bytes_model"]
+        assert model["v2"]["phases"]["fwd_bwd"] < model["v1"]["phases"]["fwd_bwd"]
+        rates = case["ratios"]["effective_gbps_v2_model"]
+        for name, entry in case["impls"].items():
+            if name == "base" or entry["status"] != "ok":
+                continue
+            for phase in PHASES:
+                ms = entry["lora_ms"][phase]
+                rate = rates[name][phase]
+                if ms <= 0:
+                    assert rate["gbps"] is None
+                    continue
+                expect = model["v2"]["phases"][phase] / (ms * 1e-3) / 1e9
+                assert math.isclose(rate["gbps"], expect, rel_tol=1e-9)
+                assert math.isclose(rate["frac_of_copy"], expect * 1e9 / copy_bw, rel_tol=1e-9)
+        ceil = case["ceilings"]
+        for name in ("base_fwd", "base_dgrad", "addmm_"):
+            flops = 2 * case["t"] * case["d_in"] * case["d_out"]
+            assert math.isclose(ceil[name]["tflops"], flops / (ceil[name]["median_ms"] * 1e-3) / 1e12,
+                                rel_tol=1e-9)
+        assert "profile" not in case  # kernel profiles need CUDA
+
+
+def test_routings(bench_kernels) -> None:
+    gen = torch.Generator().manual_seed(0)
+    contiguous = bench_kernels.make_client_ids(4, 400, "contiguous", gen)
+    assert bool((contiguous[1:] >= contiguous[:-1]).all()) and set(contiguous.tolist()) == {0, 1, 2, 3}
+    counts = {s: torch.bincount(bench_kernels.make_client_ids(8, 8000, s, gen), minlength=8)
+              for s in ("scattered", "zipf1", "zipf2")}
+    # Zipf s: client 0 holds 1 / H(8, s) of the rows (0.368 for s=1, 0.655 for s=2); uniform 1/8.
+    assert abs(counts["scattered"][0].item() / 8000 - 1 / 8) < 0.03
+    assert abs(counts["zipf1"][0].item() / 8000 - 0.368) < 0.03
+    assert abs(counts["zipf2"][0].item() / 8000 - 0.655) < 0.03
+    assert bench_kernels.KernelCase(2, 8, 8, 8, routing="zipf2").name.endswith("-zipf2")
+    with pytest.raises(ValueError, match="routing"):
+        bench_kernels.KernelCase(2, 8, 8, 8, routing="zipf3")
 
 
 def test_table_printed(smoke) -> None:

@@ -1,0 +1,223 @@
+"""Byte model of the multi-client LoRA path: device-memory bytes each kernel must move.
+
+Every LoRA kernel is memory-bound (about 1 GFLOP against tens of MB at the headline size), so
+bytes over the copy bandwidth is its time floor. ``lora_bytes`` counts, per kernel and per
+phase, the compulsory traffic of one forward + backward of ``multi_lora_linear``:
+
+* every big operand (``X``, ``dY``, ``y``, ``dx``: ``[T, d]``) counted once per pass that
+  touches it; small operands (adapters, the fp32 rank intermediates ``[T, R_PAD]``) counted once
+  per kernel (re-reads of them by other programs hit L2);
+* ``R_PAD`` = the padded rank, a power of two >= 16 (``tl.dot`` needs 16 on each side);
+* the frozen base GEMMs (``x W^T``, ``dy W``) are not LoRA traffic; in the v2 design they
+  accumulate into ``y``/``dx`` with ``addmm_`` (beta = 1), whose read of C is hidden inside a
+  compute-bound GEMM, so it is not counted either;
+* index arrays (``sorted_rows`` int32, tile lists) are counted where a kernel reads them.
+
+Two designs:
+
+``v1`` (the kernels of issue 2): forward shrink ``H = X A^T`` then expand ``y += s H B^T``
+(read-modify-write of y); backward shrink ``G = s dY B``, expand ``dx += G A`` (RMW of dx), and
+two weight-gradient kernels that re-read X and dY (``dA = G^T X``, ``dB = s H^T dY``).
+
+``v2`` (issue 12): F1 shrink reads X, writes H; F2 expand *writes* ``y = bias + s H B^T`` once,
+then cuBLAS adds the base product into it. B1 reads dY once per (row chunk, d_out tile of
+``block_n`` columns) and writes fp32 G partials ``[d_out / block_n, T, R_PAD]`` plus ``dB``
+(final, or fp32 partials per row chunk of ``chunk_rows`` rows for clients with more than one
+chunk); B2 reduces the G partials to ``G [T, R_PAD]``; B3 writes ``dx = G A`` once (then the
+base ``dx.addmm_``); B4 ``dA = G^T X`` in one pass over X per (row chunk, d_in tile), final or
+partials; B5 reduces the partials of multi-chunk clients and writes the squared norms.
+
+Usage: ``lora_bytes(8192, 32, 4096, 4096, 16, 2)["phases"]["fwd_bwd"]`` -> bytes; run this file
+for the headline table (``python benchmarks/byte_model.py [--json]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Sequence
+
+__all__ = ["DESIGNS", "base_flops", "floors", "lora_bytes", "r_pad", "uniform_rows"]
+
+DESIGNS = ("v1", "v2")
+FP32 = 4
+INDEX = 4  # int32 row indices / tile entries
+# Measured ceilings used for the README's floors (KINDS.md of the device tool: copy counted as
+# bytes read + written; bf16 GEMM through torch on random data).
+REFERENCE_DEVICES = {
+    "H100": {"copy_bytes_per_s": 3.0e12, "gemm_flops_per_s": 750e12},
+    "H200": {"copy_bytes_per_s": 4.3e12, "gemm_flops_per_s": 788e12},
+}
+
+
+def r_pad(r: int) -> int:
+    """Padded rank of the rank intermediates: the next power of two, at least 16."""
+    return max(16, 1 << max(0, r - 1).bit_length())
+
+
+def uniform_rows(t: int, n: int) -> list[int]:
+    """``t`` rows spread over ``n`` clients as evenly as possible."""
+    return [t // n + (1 if c < t % n else 0) for c in range(n)]
+
+
+def _kernel(phase: str, what: str, read: float, write: float) -> dict:
+    return {"phase": phase, "what": what, "read": int(read), "write": int(write), "total": int(read + write)}
+
+
+def _v1(t: int, n: int, d_in: int, d_out: int, r: int, e: int) -> dict[str, dict]:
+    rp = r_pad(r)
+    x, y = t * d_in * e, t * d_out * e
+    a, b = n * r * d_in * e, n * d_out * r * e
+    inter = t * rp * FP32
+    idx = t * INDEX
+    return {
+        "shrink_fwd": _kernel("fwd", "H = X A^T", x + a + idx, inter),
+        "expand_fwd": _kernel("fwd", "y += s H B^T (read-modify-write of y)", inter + b + y + idx, y),
+        "shrink_bwd": _kernel("bwd", "G = s dY B", y + b + idx, inter),
+        "expand_bwd": _kernel("bwd", "dx += G A (read-modify-write of dx)", inter + a + x + idx, x),
+        "wgrad_a": _kernel("bwd", "dA = G^T X (second pass over X)", inter + x + idx, a),
+        "wgrad_b": _kernel("bwd", "dB = s H^T dY (second pass over dY)", inter + y + idx, b),
+    }
+
+
+def _chunk_partials(rows: Sequence[int], chunk_rows: int) -> int:
+    """Row chunks of the clients that need more than one (their gradients go through partials)."""
+    return sum(math.ceil(c / chunk_rows) for c in rows if c > chunk_rows)
+
+
+def _v2(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chunk_rows: int,
+        rows: Sequence[int]) -> dict[str, dict]:
+    rp = r_pad(r)
+    x, y = t * d_in * e, t * d_out * e
+    a, b = n * r * d_in * e, n * d_out * r * e
+    inter = t * rp * FP32
+    idx = t * INDEX
+    multi = [c for c in rows if c > chunk_rows]
+    # fp32 partial gradients of the multi-chunk clients: one [R_PAD, d] tile per chunk.
+    chunks = _chunk_partials(rows, chunk_rows)
+    part_b, part_a = chunks * d_out * rp * FP32, chunks * d_in * rp * FP32
+    # Their final gradients are written by B5, the others' directly by B1 / B4.
+    final_share = (n - len(multi)) / n if n else 0.0
+    b_direct, a_direct = b * final_share, a * final_share
+    g_tiles = math.ceil(d_out / block_n)
+    g_partials = g_tiles * t * rp * FP32
+    n_tiles = math.ceil(d_out / block_n) + math.ceil(d_in / block_n)
+    norms = n * n_tiles * FP32
+    return {
+        "F1_shrink": _kernel("fwd", "H = X A^T (reads X once)", x + a + idx, inter),
+        "F2_expand": _kernel("fwd", "y = bias + s H B^T, written once (base added by addmm_)",
+                             inter + b + d_out * e + idx, y),
+        "B1_dy_pass": _kernel("bwd", f"one pass over dY: G partials [{g_tiles}, T, {rp}] fp32 and dB",
+                              y + b + inter + idx, g_partials + b_direct + part_b),
+        "B2_g_reduce": _kernel("bwd", "G = s * sum of the G partials", g_partials + idx, inter),
+        "B3_expand": _kernel("bwd", "dx = G A, written once (base added by addmm_)", inter + a + idx, x),
+        "B4_x_pass": _kernel("bwd", "dA = G^T X, one pass over X", x + inter + idx, a_direct + part_a),
+        "B5_reduce_norms": _kernel("bwd", "reduce multi-chunk partials; squared norms [N, n_tiles]",
+                                   part_a + part_b, (a - a_direct) + (b - b_direct) + norms),
+    }
+
+
+def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, *,
+               design: str = "v2", block_n: int = 128, chunk_rows: int = 512,
+               client_rows: Sequence[int] | None = None) -> dict:
+    """Bytes the LoRA path of one ``multi_lora_linear`` forward + backward moves.
+
+    Args:
+        t, n, d_in, d_out, r: rows T, clients N, feature sizes, max rank r_max.
+        dtype_bytes: bytes per element of x/weights (2 for bf16/fp16, 4 for fp32).
+        design: ``"v1"`` or ``"v2"`` (module docstring).
+        block_n: v2: d_out columns per B1 program (sets the number of G partials).
+        chunk_rows: v2: rows per weight-gradient row chunk; clients with more rows go through
+            fp32 partials reduced by B5.
+        client_rows: v2: rows per client (default: T spread evenly), for the partials.
+
+    Returns:
+        ``{"design", "params", "kernels": {name: {"phase", "what", "read", "write", "total"}},
+        "phases": {"fwd", "bwd", "fwd_bwd"}}``, all in bytes.
+    """
+    for name, value in (("t", t), ("n", n), ("d_in", d_in), ("d_out", d_out), ("r", r),
+                        ("dtype_bytes", dtype_bytes), ("block_n", block_n), ("chunk_rows", chunk_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if design not in DESIGNS:
+        raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
+    rows = list(client_rows) if client_rows is not None else uniform_rows(t, n)
+    if len(rows) != n or any(c < 0 for c in rows) or sum(rows) > t:
+        raise ValueError(f"client_rows: expected {n} non-negative counts summing to <= T={t}, got {rows}")
+    if design == "v1":
+        kernels = _v1(t, n, d_in, d_out, r, dtype_bytes)
+    else:
+        kernels = _v2(t, n, d_in, d_out, r, dtype_bytes, block_n, chunk_rows, rows)
+    fwd = sum(k["total"] for k in kernels.values() if k["phase"] == "fwd")
+    bwd = sum(k["total"] for k in kernels.values() if k["phase"] == "bwd")
+    return {
+        "design": design,
+        "params": {"t": t, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "r_pad": r_pad(r),
+                   "dtype_bytes": dtype_bytes, "block_n": block_n, "chunk_rows": chunk_rows},
+        "kernels": kernels,
+        "phases": {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd},
+    }
+
+
+def base_flops(t: int, d_in: int, d_out: int) -> dict[str, int]:
+    """FLOPs of the frozen base layer: forward ``x W^T`` and dgrad ``dy W`` (2 T d_in d_out each)."""
+    one = 2 * t * d_in * d_out
+    return {"fwd": one, "dgrad": one, "fwd_dgrad": 2 * one}
+
+
+def floors(model: dict, copy_bytes_per_s: float, gemm_flops_per_s: float) -> dict[str, float]:
+    """Time floors (seconds) of the LoRA path at ``copy_bytes_per_s`` and of the base fwd + dgrad
+    at ``gemm_flops_per_s``, and the LoRA floor as a fraction of the base."""
+    p = model["params"]
+    lora = model["phases"]["fwd_bwd"] / copy_bytes_per_s
+    base = base_flops(p["t"], p["d_in"], p["d_out"])["fwd_dgrad"] / gemm_flops_per_s
+    return {"lora_s": lora, "base_fwd_dgrad_s": base, "lora_frac_of_base": lora / base}
+
+
+def headline_table(t: int = 8192, n: int = 32, d: int = 4096, r: int = 16, dtype_bytes: int = 2,
+                   block_n: int = 128) -> str:
+    """Markdown table of both designs at one size with the floors on the reference devices."""
+    lines = ["| design | kernel | phase | read MB | write MB | total MB |", "|---|---|---|---|---|---|"]
+    totals = {}
+    for design in DESIGNS:
+        model = lora_bytes(t, n, d, d, r, dtype_bytes, design=design, block_n=block_n)
+        totals[design] = model
+        for name, k in model["kernels"].items():
+            lines.append(f"| {design} | {name}: {k['what']} | {k['phase']} | {k['read'] / 1e6:.1f} | "
+                         f"{k['write'] / 1e6:.1f} | {k['total'] / 1e6:.1f} |")
+        ph = model["phases"]
+        lines.append(f"| {design} | **total** (fwd {ph['fwd'] / 1e6:.1f} + bwd {ph['bwd'] / 1e6:.1f}) | "
+                     f"fwd+bwd | | | **{ph['fwd_bwd'] / 1e6:.1f}** |")
+    lines += ["", "| design | device | LoRA floor us | base fwd+dgrad us | LoRA floor / base |",
+              "|---|---|---|---|---|"]
+    for design, model in totals.items():
+        for dev, c in REFERENCE_DEVICES.items():
+            f = floors(model, c["copy_bytes_per_s"], c["gemm_flops_per_s"])
+            lines.append(f"| {design} | {dev} ({c['copy_bytes_per_s'] / 1e12:.1f} TB/s, "
+                         f"{c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s) | {f['lora_s'] * 1e6:.0f} | "
+                         f"{f['base_fwd_dgrad_s'] * 1e6:.0f} | {100 * f['lora_frac_of_base']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Byte model of the LoRA path (headline case by default).")
+    p.add_argument("--t", type=int, default=8192)
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dtype-bytes", type=int, default=2)
+    p.add_argument("--block-n", type=int, default=128)
+    p.add_argument("--json", action="store_true", help="print both designs as JSON instead")
+    args = p.parse_args(argv)
+    if args.json:
+        print(json.dumps({d: lora_bytes(args.t, args.n, args.d, args.d, args.r, args.dtype_bytes, design=d,
+                                        block_n=args.block_n) for d in DESIGNS}, indent=1))
+    else:
+        print(headline_table(args.t, args.n, args.d, args.r, args.dtype_bytes, args.block_n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
