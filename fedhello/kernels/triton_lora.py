@@ -218,7 +218,7 @@ def _expand_kernel(
             j = (pos - tl.load(offsets_ptr + client)).to(tl.uint32)
             acc = tl.where(_keep(seed, j, n.to(tl.uint32), threshold), acc * inv_keep, 0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 
@@ -422,7 +422,7 @@ def _sum_splits(call: _Call, parts: torch.Tensor, apply_scale: bool) -> torch.Te
 def _expand(call: _Call, p: torch.Tensor, m: torch.Tensor, m_strides: tuple[int, int, int],
             bias: torch.Tensor | None, n_out: int, dtype: torch.dtype, apply_scale: bool,
             dropout: bool) -> torch.Tensor:
-    """Write ``Out [T, n_out] = s? * P[pos] @ M_c (+ bias)`` for every row (bias/zero if unrouted)."""
+    """Write ``Out [T, n_out] = s? * P[pos] @ M_c (+ fp32 bias)`` for every row (bias/zero if unrouted)."""
     plan, cfg = call.plan, call.cfg
     out = _alloc((plan.num_rows, n_out), dtype, p.device)
     tiles = plan.tiles(cfg.block_m, include_unrouted=True)
@@ -491,8 +491,11 @@ def lora_forward(
     n, r_max, _ = lora_a.shape
     call = _Call(x2d.dtype, r_max, plan, params)
     h = _shrink(call, x2d, lora_a)
+    # The bias is added in fp32; read as fp32 it is a 4-byte load per thread, where a half-precision
+    # bias in the accumulator's layout would be one scalar 2-byte load per thread.
+    bias32 = bias.to(torch.float32) if bias is not None else None
     # B_c seen as M_c[r, n] = B[c, n, r].
-    out = _expand(call, h, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), bias,
+    out = _expand(call, h, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), bias32,
                   lora_b.shape[1], x2d.dtype, apply_scale=True, dropout=False)
     return out, h
 
