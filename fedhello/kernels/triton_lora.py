@@ -449,11 +449,12 @@ def _weight_grad(call: _Call, q: torch.Tensor, p: torch.Tensor, out: torch.Tenso
     plan, cfg = call.plan, call.cfg
     n_cols = q.shape[1]
     chunks = plan.tiles(cfg.chunk)
-    n_tiles = triton.cdiv(n_cols, cfg.block_n)
+    fuse_g = lora_b is not None
+    block_n = cfg.dy_block_n if fuse_g else cfg.block_n
+    n_tiles = triton.cdiv(n_cols, block_n)
     device = q.device
     parts = _alloc((chunks.max_tiles, n_cols, call.r_pad), torch.float32, device)
     norm_parts = _alloc((plan.num_clients, n_tiles), torch.float32, device) if norms else parts
-    fuse_g = lora_b is not None
     gpart = _alloc((n_tiles, max(plan.num_rows, 1), call.r_pad), torch.float32, device) if fuse_g else parts
     b = lora_b if fuse_g else out
     _weight_grad_kernel[(chunks.max_tiles, n_tiles)](
@@ -464,11 +465,11 @@ def _weight_grad(call: _Call, q: torch.Tensor, p: torch.Tensor, out: torch.Tenso
         n_cols, cfg.chunk, call.threshold, call.inv_keep,
         **call.rank_constexprs(), CONTIGUOUS=plan.contiguous, FUSE_G=fuse_g, APPLY_SCALE=apply_scale,
         DROPOUT=dropout, NORMS=norms, UPCAST=call.upcast, PRECISION=call.precision,
-        MIX_PRECISION=call.mix_precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **call.launch,
+        MIX_PRECISION=call.mix_precision, BLOCK_M=cfg.block_m, BLOCK_N=block_n, **call.launch,
     )
     _reduce_chunks_kernel[(plan.num_clients, n_tiles)](
         parts, out, *out_strides, norm_parts, chunks.client_first, call.params.trainable, n_cols,
-        **call.rank_constexprs(), NORMS=norms, BLOCK_N=cfg.block_n, **call.launch,
+        **call.rank_constexprs(), NORMS=norms, BLOCK_N=block_n, **call.launch,
     )
     return (norm_parts.sum(dim=1) if norms else None), (gpart if fuse_g else None)
 
