@@ -1,8 +1,9 @@
 """``multi_lora_linear``: a frozen linear layer shared by N clients, each with its own LoRA adapter.
 
-The autograd function below is a thin shell: the frozen base GEMMs (``x W^T + b`` and
-``dy W``) go to the vendor BLAS through ``torch``, and the LoRA part (shrink, expand, the
-LoRA share of ``dx``, ``dA``/``dB`` and their fused squared norms) goes to a backend:
+The autograd function below is a thin shell. The LoRA part goes to a backend, which *writes*
+``bias + LoRA term`` (forward) and the LoRA share of ``dx`` (backward) once; the frozen base
+GEMMs then accumulate into those buffers through the vendor BLAS (``addmm_`` with beta = 1), so
+no pass reads and rewrites ``y`` or ``dx`` a second time. Backends:
 
 * ``"triton"``: fused Triton kernels (``triton_lora.py``); CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``;
