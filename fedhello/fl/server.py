@@ -444,7 +444,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+    if not path.exists() or path.read_text() != text:  # a resume that drops nothing leaves the file alone
+        path.write_text(text)
 
 
 _CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "bytes_up", "bytes_down",
