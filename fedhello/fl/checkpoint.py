@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -211,13 +211,14 @@ def _check_metrics(path: Path, next_round: int) -> None:
 
 
 def save_checkpoint(out: str | os.PathLike, tensors: Mapping[str, Any], next_round: int,
-                    state: Mapping[str, Any]) -> None:
+                    state: Mapping[str, Any], json_default: Callable[[Any], Any] | None = None) -> None:
     """Write the checkpoint pair for ``next_round`` into ``out`` (see the module doc for the protocol).
 
     Args:
         tensors: name -> CPU ``torch.Tensor`` (contiguous), the global adapters and heads.
         next_round: the first round a resumed run plays.
-        state: JSON-ready server state (``rng``, ``strategy``); stored beside the round and checksum.
+        state: server state (``rng``, ``strategy``); stored beside the round and checksum.
+        json_default: ``json.dumps``'s ``default`` for values of ``state`` JSON does not know (numpy).
     """
     from safetensors.torch import save  # torch-backed; only a writer needs it
 
@@ -229,7 +230,7 @@ def save_checkpoint(out: str | os.PathLike, tensors: Mapping[str, Any], next_rou
     weights, meta_path = out / WEIGHTS_FILE, out / META_FILE
     tmp_w, tmp_m = out / f"{WEIGHTS_FILE}.tmp", out / f"{META_FILE}.tmp"
     _write_synced(tmp_w, data)
-    _write_synced(tmp_m, json.dumps(meta).encode())
+    _write_synced(tmp_m, json.dumps(meta, default=json_default).encode())
     os.replace(tmp_w, weights)
     os.replace(tmp_m, meta_path)
 

@@ -193,7 +193,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
-                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()})
+                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}, _json_default)
         self.checkpoint_round = next_round
 
     def _restore(self, checkpoint: Checkpoint) -> None:

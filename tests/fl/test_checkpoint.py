@@ -7,6 +7,7 @@ import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -58,6 +59,8 @@ def test_checkpoint_round_trip_and_file_mode(tmp_path):
     # The weights get the mode of every other output (plain open under the umask).
     assert (out / "checkpoint.safetensors").stat().st_mode == (out / "metrics.jsonl").stat().st_mode
     assert not list(out.glob("*.tmp"))
+    save_checkpoint(out, TENSORS, 3, {"rng": {"state": np.int64(5)}, "strategy": {}}, json_default=int)
+    assert read_checkpoint(out).meta["rng"] == {"state": 5}  # numpy values through the caller's default
 
 
 def _mismatched_round(out):
