@@ -177,6 +177,10 @@ def test_resume_needs_every_earlier_metrics_record(tmp_path):
     (out / "metrics.jsonl").unlink()
     with pytest.raises(CheckpointError, match="metrics.jsonl: missing"):
         check_run_dir(_config(out), resume=True)
+    # Killed before its first checkpoint: nothing to continue from, the run starts again (and says so).
+    (out / "checkpoint.json").unlink()
+    (out / "checkpoint.safetensors").unlink()
+    assert check_run_dir(_config(out), resume=True) is None
 
 
 def _result(client: int, loss: float = 0.5, fisher=(1.0, 1.0), **state) -> SimpleNamespace:
