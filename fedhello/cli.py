@@ -1,8 +1,8 @@
 """Command line: ``fedhello run | flower | suite | plot``.
 
-    fedhello run CONFIG.yaml [--set key=value ...] [--resume]   one federated run
+    fedhello run CONFIG.yaml [--set key=value ...] [--resume | --overwrite]   one federated run
     fedhello flower CONFIG.yaml --nodes N [--set key=value ...]  the same run as a Flower simulation
-    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume] [--publish DIR]
+    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR]
                                                                  several methods, one table
     fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
 """
@@ -19,17 +19,22 @@ __all__ = ["main"]
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
+    from fedhello.fl.checkpoint import check_run_dir, clear_run_dir
     from fedhello.fl.server import FederatedRun
     from fedhello.plots import plot_run
 
     config = load_config(args.config, args.set or [])
+    # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
+    check_run_dir(config, resume=args.resume, overwrite=args.overwrite)
     if args.command == "flower":
         from fedhello.fl.flower import simulate
 
+        if args.overwrite:
+            clear_run_dir(config.output_dir)
         records = simulate(config, args.nodes, resume=args.resume, timeout=args.round_timeout,
                            num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     else:
-        records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume)
+        records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume, overwrite=args.overwrite)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
     initial = Path(config.output_dir) / "initial_eval.json"
@@ -48,7 +53,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     from fedhello.suite import load_suite, publish, run_suite
 
     suite = load_suite(args.suite, preset=args.preset, overrides=args.set or [])
-    run_suite(suite, progress=not args.no_progress, resume=args.resume)
+    run_suite(suite, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     if args.publish:
         print(f"published the table, plots and metrics to {publish(suite, args.publish)}")
     return 0
@@ -69,6 +74,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+_OVERWRITE_HELP = "delete the run already in the output folder and start over (default: refuse)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="path to a run config (see configs/)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
 
@@ -85,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     flower.add_argument("--nodes", type=int, required=True, help="Flower nodes (one per GPU worker)")
     flower.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
     flower.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    flower.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     flower.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per node (default 1)")
     flower.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per node (1: one node per GPU; default 0)")
     flower.add_argument("--round-timeout", type=float, help="seconds to wait for the nodes in a round (default: all)")
@@ -95,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--preset", help="a named size preset of the suite (e.g. gpu)")
     suite.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of every run")
     suite.add_argument("--resume", action="store_true", help="skip finished runs, resume unfinished ones")
+    suite.add_argument("--overwrite", action="store_true", help="delete the suite's earlier runs and start them over")
     suite.add_argument("--publish", metavar="DIR",
                        help="afterwards copy the table, plots and every run's metrics (no weights) into DIR")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")

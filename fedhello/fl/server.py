@@ -12,6 +12,11 @@ under ``config.output_dir``:
   piece of state the rest of the run depends on (round, the server's numpy generator, the
   strategy's state). Written every ``checkpoint_every`` rounds and at the end; ``run(resume=True)``
   continues from it and reproduces the uninterrupted run exactly (wall times aside).
+  ``fedhello.fl.checkpoint`` writes and verifies the pair, and refuses to start over a folder
+  that holds a run unless told to resume or overwrite it.
+
+A client whose update holds a NaN or Inf is left out of its round (``fedhello.fl.health``); the
+round's record lists it under ``nonfinite_dropped``.
 
 Determinism: all server-side randomness (cohorts, allocations) comes from one numpy generator
 that is checkpointed; each client's shuffling and dropout in round t is seeded from
@@ -23,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +37,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
@@ -40,7 +46,9 @@ from fedhello.config import RunConfig, derive_seed, save_config
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.allocation import AllocationContext, make_strategy
+from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, clear_run_dir, save_checkpoint
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig
+from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
 
@@ -157,6 +165,7 @@ class FederatedRun:
         self.global_state = self.model.client_state(0)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
         self.start_round = 0
+        self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
     def _tensors(self, backbone) -> dict[str, Any]:
         """Every client's training tensors, the test tensors and the proxy tensors."""
@@ -182,52 +191,64 @@ class FederatedRun:
         return {"clients": clients, "test": prepare(data.test), "proxy": proxy}
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_paths(self) -> tuple[Path, Path]:
-        return self.out / "checkpoint.safetensors", self.out / "checkpoint.json"
-
     def _save_checkpoint(self, next_round: int) -> None:
-        weights, meta = self._checkpoint_paths()
-        tmp_w, tmp_m = weights.with_suffix(".safetensors.tmp"), meta.with_suffix(".json.tmp")
-        save_file({k: v.contiguous().cpu() for k, v in self.global_state.items()}, str(tmp_w))
-        tmp_m.write_text(json.dumps({
-            "next_round": next_round,
-            "rng": self.rng.bit_generator.state,
-            "strategy": self.strategy.state_dict(),
-        }, default=_json_default))
-        # Weights first, then the metadata that points at them: a kill between the two renames
-        # leaves the old metadata, whose round the new weights are not for, so check both.
-        os.replace(tmp_w, weights)
-        os.replace(tmp_m, meta)
+        save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
+                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}, _json_default)
+        self.checkpoint_round = next_round
 
-    def _load_checkpoint(self) -> bool:
-        weights, meta = self._checkpoint_paths()
-        if not (weights.exists() and meta.exists()):
-            return False
-        info = json.loads(meta.read_text())
-        state = load_file(str(weights))
-        missing = set(self.global_state) ^ set(state)
-        if missing:
-            raise ValueError(f"resume: checkpoint {weights} does not match this model (tensors {sorted(missing)[:3]})")
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Load a verified checkpoint (``check_run_dir``) into the global state, RNG and strategy."""
+        where = checkpoint.path
+        try:
+            state = load_safetensors(checkpoint.weights)
+        except SafetensorError as err:
+            raise CheckpointError(f"{where}: not readable as safetensors ({err})") from None
+        if set(state) != set(self.global_state):
+            differ = sorted(set(self.global_state) ^ set(state))
+            raise CheckpointError(f"{where}: tensors do not match this model (e.g. {differ[:3]})")
+        for name, tensor in state.items():
+            if tensor.shape != self.global_state[name].shape:
+                raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, this model's "
+                                      f"is {tuple(self.global_state[name].shape)}")
+        try:
+            self.rng.bit_generator.state = checkpoint.meta["rng"]
+            self.strategy.load_state_dict(checkpoint.meta["strategy"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where.with_name('checkpoint.json')}: server state not loadable "
+                                  f"({type(err).__name__}: {err})") from None
         self.global_state = {k: state[k].to(self.global_state[k].device) for k in self.global_state}
-        self.rng.bit_generator.state = info["rng"]
-        self.strategy.load_state_dict(info["strategy"])
-        self.start_round = int(info["next_round"])
-        return True
+        self.start_round = self.checkpoint_round = checkpoint.next_round
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool = False,
-            play_round: Callable[[int], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            play_round: Callable[[int], dict[str, Any]] | None = None,
+            overwrite: bool = False) -> list[dict[str, Any]]:
         """Run the remaining rounds; returns every round's metrics record.
+
+        A folder that already holds a run is refused (``RunFolderError``) unless ``resume``
+        (continue from its checkpoint; the config may change only in
+        ``fedhello.fl.checkpoint.RESUME_ALLOWED``) or ``overwrite`` (delete its files, start over).
 
         ``play_round(rnd)`` plays one round and returns its record; the default trains the
         participants on this process's engine. ``fedhello.fl.flower`` passes one that trains
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
+        checkpoint = check_run_dir(self.config, resume=resume, overwrite=overwrite)
+        if overwrite and clear_run_dir(self.out):
+            print(f"--overwrite: deleted the earlier run in {self.out}; starting from round 1", flush=True)
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         records: list[dict[str, Any]] = []
-        if resume and self._load_checkpoint():
+        if checkpoint is not None:
+            self._restore(checkpoint)
             records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
+            left = "nothing left to play" if self.start_round >= self.config.rounds else \
+                f"continuing with round {self.start_round + 1}"
+            print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
+                  f"{left}", flush=True)
+        elif resume and metrics_path.exists():
+            print(f"resume: {self.out} has no checkpoint yet (stopped before the first one); "
+                  "starting again from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
         _write_jsonl(metrics_path, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
@@ -241,7 +262,7 @@ class FederatedRun:
             records.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
-            if (rnd + 1) % cfg.checkpoint_every == 0 or rnd + 1 == cfg.rounds:
+            if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
             if "test_accuracy" in record:
                 bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
@@ -278,9 +299,13 @@ class FederatedRun:
         """Server side, after local training: aggregate, update the strategy, evaluate; the round's record.
 
         ``results`` are the participants' results in the order of ``plan.tasks`` (some may be
-        missing when a client failed; their blocks simply get no update this round).
+        missing when a client failed; their blocks simply get no update this round). A result
+        with a NaN/Inf loss or update is dropped the same way, with a warning; if all are,
+        ``NonFiniteRoundError`` stops the run before anything is aggregated or saved.
         """
         cfg, rnd, cohort, alloc = self.config, plan.round, plan.cohort, plan.allocation
+        sent = results
+        results, dropped = self._drop_nonfinite(rnd, results)
         self._aggregate(results)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
@@ -290,7 +315,7 @@ class FederatedRun:
             trained[:, position[res.client]] = res.trainable_blocks.numpy()
         self.strategy.observe_fisher(rnd, scores, trained)
 
-        down, up = self._traffic(results)
+        down, up = self._traffic(sent)
         record: dict[str, Any] = {
             "round": rnd,
             "cohort": cohort.tolist(),
@@ -302,12 +327,29 @@ class FederatedRun:
             "train_loss": float(np.mean([r.loss for r in results])) if results else math.nan,
             "bytes_down": down,
             "bytes_up": up,
+            "nonfinite_dropped": dropped,
         }
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
             record.update({f"test_{k}": v for k, v in metrics.items()})
         record["wall_time"] = time.perf_counter() - t0
         return record
+
+    def _drop_nonfinite(self, rnd: int, results: list[LocalResult]) -> tuple[list[LocalResult], list[dict]]:
+        """The results without non-finite ones, and a record of each dropped one (warned on stderr)."""
+        bad = find_nonfinite(results, self.tensor_blocks)
+        if not bad:
+            return results, []
+        if len(bad) == len(results):
+            kept = (f"the last good checkpoint (after round {self.checkpoint_round}) in {self.out} is kept"
+                    if self.checkpoint_round else "no checkpoint was written before it")
+            detail = "; ".join(f"client {b.client}: {b.describe()}" for b in bad.values())
+            raise NonFiniteRoundError(f"round {rnd + 1}: every participant's update is non-finite ({detail}); "
+                                      f"stopped without aggregating; {kept}. Lower local.lr or check the data")
+        for b in bad.values():
+            tqdm.write(f"warning: round {rnd + 1}: client {b.client} sent a non-finite update ({b.describe()}); "
+                       "left out of this round's aggregation", file=sys.stderr)
+        return [r for i, r in enumerate(results) if i not in bad], [b.to_record() for b in bad.values()]
 
     def _aggregate(self, results: list[LocalResult]) -> None:
         if not results:
@@ -390,13 +432,21 @@ def _json_default(obj):
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; an unreadable last line (a kill while appending) is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(lines[-1])] if lines else records
+    except json.JSONDecodeError:
+        return records
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+    if not path.exists() or path.read_text() != text:  # a resume that drops nothing leaves the file alone
+        path.write_text(text)
 
 
 _CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "bytes_up", "bytes_down",
