@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from huggingface_hub import constants
 
@@ -103,3 +105,27 @@ def test_unreachable_hub_is_one_probe_without_retries(monkeypatch):
                                             ("/abs/path", False), ("../x", False), ("", False)])
 def test_looks_like_hub_id(name, expected):
     assert hub.looks_like_hub_id(name) is expected
+
+
+def test_a_folder_without_class_sub_folders(tmp_path):
+    with pytest.raises(UserError, match=r"^data\.path: .* holds no <class>/ sub-folders"):
+        check_data_source(DataConfig(path=str(tmp_path)))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.txt").write_text("hello")
+    check_data_source(DataConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("tiers.fractions=[0.5, 2]", "tiers.fractions"), ("tiers.shares=[1]", "tiers.shares"),
+    ("strategy.options.nope=1", "strategy.options.nope"), ("strategy.options.warmup=-1", "strategy.options.warmup"),
+    ("data.partition.alpha=0", "data.partition.alpha"), ("data.partition=3", "data.partition"),
+    ("data.partition.nope=1", "data.partition.nope"), ("local.optimizer=x", "local.optimizer"),
+    ("model.target_modules=[]", "model.target_modules"), ("data.max_samples=3", "data.max_samples"),
+    ("rounds=1.5", "rounds"), ("engine.device=''", "engine.device"),
+])
+def test_every_config_error_starts_with_the_dotted_field(override, field):
+    from fedhello.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", [override])
+    assert str(info.value).startswith(f"{field}: ")

@@ -372,8 +372,14 @@ def check_data_source(data: "DataConfig") -> None:
             raise UserError(f"data.name: {missing}")
         return
     if not name:
-        if path is not None and Path(os.path.expanduser(path)).is_file():
-            _check_columns(data, Path(os.path.expanduser(path)))
+        local = Path(os.path.expanduser(path)) if path is not None else None
+        if local is not None and local.is_file():
+            _check_columns(data, local)
+        elif local is not None and local.is_dir():
+            try:
+                _classify_folder(local)
+            except ValueError as err:  # its message names the loader's argument, "path:"
+                raise UserError(f"data.{err}") from None
         return
     builtin = ", ".join(BUILTIN_DATASETS)
     local = "for local files set data.name: null and data.path to a csv/json/parquet file or a folder"
