@@ -86,7 +86,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0])
+    # The module doc is reST; --help is plain text.
+    parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated experiment from a YAML config")
