@@ -126,3 +126,5 @@ def test_doctor_lists_backends_and_assets():
     for name in ("triton", "cpu", "cuda", "bbc_news", "fashion_mnist", "minilm", "smollm2"):
         assert name in out
     assert ("nothing is missing" in out) != ("missing (" in out)
+    strict = _fedhello("doctor", "--strict")
+    assert strict.returncode == (1 if "missing (" in out else 0)
