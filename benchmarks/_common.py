@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "name_list",
     "package_versions",
     "percentile",
+    "results_path",
     "run_metadata",
     "slug",
     "write_json",
@@ -110,6 +112,16 @@ def run_metadata(device: torch.device, argv: Sequence[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ output
+
+
+def results_path(kind: str, device_slug: str, smoke: bool) -> Path:
+    """Default JSON path of a benchmark run: ``benchmarks/results/<kind>-<device>-<date>.json``.
+
+    ``--smoke`` runs (CI, a first try) go to a fresh temporary folder instead, so they never
+    dirty the tracked results folder; ``--out`` overrides both.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"fedhello-{kind}-smoke-")) if smoke else RESULTS_DIR
+    return folder / f"{kind}-{device_slug}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
 
 
 def write_json(doc: dict, path: Path) -> None:

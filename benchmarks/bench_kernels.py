@@ -20,15 +20,15 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_kernels.py --quick           # GPU headline case: N=32 T=8k d=4096 r=16 bf16
     python benchmarks/bench_kernels.py --d 1024 --budget-s 540   # part of the full GPU sweep
 
-Writes a JSON file (default ``benchmarks/results/kernels-<device>-<date>.json``, rewritten after every
-case so an interrupted run keeps what it measured) and prints a table. Exits with status 1 when an
-implementation disagrees with the torch loop (the correctness guard run before timing each case).
+Writes a JSON file (default ``benchmarks/results/kernels-<device>-<date>.json``; ``--smoke``: a new
+temporary folder), rewritten after every case so an interrupted run keeps what it measured, and
+prints a table. Exits with status 1 when an implementation disagrees with the torch loop (the
+correctness guard run before timing each case).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
 import os
 import statistics
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import kernel_profile
-from _common import RESULTS_DIR, guard_exit_status, run_metadata, write_json
+from _common import guard_exit_status, results_path, run_metadata, write_json
 from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
@@ -924,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"subset of {','.join(IMPL_NAMES)} (default all)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", type=Path,
-                   help="JSON path (default benchmarks/results/kernels-<device>-<date>.json)")
+                   help="JSON path (default benchmarks/results/kernels-<device>-<date>.json;"
+                        " --smoke: a new temporary folder)")
     p.add_argument("--rotate", type=int, help="input sets rotated between calls (default 4 CUDA, 2 CPU)")
     p.add_argument("--flush-l2", action="store_true", help="write 256 MiB before each timed call (CUDA)")
     p.add_argument("--warmup", type=int, help="untimed calls per measurement")
@@ -1005,8 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     meta = metadata(device, argv, opts)
     meta["copy_bandwidth"] = copy
-    out = args.out or RESULTS_DIR / (
-        f"kernels-{meta['device_slug']}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    out = args.out or results_path("kernels", meta["device_slug"], args.smoke)
     grid = {key: sorted({getattr(c, key) for c in cases}) for key in ("n", "t", "d", "r", "variant")}
     doc = {"schema": 1, "meta": meta, "grid": {**grid, "dtype": dtype, "routing": list(args.routing)},
            "complete": False, "cases": []}

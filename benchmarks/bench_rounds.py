@@ -41,8 +41,8 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_rounds.py --models minilm --n 1,8 --out benchmarks/results/rounds.json
     python benchmarks/bench_rounds.py                         # GPU: MiniLM and SmolLM2, N in 1,8,32,100
 
-Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``, rewritten after
-every case) and prints a table.
+Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``; ``--smoke``: a new
+temporary folder), rewritten after every case, and prints a table.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime as _dt
 import gc
 import statistics
 import sys
@@ -63,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import (RESULTS_DIR, finite, guard_exit_status, int_list, name_list, package_versions, percentile,
+from _common import (finite, guard_exit_status, int_list, name_list, package_versions, percentile, results_path,
                      run_metadata, write_json)
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine
@@ -695,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard-tol", type=float, default=GUARD_TOL,
                    help=f"largest relative error of client states against the reference (default {GUARD_TOL:g})")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/rounds-<device>-<date>.json)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/rounds-<device>-<date>.json;"
+                        " --smoke: a new temporary folder)")
     p.add_argument("--budget-s", type=float,
                    help="start no new case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; --smoke uses 1)")
@@ -747,8 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [RoundCase(m, n) for m in models for n in ns]
 
     meta = metadata(settings, argv)
-    out = args.out or RESULTS_DIR / (
-        f"rounds-{meta['device_slug']}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    out = args.out or results_path("rounds", meta["device_slug"], args.smoke)
     doc = {"schema": 1, "meta": meta, "grid": {"models": models, "n": ns, "impls": list(settings.impls)},
            "complete": False, "cases": []}
     print(f"{meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | peft {meta['peft']} | "

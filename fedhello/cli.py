@@ -1,10 +1,15 @@
-"""Command line: ``fedhello run | flower | suite | plot``.
+"""Command line: ``fedhello run | flower | suite | plot | doctor`` (also ``python -m fedhello``).
 
     fedhello run CONFIG.yaml [--set key=value ...] [--resume | --overwrite]   one federated run
     fedhello flower CONFIG.yaml --nodes N [--set key=value ...]  the same run as a Flower simulation
     fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR]
                                                                  several methods, one table
     fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
+    fedhello doctor                                              backends, offline assets, what is missing
+
+Expected failures (a bad config, a missing file or package, a name the offline hub cannot
+serve) print one line on stderr and exit with status 2. The config and the names in it are
+checked before torch, transformers, datasets or flwr are imported, so such errors come at once.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ __all__ = ["main"]
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
+
+    config = load_config(args.config, args.set or [])
+    config.check_sources()
+    # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
     from fedhello.fl.checkpoint import check_run_dir, clear_run_dir
+
+    check_run_dir(config, resume=args.resume, overwrite=args.overwrite)
+    # The training stack (seconds to import) only once the config and its names are known good.
     from fedhello.fl.server import FederatedRun
     from fedhello.plots import plot_run
 
-    config = load_config(args.config, args.set or [])
-    # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
-    check_run_dir(config, resume=args.resume, overwrite=args.overwrite)
     if args.command == "flower":
         from fedhello.fl.flower import simulate
 
@@ -74,11 +83,20 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from fedhello.doctor import report
+
+    lines, problems = report()
+    print("\n".join(lines))
+    return 1 if problems and args.strict else 0
+
+
 _OVERWRITE_HELP = "delete the run already in the output folder and start over (default: refuse)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0])
+    # The module doc is reST; --help is plain text.
+    parser = argparse.ArgumentParser(prog="fedhello", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated experiment from a YAML config")
@@ -94,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     flower.add_argument("--nodes", type=int, required=True, help="Flower nodes (one per GPU worker)")
     flower.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
     flower.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    flower.add_argument("--num-cpus", type=int, default=1, help="whole CPUs per node (default 1)")
+
+
     flower.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     flower.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per node (default 1)")
     flower.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per node (1: one node per GPU; default 0)")
@@ -115,16 +136,36 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+", help="run folders (with metrics.jsonl)")
     plot.add_argument("--out", help="folder for the images (default: the run folder)")
     plot.set_defaults(func=_cmd_plot)
+
+    doctor = sub.add_parser("doctor", help="list the kernel backends, offline assets and what is missing")
+    doctor.add_argument("--strict", action="store_true", help="exit 1 when something is missing")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user is expected to meet: reported in one line, not as a traceback.
+
+    ``ValueError`` covers ``fedhello.errors.UserError`` (config, names, checkpoints) and bad
+    arguments; the others are files and offline packages that are not there.
+    """
+    from fedhello.models.assets import MissingAssetError
+
+    return (ValueError, MissingAssetError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration and input errors: a message, not a traceback
-        print(f"fedhello {args.command}: error: {err}", file=sys.stderr)
+    except _expected_errors() as err:
+        message = " ".join(str(err).split())  # one line, whatever the library put in it
+        print(f"fedhello {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fedhello {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

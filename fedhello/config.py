@@ -35,11 +35,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
-from fedhello.data.sources import BUILTIN_DATASETS
-from fedhello.fl.aggregation import RANK_NORMALIZATIONS, WEIGHTINGS
+# Only light modules here (no torch, datasets, transformers): a bad config is reported in well
+# under a second, before the CLI imports the training stack.
+from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
+from fedhello.errors import UserError
 from fedhello.fl.allocation import AllocationContext, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
-from fedhello.fl.partition import PARTITION_KINDS
+from fedhello.fl.names import PARTITION_KINDS, RANK_NORMALIZATIONS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -62,7 +64,7 @@ OPTIMIZERS = ("adamw", "sgd")
 ENGINES = ("batched", "sequential")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid run configuration; the message starts with the field's dotted name."""
 
 
@@ -262,6 +264,21 @@ class RunConfig:
         if not self.output_dir:
             raise ConfigError("output_dir: expected a directory path, got ''")
 
+    def check_sources(self) -> None:
+        """Check that ``model.name`` and the data source can load now, without loading them.
+
+        Separate from ``validate`` because the answer depends on this machine (installed
+        packages, files, network), not on the config alone. Fast: no torch or datasets import,
+        at most one connection attempt to the hub of a few seconds.
+
+        Raises:
+            UserError: naming the field, what is missing and how to fix it.
+        """
+        from fedhello.models.loading import check_backbone_name
+
+        check_backbone_name(self.model.name, "model.name")
+        check_data_source(self.data)
+
     def _validate_model(self) -> None:
         m = self.model
         if not m.name:
@@ -279,8 +296,13 @@ class RunConfig:
         if not d.name and not d.path:
             raise ConfigError("data.name: expected a built-in name (bbc_news, fashion_mnist), a Hub id, or a local "
                               "data.path; got neither")
-        if d.path is not None and not Path(os.path.expanduser(d.path)).exists():
-            raise ConfigError(f"data.path: {d.path!r} does not exist")
+        if d.path is not None:
+            local = Path(os.path.expanduser(d.path))
+            if not local.exists():
+                raise ConfigError(f"data.path: {d.path!r} does not exist")
+            if not d.name and local.is_file() and local.suffix.lower() not in LOCAL_FORMATS:
+                raise ConfigError(f"data.path: unsupported file type {local.suffix or '(none)'!r} of {d.path!r}; "
+                                  f"expected one of {sorted(LOCAL_FORMATS)} or a folder of class sub-folders")
         if d.name and d.name not in BUILTIN_DATASETS and d.path is not None:
             raise ConfigError(f"data.path: not used with the Hub data set {d.name!r}; set data.name or data.path")
         if not d.split:

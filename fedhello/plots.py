@@ -4,6 +4,10 @@
 * ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
   that trained each block; ``plot_allocation_grid``: those of several runs side by side;
 * ``plot_fisher``: the server's Fisher score of each block against round.
+
+Rounds are numbered alike in every plot: round k (1, 2, ...) is the k-th round of training
+(record ``"round": k - 1`` in ``metrics.jsonl``); accuracy at k is measured after it, and
+round 0 is the untrained model (``initial_eval.json``, when the run folder has one).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-__all__ = ["read_metrics", "run_label", "allocation_matrix", "plot_accuracy", "plot_allocation",
+__all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "plot_accuracy", "plot_allocation",
            "plot_allocation_grid", "plot_fisher", "plot_run"]
 
 
@@ -36,17 +40,30 @@ def run_label(run_dir: str | Path) -> str:
     return Path(run_dir).name
 
 
+def accuracy_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
+    """(rounds, test accuracy in %) of a run: round 0 is the untrained model when
+    ``initial_eval.json`` exists, then every evaluated round k (1-based, as in the other plots)."""
+    rounds, accuracy = [], []
+    initial = Path(run_dir) / "initial_eval.json"
+    if initial.is_file():
+        rounds.append(0)
+        accuracy.append(100 * json.loads(initial.read_text())["accuracy"])
+    for r in read_metrics(run_dir):
+        if r.get("test_accuracy") is not None:
+            rounds.append(r["round"] + 1)
+            accuracy.append(100 * r["test_accuracy"])
+    return rounds, accuracy
+
+
 def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
                   title: str = "Test accuracy of the global model") -> Path:
-    """One line per run: test accuracy at each evaluated round."""
+    """One line per run: test accuracy at each evaluated round, from round 0 (untrained)."""
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Ten colours, then the same colours dashed, so that up to 20 methods stay apart.
     colors = plt.get_cmap("tab10").colors
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
-        recs = [r for r in read_metrics(run_dir) if r.get("test_accuracy") is not None]
-        ax.plot([r["round"] + 1 for r in recs], [100 * r["test_accuracy"] for r in recs], marker="o",
-                markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
+        ax.plot(*accuracy_curve(run_dir), marker="o", markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -80,7 +97,10 @@ def _draw_allocation(ax, records: Sequence[dict[str, Any]]):
     mat = allocation_matrix(records, _num_blocks(records))
     ax.set_xlabel("round")
     ax.set_ylabel("block")
-    return ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    # Column j is round j + 1, as in the accuracy and Fisher plots (round 0: the untrained model).
+    extent = (0.5, mat.shape[1] + 0.5, -0.5, mat.shape[0] - 0.5)
+    return ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
+                     extent=extent)
 
 
 def plot_allocation(run_dir: str | Path, out: str | Path) -> Path:
@@ -129,8 +149,9 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     rounds = [r["round"] + 1 for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cmap = plt.get_cmap("coolwarm")
+    marker = "o" if len(rounds) == 1 else None  # a one-point line would be invisible
     for b in range(scores.shape[1]):
-        ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}")
+        ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}", marker=marker)
     ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel("Fisher score (mean squared gradient norm)")

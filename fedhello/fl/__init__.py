@@ -2,49 +2,22 @@
 
 The engine (``fedhello.fl.engine``) and the optimizers (``fedhello.fl.optim``) are imported
 from their modules directly: they need the model layer, these building blocks do not.
+Names load on first use, so ``fedhello.fl.allocation`` alone (what config validation needs)
+does not import torch or datasets.
 """
 
-from .aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
-from .allocation import (
-    PATTERNS,
-    Allocation,
-    AllocationContext,
-    AllocationStrategy,
-    available_strategies,
-    gd_blocks,
-    make_strategy,
-    register_strategy,
-    rgd_probabilities,
-    sample_blocks,
-    strategy_options,
-)
-from .capacity import CapacityTiers, ClientCapacities
-from .fisher import FisherTracker, fisher_probabilities, kmeans_1d
-from .partition import PARTITION_KINDS, label_counts, partition_dataset, partition_labels
+from fedhello._lazy import lazy_exports
 
-__all__ = [
-    "ClientUpdate",
-    "aggregate_layerwise",
-    "aggregate_rank_padded",
-    "lora_rank_dims",
-    "PATTERNS",
-    "Allocation",
-    "AllocationContext",
-    "AllocationStrategy",
-    "available_strategies",
-    "gd_blocks",
-    "make_strategy",
-    "register_strategy",
-    "rgd_probabilities",
-    "sample_blocks",
-    "strategy_options",
-    "CapacityTiers",
-    "ClientCapacities",
-    "FisherTracker",
-    "fisher_probabilities",
-    "kmeans_1d",
-    "PARTITION_KINDS",
-    "label_counts",
-    "partition_dataset",
-    "partition_labels",
-]
+_EXPORTS = {
+    **dict.fromkeys(["ClientUpdate", "aggregate_layerwise", "aggregate_rank_padded", "lora_rank_dims"],
+                    "aggregation"),
+    **dict.fromkeys(["PATTERNS", "Allocation", "AllocationContext", "AllocationStrategy", "available_strategies",
+                     "gd_blocks", "make_strategy", "register_strategy", "rgd_probabilities", "sample_blocks",
+                     "strategy_options"], "allocation"),
+    **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
+    **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
+    **dict.fromkeys(["PARTITION_KINDS", "label_counts", "partition_dataset", "partition_labels"], "partition"),
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,6 +24,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .names import RANK_NORMALIZATIONS, WEIGHTINGS
+
 __all__ = [
     "WEIGHTINGS",
     "RANK_NORMALIZATIONS",
@@ -32,9 +34,6 @@ __all__ = [
     "aggregate_rank_padded",
     "lora_rank_dims",
 ]
-
-WEIGHTINGS = ("samples", "uniform")
-RANK_NORMALIZATIONS = ("all", "covering")
 
 
 def _block_set(trained_blocks: Iterable[int] | np.ndarray | torch.Tensor) -> frozenset[int]:

@@ -29,18 +29,32 @@ Wire format, one ``"train"`` message per node with work in a round:
   trained and the heads, float32) and ``"metrics.c"`` (MetricRecord: ``num_samples``,
   ``num_steps`` int, ``loss`` float, ``fisher`` list[float] [L]).
 
-Entry points: ``simulate(config, nodes)`` (Ray simulation in this process, used by
-``fedhello flower``), ``server_app``/``client_app`` (``flwr run`` with the app folder
-``flower-app/``, simulation or deployment), ``run_on_grid(grid, config)`` (inside any
-``ServerApp``).
+Entry points: ``simulate(config, nodes)`` (a local Flower simulation, used by ``fedhello
+flower``), ``server_app``/``client_app`` (``flwr run`` with the app folder ``flower-app/``,
+simulation or deployment), ``run_on_grid(grid, config)`` (inside any ``ServerApp``; prints
+one progress line per round).
+
+``simulate`` takes the path flwr 1.41 documents in place of its deprecated ``run_simulation``
+function: ``flwr run`` of the app folder against a SuperLink in simulation mode. It starts a
+private SuperLink (free local port, its own ``FLWR_HOME`` in a temporary folder), streams the
+run's log, and stops the SuperLink and every process it started (Ray's included) afterwards.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -50,7 +64,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedhello.config import RunConfig, load_config
+from fedhello.config import RunConfig, load_config, save_config
+from fedhello.errors import UserError
 from fedhello.fl.engine import LocalResult, LocalTask
 from fedhello.fl.server import FederatedRun, RoundPlan
 
@@ -256,7 +271,17 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
     run = FederatedRun(config, progress=False)
     strategy = FedHelloStrategy(run, timeout=timeout)
     strategy.summary()
-    return run.run(resume=resume, play_round=functools.partial(strategy.play_round, grid))
+
+    def play_round(rnd: int) -> dict[str, Any]:
+        record = strategy.play_round(grid, rnd)
+        # One line per round (a progress bar does not survive Flower's log streaming).
+        accuracy = record.get("test_accuracy")
+        print(f"round {rnd + 1}/{config.rounds}: train loss {record['train_loss']:.4f}"
+              + ("" if accuracy is None else f", test accuracy {100 * accuracy:.2f}%")
+              + f", {len(record['participants'])} participants", flush=True)
+        return record
+
+    return run.run(resume=resume, play_round=play_round)
 
 
 server_app = ServerApp()
@@ -322,31 +347,128 @@ client_app.train()(train_group)
 
 
 # ---------------------------------------------------------------------------- simulation
-def simulate(config: RunConfig, nodes: int, *, resume: bool = False, timeout: float | None = None,
-             num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[dict[str, Any]]:
-    """Run ``config`` as a Flower simulation (Ray backend) with ``nodes`` virtual nodes, in this process.
+APP_DIR = Path(__file__).resolve().parents[2] / "flower-app"  # the Flower app folder of a source checkout
+_STARTUP_TIMEOUT = 120.0  # seconds for the SuperLink to answer its health check (a loaded machine is slow)
 
-    Each node is a Ray actor with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1.0: one node per
-    GPU) running ``client_app``. Returns every round's metrics record; the run folder is the
-    one ``fedhello run`` writes.
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes of this user whose environment has ``key=value`` (Linux ``/proc``; else none).
+
+    Every process of a simulation inherits its private ``FLWR_HOME``, so this finds them all,
+    Ray's daemons included, even after they were re-parented.
     """
-    from flwr.simulation import run_simulation
+    marker = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+                stat = (entry / "stat").read_text()
+                if stat[stat.rindex(")") + 2] != "Z":
+                    found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    return found
 
+
+def _stop_all(superlink: subprocess.Popen, home: str) -> None:
+    """Stop the SuperLink's process group, then anything else still carrying this run's ``FLWR_HOME``."""
+    if superlink.poll() is None:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        try:
+            superlink.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(superlink.pid, signal.SIGKILL)
+            superlink.wait()
+    deadline = time.monotonic() + 20
+    while (left := _processes_with_env("FLWR_HOME", home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _wait_until_healthy(superlink: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + _STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if superlink.poll() is not None:
+            raise RuntimeError(f"the Flower SuperLink exited with status {superlink.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the Flower SuperLink did not start within {_STARTUP_TIMEOUT:.0f} s; see {log}")
+
+
+def simulate(config: RunConfig, nodes: int, *, resume: bool = False, timeout: float | None = None,
+             num_cpus: int = 1, num_gpus: float = 0.0) -> list[dict[str, Any]]:
+    """Run ``config`` as a local Flower simulation (Ray backend) with ``nodes`` virtual nodes.
+
+    ``flwr run`` of ``flower-app/`` against a private SuperLink in simulation mode (see the
+    module doc); its log, with one line per round, goes to this process's stdout. Each node is
+    a Ray actor with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1.0: one node per GPU) running
+    ``client_app``. Returns every round's metrics record; the run folder is the one ``fedhello
+    run`` writes. No Flower or Ray process outlives the call.
+    """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes: expected an int >= 1, got {nodes!r}")
-    if num_cpus <= 0 or num_gpus < 0:
-        raise ValueError(f"num_cpus, num_gpus: expected > 0 and >= 0, got {num_cpus}, {num_gpus}")
+    # Flower's simulation config holds whole CPUs per node and fractions of a GPU.
+    if isinstance(num_cpus, bool) or num_cpus != int(num_cpus) or num_cpus < 1:
+        raise ValueError(f"num_cpus: expected a whole number of CPUs >= 1, got {num_cpus}")
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus: expected >= 0, got {num_gpus}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
-    records: list[dict[str, Any]] = []
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        records.extend(run_on_grid(grid, config, min_nodes=nodes, timeout=timeout, resume=resume))
-
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=nodes,
-                   backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise UserError(f"fedhello flower: the Flower app folder {APP_DIR} is missing (it ships with a source "
+                        f"checkout of fedhello; use fedhello run, or flwr run with your own app folder)")
+    bin_dir = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(prefix="fedhello-flower-") as tmp:
+        home, port = Path(tmp) / "flwr-home", _free_port()
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "fedhello"\n\n[superlink.fedhello]\n'
+                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        run_yaml = Path(tmp) / "run.yaml"
+        save_config(config, run_yaml)
+        # The SuperLink starts flower-superexec, flwr-simulation ... by name: this environment's first.
+        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        log = Path(tmp) / "superlink.log"
+        with open(log, "wb") as sink:
+            superlink = subprocess.Popen(
+                [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+                 "--port", str(port), "--disable-runtime-dependency-installation"],
+                cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_until_healthy(superlink, port, log)
+            settings = (f"config='{run_yaml}' min-nodes={nodes} round-timeout={timeout or 0.0} "
+                        f"resume={'true' if resume else 'false'}")
+            federation = (f"num-supernodes={nodes} client-resources-num-cpus={int(num_cpus)} "
+                          f"client-resources-num-gpus={float(num_gpus)}")
+            done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "fedhello", "--stream",
+                                   "--run-config", settings, "--federation-config", federation],
+                                  cwd=tmp, env=env)
+        finally:
+            _stop_all(superlink, str(home))
+    records = _read_records(Path(config.output_dir))
+    if done.returncode != 0 or len(records) < config.rounds:
+        raise RuntimeError(f"the Flower run stopped after {len(records)} of {config.rounds} rounds "
+                           f"(flwr run exit status {done.returncode}); its log is above")
     return records
+
+
+def _read_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

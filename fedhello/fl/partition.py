@@ -30,6 +30,8 @@ from typing import Sequence
 import datasets
 import numpy as np
 
+from .names import PARTITION_KINDS
+
 __all__ = [
     "PARTITION_KINDS",
     "iid_partition",
@@ -39,8 +41,6 @@ __all__ = [
     "partition_dataset",
     "label_counts",
 ]
-
-PARTITION_KINDS = ("iid", "dirichlet", "pathological")
 
 _ROW = "row"
 _LABEL = "label"

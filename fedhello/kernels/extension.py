@@ -1,9 +1,13 @@
 """The compiled csrc backends ("cpu", "cuda") behind the backend interface of ``reference.py``.
 
 ``setup.py`` builds ``fedhello._C_cpu`` (C++/OpenMP) wherever a C++ compiler is present and
-``fedhello._C_cuda`` where torch has CUDA and nvcc is found. ``backend(device_type)`` returns a
+``fedhello._C_cuda`` where torch has CUDA and nvcc is found. When ``fedhello._C_cpu`` was not
+built at install time (a plain ``pip install -e .`` with build isolation), the first use builds
+it from ``csrc/`` with ``torch.utils.cpp_extension.load`` into the fedhello cache folder
+(``$FEDHELLO_CACHE`` or ``~/.cache/fedhello``; about a minute once, then loaded from there), if a
+C++ compiler is found and ``FEDHELLO_BUILD_EXT`` is not ``0``. ``backend(device_type)`` returns a
 module object with ``DTYPES``, ``lora_forward`` and ``lora_backward`` for ``multi_lora.py``, or
-``None`` when that extension is not built; ``load_error(device_type)`` says why.
+``None`` when that extension is not available; ``load_error(device_type)`` says why.
 
 Both keep the rank intermediate ``H`` and all accumulation in float32. The forward returns
 ``H`` (fp32 ``[T, r_max]``, rows in ``plan.sorted_rows`` order) for the backward to reuse.
@@ -12,6 +16,10 @@ Both keep the rank intermediate ``H`` and all accumulation in float32. The forwa
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -116,8 +124,48 @@ def _check_device_type(device_type: object) -> str:
     return device_type
 
 
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source checkout (editable install)
+_JIT_SOURCES = {"cpu": ["cpu/multi_lora_cpu.cpp"]}  # CUDA builds take minutes: only at install time
+
+
+def _build_on_first_use(device_type: str) -> ModuleType:
+    """Compile the ``device_type`` extension from ``csrc/`` into the cache folder and import it.
+
+    ``cpp_extension.load`` keys its build folder by the sources and flags, so later calls load
+    the cached library in well under a second. Raises ``ImportError`` (with the reason) when the
+    sources, a compiler or the permission to build are missing, or the build fails.
+    """
+    if os.environ.get("FEDHELLO_BUILD_EXT", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise ImportError("FEDHELLO_BUILD_EXT=0: not building it on first use")
+    sources = [_CSRC / name for name in _JIT_SOURCES.get(device_type, ())]
+    if not sources:
+        raise ImportError(f"the {device_type} extension is built only at install time (pip install -e .)")
+    if not all(path.is_file() for path in sources):
+        raise ImportError(f"its sources are not in {_CSRC} (install from a source checkout to build it)")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise ImportError("no C++ compiler found to build it (set CXX or install g++)")
+    from torch.utils import cpp_extension
+
+    from fedhello.models.assets import cache_dir
+
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
+    build = cache_dir() / "extensions" / tag / device_type
+    build.mkdir(parents=True, exist_ok=True)
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # as setup.py: Apple clang has no OpenMP
+    print(f"fedhello: building the csrc {device_type} extension once into {build} (about a minute)",
+          file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(
+            name=f"fedhello_C_{device_type}", sources=[str(p) for p in sources], build_directory=str(build),
+            extra_cflags=["-O3", "-ffp-contract=fast", "-Wno-psabi", *openmp], extra_ldflags=openmp,
+            verbose=False)
+    except Exception as err:  # a toolchain failure leaves the pure-Python backends working
+        raise ImportError(f"building it failed: {type(err).__name__}: {err}") from err
+
+
 def backend(device_type: str) -> CompiledBackend | None:
-    """The compiled backend for ``"cpu"`` or ``"cuda"`` tensors, or ``None`` if it is not built.
+    """The compiled backend for ``"cpu"`` or ``"cuda"`` tensors (built on first use where it can be),
+    or ``None`` when it is not available.
 
     Raises:
         TypeError / ValueError: ``device_type`` is not one of ``DEVICE_TYPES``.
@@ -126,11 +174,14 @@ def backend(device_type: str) -> CompiledBackend | None:
     if device_type not in _cache:
         try:
             native = importlib.import_module(_NATIVE_MODULES[device_type])
-        except (ImportError, OSError) as err:  # not built, or built against another torch
-            _errors[device_type] = f"{type(err).__name__}: {err}"
-            _cache[device_type] = None
-        else:
-            _cache[device_type] = CompiledBackend(device_type, native)
+        except (ImportError, OSError) as err:  # not built at install time, or built against another torch
+            try:
+                native = _build_on_first_use(device_type)
+            except ImportError as build_err:
+                _errors[device_type] = f"{type(err).__name__}: {err}; {build_err}"
+                _cache[device_type] = None
+                return None
+        _cache[device_type] = CompiledBackend(device_type, native)
     return _cache[device_type]
 
 

@@ -9,22 +9,27 @@
 * ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
 
 The full hub names fall back to the hub when the asset package is not installed; the short
-ones raise ``MissingAssetError`` naming the pip command.
+ones raise ``MissingAssetError`` naming the pip command. ``check_backbone_name`` checks a name
+in a fraction of a second (no torch import) and fails in one line when it cannot load offline.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-from transformers.utils import logging as transformers_logging
+from fedhello.errors import UserError
+from fedhello.hub import hub_problem, looks_like_hub_id
 
 from .assets import MissingAssetError, minilm_path, smollm2_path
 
-__all__ = ["TASKS", "resolve_backbone", "load_backbone", "load_tokenizer"]
+# torch and transformers are imported where used: checking a config's model name must not wait
+# for them (seconds).
+
+__all__ = ["TASKS", "check_backbone_name", "offline_aliases", "resolve_backbone", "load_backbone", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,43 @@ def resolve_backbone(name_or_path: str | Path) -> str:
         if hub_fallback:
             return text
         raise
+
+
+def offline_aliases() -> list[str]:
+    """The names (case-insensitive) that load an offline asset package instead of going to the hub."""
+    return sorted(_ALIASES)
+
+
+def check_backbone_name(name: str, field: str = "model.name") -> None:
+    """Check that ``name`` can load now, without loading it (no torch import, at most one quick probe).
+
+    Accepted: an existing local folder with a ``config.json``, an offline alias
+    (``offline_aliases()``; a missing asset package is reported by ``MissingAssetError`` when it
+    loads), or a hub id while the hub is reachable or holds it in the local cache.
+
+    Raises:
+        UserError: starting with ``field``, saying what is wrong and how to use a local folder.
+    """
+    if not isinstance(name, (str, Path)):
+        raise TypeError(f"name: expected a hub name or a path, got {type(name).__name__}")
+    text = str(name)
+    local = Path(os.path.expanduser(text))
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"{field}: the folder {text!r} has no config.json; expected a transformers model "
+                            f"folder (config.json, weights, tokenizer files)")
+        return
+    if text.lower() in _ALIASES:
+        return
+    aliases = ", ".join(offline_aliases())
+    folder = f"or set {field} to a local folder holding config.json and the weights"
+    if local.exists() or not looks_like_hub_id(text):
+        raise UserError(f"{field}: {text!r} is not a model folder, an offline alias ({aliases}) or a hub id; "
+                        f"use an offline alias {folder}")
+    problem = hub_problem(text, "model")
+    if problem is not None:
+        raise UserError(f"{field}: {text!r} is not a local folder or an offline alias ({aliases}), and {problem}; "
+                        f"use an offline alias {folder}")
 
 
 def _auto_class(task: str):
@@ -91,6 +133,8 @@ def load_tokenizer(name_or_path: str | Path, **kwargs):
 def _seeded(seed: int | None) -> Iterator[None]:
     """Seed torch's global RNG for the block (weights ``from_pretrained`` creates draw from it)
     and restore the caller's RNG state afterwards."""
+    import torch
+
     if seed is None:
         yield
         return
@@ -140,6 +184,8 @@ def load_backbone(
     For sequence classification, a model without ``pad_token_id`` (LLaMA, GPT-2: their heads
     read the last non-padding token) gets the tokenizer's padding token id.
     """
+    from transformers.utils import logging as transformers_logging
+
     auto = _auto_class(task)
     if num_labels is not None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:

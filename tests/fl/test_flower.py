@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from fedhello.cli import main as cli_main
 from fedhello.config import RunConfig, load_config
-from fedhello.fl.flower import FedHelloStrategy, run_on_grid, simulate, split_tasks, train_group
+from fedhello.fl.flower import FedHelloStrategy, _processes_with_env, run_on_grid, simulate, split_tasks, train_group
 from fedhello.fl.server import FederatedRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,12 +108,21 @@ def test_split_tasks_deals_contiguous_groups():
         split_tasks(tasks, 2.0)
 
 
-def test_simulation_matches_fedhello_run(tiny_model, tmp_path, capsys):
-    """Acceptance 1: 2 Flower nodes x 3 virtual clients, 2 rounds, Ray backend == ``fedhello run``."""
+def test_simulation_matches_fedhello_run(tiny_model, tmp_path, capfd, monkeypatch):
+    """Acceptance 1: 2 Flower nodes x 3 virtual clients, 2 rounds, Ray backend == ``fedhello run``;
+    through ``flwr run`` (no deprecated API), one progress line per round, and no Flower or Ray
+    process left afterwards (each inherits the marker variable, even when re-parented)."""
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    monkeypatch.setenv("FEDHELLO_TEST_MARKER", marker)
     config = _write_config(tiny_model, tmp_path / "run.yaml", tmp_path / "unused")
     assert cli_main(["run", str(config), "--no-progress", "--set", f"output_dir={tmp_path / 'single'}"]) == 0
+    capfd.readouterr()
     assert cli_main(["flower", str(config), "--nodes", "2", "--set", f"output_dir={tmp_path / 'flower'}"]) == 0
-    assert "final test accuracy" in capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert "final test accuracy" in out
+    assert "round 1/2: train loss" in out and "round 2/2: train loss" in out, out
+    assert "DEPRECATED" not in out + err
+    assert not _processes_with_env("FEDHELLO_TEST_MARKER", marker)
     _assert_same_run(tmp_path / "flower", tmp_path / "single")
     assert len(_records(tmp_path / "flower")[0]["participants"]) == 6
 
@@ -353,3 +362,16 @@ def test_flower_cli_and_app_errors(tiny_model, tmp_path, capsys):
         simulate(_raw(tiny_model, tmp_path), nodes=2)
     with pytest.raises(ValueError, match="timeout"):
         simulate(load_config(config), nodes=2, timeout=-1.0)
+    with pytest.raises(ValueError, match="^num_cpus: expected a whole number"):
+        simulate(load_config(config), nodes=2, num_cpus=0.5)
+
+
+def test_processes_are_found_by_an_inherited_variable():
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    child = subprocess.Popen(["sleep", "30"], env={**os.environ, "FEDHELLO_TEST_MARKER": marker})
+    try:
+        assert _processes_with_env("FEDHELLO_TEST_MARKER", marker) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+    assert _processes_with_env("FEDHELLO_TEST_MARKER", marker) == []

@@ -1,0 +1,66 @@
+"""Loading the csrc extension: prebuilt module, else built on first use into the cache folder."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+from torch.utils import cpp_extension
+
+from fedhello.kernels import extension
+
+
+@pytest.fixture
+def not_prebuilt(monkeypatch, tmp_path):
+    """The cpu extension as if ``pip install -e .`` had not built it; a fresh cache folder."""
+    monkeypatch.setitem(extension._NATIVE_MODULES, "cpu", "fedhello._no_prebuilt_extension")
+    monkeypatch.setattr(extension, "_cache", {})
+    monkeypatch.setattr(extension, "_errors", {})
+    monkeypatch.setenv("FEDHELLO_CACHE", str(tmp_path))
+    monkeypatch.delenv("FEDHELLO_BUILD_EXT", raising=False)
+    return tmp_path
+
+
+def test_built_on_first_use_into_the_cache(not_prebuilt, monkeypatch):
+    calls = []
+
+    def fake_load(**kwargs):
+        calls.append(kwargs)
+        return types.ModuleType(kwargs["name"])
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    first = extension.backend("cpu")
+    assert first is not None and first.native.__name__ == "fedhello_C_cpu" and first.device_type == "cpu"
+    assert extension.backend("cpu") is first and len(calls) == 1  # once per process
+    (call,) = calls
+    assert Path(call["build_directory"]).is_relative_to(not_prebuilt / "extensions")
+    assert [Path(s).name for s in call["sources"]] == ["multi_lora_cpu.cpp"] and Path(call["sources"][0]).is_file()
+    assert extension.load_error("cpu") is None
+
+
+def test_cuda_is_never_built_on_first_use(not_prebuilt, monkeypatch):
+    monkeypatch.setitem(extension._NATIVE_MODULES, "cuda", "fedhello._no_prebuilt_cuda")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("must not build CUDA on first use"))
+    assert extension.backend("cuda") is None
+    assert "only at install time" in extension.load_error("cuda")
+
+
+@pytest.mark.parametrize("env, reason", [({"FEDHELLO_BUILD_EXT": "0"}, "FEDHELLO_BUILD_EXT=0"),
+                                         ({"CXX": "/no/such/compiler"}, "no C++ compiler")])
+def test_not_built_when_disabled_or_without_a_compiler(not_prebuilt, monkeypatch, env, reason):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("must not build"))
+    assert extension.backend("cpu") is None
+    error = extension.load_error("cpu")
+    assert "fedhello._no_prebuilt_extension" in error and reason in error
+
+
+def test_a_failing_build_leaves_the_backend_absent(not_prebuilt, monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'fedhello_C_cpu'")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    assert extension.backend("cpu") is None
+    assert "building it failed: RuntimeError" in extension.load_error("cpu")

@@ -1,0 +1,29 @@
+"""The README's code runs as printed and gives what its comments say."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import runpy
+from pathlib import Path
+
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_block(section: str) -> str:
+    text = README.read_text().split(f"## {section}\n", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_kernel_example_gives_sensible_gradient_norms(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(_python_block("The kernel API"))
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        namespace = runpy.run_path(str(script))
+    norms, trainable = namespace["norms"], torch.arange(8) % 2 == 0
+    assert torch.all(norms[~trainable] == 0)
+    # A initialised at 1/sqrt(d_in) and a mean loss: small positive norms, not the ~1e8 of randn A
+    assert torch.all((norms[trainable] > 1e-7) & (norms[trainable] < 1e-1)), norms
