@@ -112,11 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     flower.add_argument("--nodes", type=int, required=True, help="Flower nodes (one per GPU worker)")
     flower.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (dotted key)")
     flower.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    flower.add_argument("--num-cpus", type=int, default=1, help="whole CPUs per node (default 1)")
-
-
     flower.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
-    flower.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per node (default 1)")
+    flower.add_argument("--num-cpus", type=int, default=1, help="whole CPUs per node (default 1)")
     flower.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per node (1: one node per GPU; default 0)")
     flower.add_argument("--round-timeout", type=float, help="seconds to wait for the nodes in a round (default: all)")
     flower.set_defaults(func=_cmd_run)
