@@ -50,6 +50,7 @@ __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
 # projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
 DEFAULT_TARGET_MODULES = {
     "bert": ["query", "value"],
+    "mpnet": ["q", "v"],
     "vit": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],

@@ -6,7 +6,8 @@
 (case-insensitive):
 
 * ``minilm``, ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2``;
-* ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+* ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``;
+* ``mpnet``, ``all-mpnet-base-v2``, ``sentence-transformers/all-mpnet-base-v2``.
 
 The full hub names fall back to the hub when the asset package is not installed; the short
 ones raise ``MissingAssetError`` naming the pip command.
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 from transformers.utils import logging as transformers_logging
 
-from .assets import MissingAssetError, minilm_path, smollm2_path
+from .assets import MissingAssetError, minilm_path, mpnet_path, smollm2_path
 
 __all__ = ["TASKS", "resolve_backbone", "load_backbone", "load_tokenizer"]
 
@@ -38,6 +39,9 @@ _ALIASES: dict[str, tuple[Callable[[], Path], bool]] = {
     "smollm2": (smollm2_path, False),
     "smollm2-135m-instruct": (smollm2_path, False),
     "huggingfacetb/smollm2-135m-instruct": (smollm2_path, True),
+    "mpnet": (mpnet_path, False),
+    "all-mpnet-base-v2": (mpnet_path, False),
+    "sentence-transformers/all-mpnet-base-v2": (mpnet_path, True),
 }
 
 
