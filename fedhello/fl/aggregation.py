@@ -6,8 +6,10 @@ every participant trains (the classification head, like PEFT's ``modules_to_save
 
 ``aggregate_layerwise``: for each LoRA tensor, the clients that trained its block (by exact
 block index, from ``ClientUpdate.trained_blocks``) contribute their deltas, weighted by their
-sample counts (or uniformly); a tensor no client trained keeps its value; head tensors are
-averaged over all participants. Deltas of blocks a client did not train are ignored even if
+sample counts, uniformly, or (``"norm"``, HetLoRA's sparsity-weighted aggregation) by the
+Frobenius norm ``||B_c A_c||_F`` of the client's adapter of that module after local training;
+a tensor no client trained keeps its value; head tensors are averaged over all participants
+(by sample counts under ``"norm"``, since a head has no ``B A`` product). Deltas of blocks a client did not train are ignored even if
 present, so an engine may send full states.
 
 ``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Each
@@ -30,10 +32,12 @@ __all__ = [
     "ClientUpdate",
     "aggregate_layerwise",
     "aggregate_rank_padded",
+    "lora_factor_pairs",
     "lora_rank_dims",
+    "norm_weights",
 ]
 
-WEIGHTINGS = ("samples", "uniform")
+WEIGHTINGS = ("samples", "uniform", "norm")
 RANK_NORMALIZATIONS = ("all", "covering")
 
 
@@ -116,7 +120,50 @@ def _check_common(global_state: Mapping[str, torch.Tensor], updates: Sequence[Cl
     missing = sorted(set(global_state) - set(tensor_blocks))
     if missing:
         raise ValueError(f"tensor_blocks: no block given for tensor {missing[0]!r} (use None for head tensors)")
-    return [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+    return [1.0 if weighting == "uniform" else float(u.num_samples) for u in updates]
+
+
+def lora_factor_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (A name, B name)`` for every LoRA factor whose partner is present: the two
+    differ only in a last part ``lora_a``/``lora_b`` (or ``lora_A``/``lora_B``)."""
+    names = set(names)
+    pairs = {}
+    for name in names:
+        head, _, last = name.rpartition(".")
+        if last.lower() != "lora_a":
+            continue
+        partner = f"{head}.{last[:-1]}{'B' if last[-1] == 'A' else 'b'}" if head else ""
+        if partner in names:
+            pairs[name] = pairs[partner] = (name, partner)
+    return pairs
+
+
+def _local_factor(g: torch.Tensor, updates: Sequence["ClientUpdate"], i: int, name: str, dim: int) -> torch.Tensor:
+    """Client ``i``'s factor ``name`` after training (global + delta), cut to its rank along ``dim``, fp64."""
+    d = updates[i].delta.get(name)
+    rank = updates[i].rank if updates[i].rank is not None else g.shape[dim]
+    if d is None or d.dim() != g.dim() or not rank <= d.shape[dim] <= g.shape[dim]:
+        raise ValueError(f"updates[{i}].delta: norm weighting needs {name!r} at rank {rank} along dim {dim}; got "
+                         f"{'nothing' if d is None else tuple(d.shape)} (global {tuple(g.shape)})")
+    return g.narrow(dim, 0, rank).double() + d.narrow(dim, 0, rank).to(g.device).double()
+
+
+def norm_weights(global_state: Mapping[str, torch.Tensor], updates: Sequence["ClientUpdate"],
+                 chosen: Sequence[int], a_name: str, b_name: str) -> dict[int, float]:
+    """HetLoRA's weights of one adapted module: ``||B_c A_c||_F`` of each chosen client's adapter
+    (``A [r, d_in]``, ``B [d_out, r]``, both global + delta, cut to the client's rank).
+
+    When every chosen adapter is zero the weights fall back to 1 (a plain average).
+    """
+    weights = {}
+    for i in chosen:
+        a = _local_factor(global_state[a_name], updates, i, a_name, 0)
+        b = _local_factor(global_state[b_name], updates, i, b_name, -1)
+        # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the d_out x d_in matrix.
+        weights[i] = float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0).sqrt())
+    if sum(weights.values()) <= 0:
+        return {i: 1.0 for i in chosen}
+    return weights
 
 
 def _contributors(name: str, block: int | None, updates: Sequence[ClientUpdate]) -> list[int]:
@@ -136,6 +183,15 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _weights_of(name: str, chosen: Sequence[int], base: Sequence[float], pairs: Mapping[str, tuple[str, str]],
+                global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[int, float]:
+    """The contributors' weights for tensor ``name``: norm weights for a LoRA factor under
+    ``"norm"`` weighting (``pairs`` non-empty), else the per-client ``base`` weights."""
+    if name in pairs:
+        return norm_weights(global_state, updates, chosen, *pairs[name])
+    return {i: base[i] for i in chosen}
+
+
 def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                         tensor_blocks: Mapping[str, int | None], *,
                         weighting: str = "samples") -> dict[str, torch.Tensor]:
@@ -145,20 +201,23 @@ def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Seque
         global_state: ``name -> tensor`` before the round.
         updates: the participants' updates.
         tensor_blocks: ``name -> block index`` of every global tensor, None for head tensors.
-        weighting: ``"samples"`` (weights = ``num_samples``) or ``"uniform"``.
+        weighting: ``"samples"`` (weights = ``num_samples``), ``"uniform"`` or ``"norm"`` (each LoRA
+            factor pair by ``norm_weights``; other tensors by ``num_samples``).
 
     Returns:
         the new global state: ``g + sum_c w_c d_c / sum_c w_c`` over the contributors of each
         tensor, accumulated in fp32 (fp64 for fp64 tensors) and cast back to the global dtype;
         tensors without contributors are returned as the same objects.
     """
-    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    base = _check_common(global_state, updates, tensor_blocks, weighting)
+    pairs = lora_factor_pairs(global_state) if weighting == "norm" else {}
     new: dict[str, torch.Tensor] = {}
     for name, g in global_state.items():
         chosen = _contributors(name, tensor_blocks[name], updates)
         if not chosen:
             new[name] = g
             continue
+        weights = _weights_of(name, chosen, base, pairs, global_state, updates)
         acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
         for i in chosen:
             d = updates[i].delta[name]
@@ -204,7 +263,8 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
     """
     if normalize not in RANK_NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {RANK_NORMALIZATIONS}, got {normalize!r}")
-    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    base = _check_common(global_state, updates, tensor_blocks, weighting)
+    pairs = lora_factor_pairs(global_state) if weighting == "norm" else {}
     unknown = sorted(set(rank_dims) - set(global_state))
     if unknown:
         raise ValueError(f"rank_dims: tensor {unknown[0]!r} is not in the global state")
@@ -221,6 +281,7 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
         if not chosen:
             new[name] = g
             continue
+        weights = _weights_of(name, chosen, base, pairs, global_state, updates)
         acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
         cover = torch.zeros(full, dtype=acc.dtype, device=g.device)
         for i in chosen:

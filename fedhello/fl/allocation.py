@@ -47,6 +47,7 @@ __all__ = [
     "PATTERNS",
     "pattern_order",
     "gd_blocks",
+    "strided_blocks",
     "rgd_probabilities",
     "sample_blocks",
     "Allocation",
@@ -119,6 +120,17 @@ def gd_blocks(pattern: str, num_blocks: int, capacity: int, offset: int = 0) -> 
     if pattern == "uniform":
         return np.sort((offset + np.arange(k, dtype=np.int64)) % L)
     return np.sort(pattern_order(pattern, L)[:k])
+
+
+def strided_blocks(num_blocks: int, capacity: int) -> np.ndarray:
+    """``capacity`` blocks evenly spaced over depth: ``floor(i * L / k)`` for ``i < k``, int64 ``[k]``.
+
+    6 of 12 gives ``[0, 2, 4, 6, 8, 10]``, the set every client trains in the released
+    Straggler runs of Fed-HeLLo.
+    """
+    L = _check_int("num_blocks", num_blocks, 1)
+    k = _check_int("capacity", capacity, 1, L)
+    return (np.arange(k, dtype=np.int64) * L) // k
 
 
 def _uniform_offsets(n: int, num_blocks: int) -> np.ndarray:
@@ -406,19 +418,24 @@ class ExclusiveStrategy(AllocationStrategy):
 
 @register_strategy
 class StragglerStrategy(AllocationStrategy):
-    """Every client trains the GD set of the smallest tier under ``pattern`` (the straggler's set).
+    """Every client trains the same ``k_min`` blocks, ``k_min`` being the smallest tier's capacity.
 
     Args:
-        pattern: a nested pattern: ``bottleneck`` (default), ``triangle`` or ``inverted_triangle``.
+        pattern: which ``k_min`` blocks: the GD set of a nested pattern (``bottleneck``, the
+            default, ``triangle`` or ``inverted_triangle``), or ``strided``: evenly spaced over
+            depth (``strided_blocks``; the released runs' ``[0, 2, ..., 10]`` for 6 of 12).
     """
 
     name = "straggler"
 
     def __init__(self, context: AllocationContext, *, pattern: str = "bottleneck") -> None:
         super().__init__(context)
-        self.pattern = _check_choice("pattern", pattern, ("triangle", "inverted_triangle", "bottleneck"))
+        self.pattern = _check_choice("pattern", pattern, ("triangle", "inverted_triangle", "bottleneck", "strided"))
         self.capacity = min(context.tier_capacities)
-        self.blocks = gd_blocks(self.pattern, self.num_blocks, self.capacity)
+        if self.pattern == "strided":
+            self.blocks = strided_blocks(self.num_blocks, self.capacity)
+        else:
+            self.blocks = gd_blocks(self.pattern, self.num_blocks, self.capacity)
 
     def _allocate(self, round_idx: int, cohort: np.ndarray, capacities: np.ndarray,
                   rng: np.random.Generator) -> Allocation:

@@ -147,6 +147,7 @@ class FederatedRun:
             backbone, targets, num_clients=parallel, rank=cfg.model.rank, alpha=cfg.model.alpha,
             dropout=cfg.model.dropout, head_modules="auto", seed=derive_seed(cfg.seed, "adapters"),
         ).to(self.device)
+        self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
         self.engine = ClientParallelEngine(self.model, local, parallel=parallel, device=self.device)
         self.num_blocks = self.model.num_blocks
