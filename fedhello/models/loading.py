@@ -110,9 +110,15 @@ def _report_loading(model, path: str, info: dict) -> None:
     new_head = [k for k in missing if not k.startswith(prefix)]
     if new_head:
         logger.info("%s: new, randomly initialised head weights %s", path, sorted(new_head))
+    # A checkpoint tensor of a component the task model leaves out (MPNet's classifier is built
+    # without the pooler: its attribute is None) is expected, not a loading problem.
+    unexpected = info.get("unexpected_keys", [])
+    unused = [k for k in unexpected if getattr(model.base_model, k.removeprefix(prefix).split(".", 1)[0], 0) is None]
+    if unused:
+        logger.info("%s: checkpoint tensors of components this task does not use: %s", path, sorted(unused))
     problems = {name: sorted(keys) for name, keys in (
         ("missing", [k for k in missing if k.startswith(prefix)]),
-        ("unexpected", info.get("unexpected_keys", [])),
+        ("unexpected", [k for k in unexpected if k not in unused]),
         ("mismatched", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]),
     ) if keys}
     if problems:
