@@ -164,8 +164,8 @@ class StrategyConfig:
 
 @dataclass
 class AggregationConfig:
-    """Aggregation weights (``samples``, ``uniform`` or ``norm``: each adapter by the Frobenius norm of
-    the client's ``B_c A_c``, as HetLoRA) and HetLoRA's rank normalisation."""
+    """Aggregation weights (``samples``, ``uniform`` or ``norm``: each client by the Frobenius norm of
+    its update ``B_c A_c``, as HetLoRA) and HetLoRA's rank normalisation."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"

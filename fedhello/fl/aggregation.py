@@ -7,10 +7,9 @@ every participant trains (the classification head, like PEFT's ``modules_to_save
 ``aggregate_layerwise``: for each LoRA tensor, the clients that trained its block (by exact
 block index, from ``ClientUpdate.trained_blocks``) contribute their deltas, weighted by their
 sample counts, uniformly, or (``"norm"``, HetLoRA's sparsity-weighted aggregation) by the
-Frobenius norm ``||B_c A_c||_F`` of the client's adapter of that module after local training;
-a tensor no client trained keeps its value; head tensors are averaged over all participants
-(by sample counts under ``"norm"``, since a head has no ``B A`` product). Deltas of blocks a client did not train are ignored even if
-present, so an engine may send full states.
+Frobenius norm of the client's adapters after local training (``client_norm_weights``); a tensor
+no client trained keeps its value; head tensors are averaged over all participants. Deltas of
+blocks a client did not train are ignored even if present, so an engine may send full states.
 
 ``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Each
 client's delta of a LoRA factor is zero-padded to the global rank before averaging; with
@@ -34,7 +33,7 @@ __all__ = [
     "aggregate_rank_padded",
     "lora_factor_pairs",
     "lora_rank_dims",
-    "norm_weights",
+    "client_norm_weights",
 ]
 
 WEIGHTINGS = ("samples", "uniform", "norm")
@@ -120,6 +119,8 @@ def _check_common(global_state: Mapping[str, torch.Tensor], updates: Sequence[Cl
     missing = sorted(set(global_state) - set(tensor_blocks))
     if missing:
         raise ValueError(f"tensor_blocks: no block given for tensor {missing[0]!r} (use None for head tensors)")
+    if weighting == "norm":
+        return client_norm_weights(global_state, updates, tensor_blocks)
     return [1.0 if weighting == "uniform" else float(u.num_samples) for u in updates]
 
 
@@ -148,21 +149,31 @@ def _local_factor(g: torch.Tensor, updates: Sequence["ClientUpdate"], i: int, na
     return g.narrow(dim, 0, rank).double() + d.narrow(dim, 0, rank).to(g.device).double()
 
 
-def norm_weights(global_state: Mapping[str, torch.Tensor], updates: Sequence["ClientUpdate"],
-                 chosen: Sequence[int], a_name: str, b_name: str) -> dict[int, float]:
-    """HetLoRA's weights of one adapted module: ``||B_c A_c||_F`` of each chosen client's adapter
-    (``A [r, d_in]``, ``B [d_out, r]``, both global + delta, cut to the client's rank).
+# A client whose adapters are exactly zero gets this weight instead of 0, so that a tensor only
+# such clients trained is still a (plain) average, not a division by zero.
+_ZERO_NORM_WEIGHT = 1e-30
 
-    When every chosen adapter is zero the weights fall back to 1 (a plain average).
+
+def client_norm_weights(global_state: Mapping[str, torch.Tensor], updates: Sequence["ClientUpdate"],
+                        tensor_blocks: Mapping[str, int | None]) -> list[float]:
+    """HetLoRA's sparsity weights: client c's weight is the Frobenius norm of its whole update
+    ``B_c A_c``, i.e. ``sqrt(sum_m ||B_{c,m} A_{c,m}||_F^2)`` over the adapted modules m of the
+    blocks it trained, with ``A [r, d_in]`` and ``B [d_out, r]`` its factors after training
+    (global + delta, cut to its rank). Only the ratios matter: each tensor is averaged with the
+    weights of its contributors.
     """
-    weights = {}
-    for i in chosen:
-        a = _local_factor(global_state[a_name], updates, i, a_name, 0)
-        b = _local_factor(global_state[b_name], updates, i, b_name, -1)
-        # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the d_out x d_in matrix.
-        weights[i] = float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0).sqrt())
-    if sum(weights.values()) <= 0:
-        return {i: 1.0 for i in chosen}
+    pairs = sorted(set(lora_factor_pairs(global_state).values()))
+    weights = []
+    for i, update in enumerate(updates):
+        squared = 0.0
+        for a_name, b_name in pairs:
+            if tensor_blocks.get(a_name) not in update.trained_blocks:
+                continue
+            a = _local_factor(global_state[a_name], updates, i, a_name, 0)
+            b = _local_factor(global_state[b_name], updates, i, b_name, -1)
+            # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the d_out x d_in matrix.
+            squared += float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0))
+        weights.append(max(squared ** 0.5, _ZERO_NORM_WEIGHT))
     return weights
 
 
@@ -183,15 +194,6 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _weights_of(name: str, chosen: Sequence[int], base: Sequence[float], pairs: Mapping[str, tuple[str, str]],
-                global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> dict[int, float]:
-    """The contributors' weights for tensor ``name``: norm weights for a LoRA factor under
-    ``"norm"`` weighting (``pairs`` non-empty), else the per-client ``base`` weights."""
-    if name in pairs:
-        return norm_weights(global_state, updates, chosen, *pairs[name])
-    return {i: base[i] for i in chosen}
-
-
 def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                         tensor_blocks: Mapping[str, int | None], *,
                         weighting: str = "samples") -> dict[str, torch.Tensor]:
@@ -201,23 +203,27 @@ def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Seque
         global_state: ``name -> tensor`` before the round.
         updates: the participants' updates.
         tensor_blocks: ``name -> block index`` of every global tensor, None for head tensors.
-        weighting: ``"samples"`` (weights = ``num_samples``), ``"uniform"`` or ``"norm"`` (each LoRA
-            factor pair by ``norm_weights``; other tensors by ``num_samples``).
+        weighting: ``"samples"`` (weights = ``num_samples``), ``"uniform"`` or ``"norm"``
+            (``client_norm_weights``).
 
     Returns:
         the new global state: ``g + sum_c w_c d_c / sum_c w_c`` over the contributors of each
         tensor, accumulated in fp32 (fp64 for fp64 tensors) and cast back to the global dtype;
         tensors without contributors are returned as the same objects.
     """
-    base = _check_common(global_state, updates, tensor_blocks, weighting)
-    pairs = lora_factor_pairs(global_state) if weighting == "norm" else {}
+    return _average(global_state, updates, tensor_blocks, _check_common(global_state, updates, tensor_blocks,
+                                                                          weighting))
+
+
+def _average(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+             tensor_blocks: Mapping[str, int | None], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``aggregate_layerwise`` with the per-client weights given (after the common checks)."""
     new: dict[str, torch.Tensor] = {}
     for name, g in global_state.items():
         chosen = _contributors(name, tensor_blocks[name], updates)
         if not chosen:
             new[name] = g
             continue
-        weights = _weights_of(name, chosen, base, pairs, global_state, updates)
         acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
         for i in chosen:
             d = updates[i].delta[name]
@@ -263,15 +269,12 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
     """
     if normalize not in RANK_NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {RANK_NORMALIZATIONS}, got {normalize!r}")
-    base = _check_common(global_state, updates, tensor_blocks, weighting)
-    pairs = lora_factor_pairs(global_state) if weighting == "norm" else {}
+    weights = _check_common(global_state, updates, tensor_blocks, weighting)
     unknown = sorted(set(rank_dims) - set(global_state))
     if unknown:
         raise ValueError(f"rank_dims: tensor {unknown[0]!r} is not in the global state")
     plain = {n: g for n, g in global_state.items() if n not in rank_dims}
-    new = aggregate_layerwise(plain, [ClientUpdate({k: v for k, v in u.delta.items() if k in plain}, u.num_samples,
-                                                   u.trained_blocks, u.rank) for u in updates],
-                              {n: tensor_blocks[n] for n in plain}, weighting=weighting)
+    new = _average(plain, updates, tensor_blocks, weights)
     for name, g in global_state.items():
         if name not in rank_dims:
             continue
@@ -281,7 +284,6 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
         if not chosen:
             new[name] = g
             continue
-        weights = _weights_of(name, chosen, base, pairs, global_state, updates)
         acc = torch.zeros(g.shape, dtype=_acc_dtype(g), device=g.device)
         cover = torch.zeros(full, dtype=acc.dtype, device=g.device)
         for i in chosen:

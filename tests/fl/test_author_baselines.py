@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from fedhello.config import ConfigError, RunConfig
-from fedhello.fl.aggregation import (ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_factor_pairs,
-                                     lora_rank_dims)
+from fedhello.fl.aggregation import (ClientUpdate, aggregate_layerwise, aggregate_rank_padded, client_norm_weights,
+                                     lora_factor_pairs, lora_rank_dims)
 from fedhello.fl.allocation import AllocationContext, make_strategy, strided_blocks
 from fedhello.nn import export_peft, inject_multi_lora
 from tests.nn.tiny import ARCHS, make_batch, make_model, randomize_banks, select
 
-BLOCKS = {"m.lora_a": 0, "m.lora_b": 0, "head.weight": None}
+BLOCKS = {"m.lora_a": 0, "m.lora_b": 0, "n.lora_a": 1, "n.lora_b": 1, "head.weight": None}
 
 
 def _t(rows) -> torch.Tensor:
@@ -25,48 +25,63 @@ def _t(rows) -> torch.Tensor:
 
 
 def _global() -> dict[str, torch.Tensor]:
-    # A [r=2, d_in=3], B [d_out=2, r=2]; B starts at zero as in LoRA.
-    return {"m.lora_a": _t([[1, 0, 0], [0, 1, 0]]), "m.lora_b": torch.zeros(2, 2), "head.weight": torch.zeros(2, 3)}
+    # Two adapted modules m and n: A [r=2, d_in=3] = I, B [d_out=2, r=2] = 0 (LoRA's start).
+    eye = _t([[1, 0, 0], [0, 1, 0]])
+    return {"m.lora_a": eye, "m.lora_b": torch.zeros(2, 2), "n.lora_a": eye.clone(), "n.lora_b": torch.zeros(2, 2),
+            "head.weight": torch.zeros(2, 3)}
 
 
 def test_norm_weighting_layerwise_hand_computed():
-    # Client 0: A = [[2,0,0],[0,1,0]], B = [[3,0],[0,0]] -> B A = [[6,0,0],[0,0,0]], norm 6.
-    # Client 1: A = I, B = [[0,0],[0,4]] -> B A = [[0,0,0],[0,4,0]], norm 4. Weights 6:4, not the
-    # sample counts 1:3, which still weight the head.
+    # Client 0: m: A = [[2,0,0],[0,1,0]], B = [[3,0],[0,0]] -> B A = [[6,0,0],[0,0,0]], norm 6;
+    #           n: A = I, B = [[8,0],[0,0]] -> norm 8. Its update's norm: sqrt(36 + 64) = 10.
+    # Client 1: m: B = [[0,0],[0,4]] -> norm 4; n: B = [[0,3],[0,0]] -> norm 3; sqrt(16 + 9) = 5.
+    # Weights 10 : 5 for every tensor (the head too), not the sample counts 1 : 3.
     updates = [
         ClientUpdate({"m.lora_a": _t([[1, 0, 0], [0, 0, 0]]), "m.lora_b": _t([[3, 0], [0, 0]]),
-                      "head.weight": torch.full((2, 3), 1.0)}, num_samples=1, trained_blocks={0}),
+                      "n.lora_a": torch.zeros(2, 3), "n.lora_b": _t([[8, 0], [0, 0]]),
+                      "head.weight": torch.full((2, 3), 1.0)}, num_samples=1, trained_blocks={0, 1}),
         ClientUpdate({"m.lora_a": torch.zeros(2, 3), "m.lora_b": _t([[0, 0], [0, 4]]),
-                      "head.weight": torch.full((2, 3), 5.0)}, num_samples=3, trained_blocks={0}),
+                      "n.lora_a": torch.zeros(2, 3), "n.lora_b": _t([[0, 3], [0, 0]]),
+                      "head.weight": torch.full((2, 3), 4.0)}, num_samples=3, trained_blocks={0, 1}),
     ]
     new = aggregate_layerwise(_global(), updates, BLOCKS, weighting="norm")
-    torch.testing.assert_close(new["m.lora_a"], _t([[1.6, 0, 0], [0, 1, 0]]))
-    torch.testing.assert_close(new["m.lora_b"], _t([[1.8, 0], [0, 1.6]]))
-    torch.testing.assert_close(new["head.weight"], torch.full((2, 3), (1 * 1 + 3 * 5) / 4))
+    torch.testing.assert_close(new["m.lora_a"], _t([[1 + 2 / 3, 0, 0], [0, 1, 0]]))
+    torch.testing.assert_close(new["m.lora_b"], _t([[2, 0], [0, 4 / 3]]))
+    torch.testing.assert_close(new["n.lora_b"], _t([[16 / 3, 1], [0, 0]]))
+    torch.testing.assert_close(new["head.weight"], torch.full((2, 3), 2 / 3 * 1 + 1 / 3 * 4))
+    # A client's weight counts only the blocks it trained: without n, client 0 weighs 6 : 5.
+    updates[0] = ClientUpdate({k: v for k, v in updates[0].delta.items() if not k.startswith("n.")},
+                              num_samples=1, trained_blocks={0})
+    new = aggregate_layerwise(_global(), updates, BLOCKS, weighting="norm")
+    torch.testing.assert_close(new["m.lora_b"], _t([[3 * 6 / 11, 0], [0, 4 * 5 / 11]]))
+    torch.testing.assert_close(new["n.lora_b"], _t([[0, 3], [0, 0]]))  # client 1 alone trained n
 
 
 def test_norm_weighting_rank_padded_hand_computed():
-    g = _global()
+    g = {name: t for name, t in _global().items() if not name.startswith("n.")}
     g["m.lora_b"] = _t([[0, 0], [0, 1]])
+    blocks = {name: BLOCKS[name] for name in g}
     # Client 0 at rank 1: A = [[2,0,0]], B = [[3],[0]] -> norm 6. Client 1 at rank 2:
-    # A = I, B = [[0,0],[0,4]] -> norm 4 (the global B's 1 counts: it is the client's adapter).
+    # A = I, B = [[0,0],[0,4]] -> norm 4 (the global B's 1 counts: it is part of the client's adapter).
     updates = [
         ClientUpdate({"m.lora_a": _t([[1, 0, 0]]), "m.lora_b": _t([[3], [0]]), "head.weight": torch.zeros(2, 3)},
                      num_samples=5, trained_blocks={0}, rank=1),
         ClientUpdate({"m.lora_a": torch.zeros(2, 3), "m.lora_b": _t([[0, 0], [0, 3]]),
-                      "head.weight": torch.zeros(2, 3)}, num_samples=1, trained_blocks={0}, rank=2),
+                      "head.weight": torch.ones(2, 3)}, num_samples=1, trained_blocks={0}, rank=2),
     ]
-    new = aggregate_rank_padded(g, updates, BLOCKS, lora_rank_dims(g), weighting="norm", normalize="all")
+    new = aggregate_rank_padded(g, updates, blocks, lora_rank_dims(g), weighting="norm", normalize="all")
     torch.testing.assert_close(new["m.lora_a"], _t([[1.6, 0, 0], [0, 1, 0]]))
     torch.testing.assert_close(new["m.lora_b"], _t([[1.8, 0], [0, 1 + 4 * 3 / 10]]))
+    torch.testing.assert_close(new["head.weight"], torch.full((2, 3), 0.4))
 
 
 def test_norm_weighting_of_all_zero_adapters_is_a_plain_average():
     g = {"m.lora_a": torch.zeros(2, 3), "m.lora_b": torch.zeros(2, 2), "head.weight": torch.zeros(2, 3)}
+    blocks = {name: BLOCKS[name] for name in g}
     updates = [ClientUpdate({"m.lora_a": torch.full((2, 3), v), "m.lora_b": torch.zeros(2, 2),
                              "head.weight": torch.zeros(2, 3)}, num_samples=n, trained_blocks={0})
                for v, n in ((1.0, 1), (4.0, 9))]
-    new = aggregate_layerwise(g, updates, BLOCKS, weighting="norm")
+    new = aggregate_layerwise(g, updates, blocks, weighting="norm")
     torch.testing.assert_close(new["m.lora_a"], torch.full((2, 3), 2.5))
 
 
@@ -75,6 +90,15 @@ def test_norm_weighting_needs_both_factors():
                             trained_blocks={0})]
     with pytest.raises(ValueError, match=r"updates\[0\].delta: .*'m.lora_b'"):
         aggregate_layerwise(_global(), updates, BLOCKS, weighting="norm")
+
+
+def test_client_norm_weights_are_the_norms_of_the_whole_update():
+    g = _global()
+    updates = [ClientUpdate({"m.lora_a": torch.zeros(2, 3), "m.lora_b": _t([[0, 0], [5, 12]]),
+                             "n.lora_a": torch.zeros(2, 3), "n.lora_b": torch.zeros(2, 2),
+                             "head.weight": torch.zeros(2, 3)}, num_samples=1, trained_blocks={0, 1})]
+    # B A = [[0,0,0],[5,12,0]]: norm 13; module n is still zero.
+    assert client_norm_weights(g, updates, BLOCKS) == pytest.approx([13.0])
 
 
 def test_factor_pairs_match_whole_last_parts():
