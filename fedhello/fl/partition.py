@@ -30,7 +30,7 @@ from typing import Sequence
 import datasets
 import numpy as np
 
-from .names import PARTITION_KINDS
+from fedhello.names import PARTITION_KINDS
 
 __all__ = [
     "PARTITION_KINDS",

@@ -58,6 +58,7 @@ __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
 # projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
 DEFAULT_TARGET_MODULES = {
     "bert": ["query", "value"],
+    "mpnet": ["q", "v"],
     "vit": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
@@ -154,6 +155,7 @@ class FederatedRun:
             backbone, targets, num_clients=parallel, rank=cfg.model.rank, alpha=cfg.model.alpha,
             dropout=cfg.model.dropout, head_modules="auto", seed=derive_seed(cfg.seed, "adapters"),
         ).to(self.device)
+        self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
         self.engine = ClientParallelEngine(self.model, local, parallel=parallel, device=self.device)
         self.num_blocks = self.model.num_blocks

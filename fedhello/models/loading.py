@@ -6,7 +6,8 @@
 (case-insensitive):
 
 * ``minilm``, ``all-MiniLM-L6-v2``, ``sentence-transformers/all-MiniLM-L6-v2``;
-* ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+* ``smollm2``, ``SmolLM2-135M-Instruct``, ``HuggingFaceTB/SmolLM2-135M-Instruct``;
+* ``mpnet``, ``all-mpnet-base-v2``, ``sentence-transformers/all-mpnet-base-v2``.
 
 The full hub names fall back to the hub when the asset package is not installed; the short
 ones raise ``MissingAssetError`` naming the pip command. ``check_backbone_name`` checks a name
@@ -24,7 +25,7 @@ from typing import Callable, Iterator
 from fedhello.errors import UserError
 from fedhello.hub import hub_problem, looks_like_hub_id
 
-from .assets import MissingAssetError, minilm_path, smollm2_path
+from .assets import MissingAssetError, minilm_path, mpnet_path, smollm2_path
 
 # torch and transformers are imported where used: checking a config's model name must not wait
 # for them (seconds).
@@ -43,6 +44,9 @@ _ALIASES: dict[str, tuple[Callable[[], Path], bool]] = {
     "smollm2": (smollm2_path, False),
     "smollm2-135m-instruct": (smollm2_path, False),
     "huggingfacetb/smollm2-135m-instruct": (smollm2_path, True),
+    "mpnet": (mpnet_path, False),
+    "all-mpnet-base-v2": (mpnet_path, False),
+    "sentence-transformers/all-mpnet-base-v2": (mpnet_path, True),
 }
 
 
@@ -150,9 +154,15 @@ def _report_loading(model, path: str, info: dict) -> None:
     new_head = [k for k in missing if not k.startswith(prefix)]
     if new_head:
         logger.info("%s: new, randomly initialised head weights %s", path, sorted(new_head))
+    # A checkpoint tensor of a component the task model leaves out (MPNet's classifier is built
+    # without the pooler: its attribute is None) is expected, not a loading problem.
+    unexpected = info.get("unexpected_keys", [])
+    unused = [k for k in unexpected if getattr(model.base_model, k.removeprefix(prefix).split(".", 1)[0], 0) is None]
+    if unused:
+        logger.info("%s: checkpoint tensors of components this task does not use: %s", path, sorted(unused))
     problems = {name: sorted(keys) for name, keys in (
         ("missing", [k for k in missing if k.startswith(prefix)]),
-        ("unexpected", info.get("unexpected_keys", [])),
+        ("unexpected", [k for k in unexpected if k not in unused]),
         ("mismatched", [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]),
     ) if keys}
     if problems:

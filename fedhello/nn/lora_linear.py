@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from fedhello.kernels import BACKENDS, multi_lora_linear
+from fedhello.names import RANK_SCALINGS
 
 from .discovery import is_conv1d, is_linear_like
 from .routing import RoutingContext
 
-__all__ = ["MultiLoRALinear", "check_ranks", "check_settings"]
+__all__ = ["RANK_SCALINGS", "MultiLoRALinear", "check_ranks", "check_settings"]
 
 
 def check_ranks(ranks: Sequence[int] | torch.Tensor | None, num_clients: int, max_rank: int) -> list[int]:
@@ -120,6 +121,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("trainable", torch.ones(num_clients, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("grad_sqnorm", torch.zeros(num_clients, dtype=torch.float32, device=device),
                              persistent=False)
+        self.rank_scaling = "client"
         self._update_scaling()
         self.reset_parameters(generator)
 
@@ -137,8 +139,19 @@ class MultiLoRALinear(nn.Module):
         self.ranks.copy_(torch.tensor(values, dtype=torch.int32))
         self._update_scaling()
 
+    def set_rank_scaling(self, mode: str) -> None:
+        """``"client"``: client c is scaled by ``alpha / ranks[c]`` (PEFT, the default);
+        ``"max"``: every client by ``alpha / r_max`` whatever its rank (HetLoRA's fixed scale)."""
+        if mode not in RANK_SCALINGS:
+            raise ValueError(f"mode: expected one of {RANK_SCALINGS}, got {mode!r}")
+        self.rank_scaling = mode
+        self._update_scaling()
+
     def _update_scaling(self) -> None:
-        self.scaling.copy_(self.alpha / self.ranks.to(torch.float32))
+        if self.rank_scaling == "max":
+            self.scaling.fill_(self.alpha / self.max_rank)
+        else:
+            self.scaling.copy_(self.alpha / self.ranks.to(torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan_for(x, self.name)

@@ -72,6 +72,7 @@ class MultiLoRAModel(nn.Module):
         self.context = context
         self.blocks = blocks
         self.max_rank, self.alpha, self.dropout = max_rank, float(alpha), float(dropout)
+        self.rank_scaling = "client"
         self.backbone_train_mode = backbone_train_mode
         # Plain lists (not ModuleLists): the modules are registered once, inside the backbone.
         self._lora = [(name, backbone.get_submodule(name)) for name in lora_names]
@@ -205,6 +206,17 @@ class MultiLoRAModel(nn.Module):
         values = check_ranks(ranks, self.num_clients, self.max_rank)
         for _, layer in self._lora:
             layer.set_ranks(values)
+
+    def set_rank_scaling(self, mode: str) -> None:
+        """How a client of rank ``r_c`` is scaled: ``"client"`` (``alpha / r_c``, default) or
+        ``"max"`` (``alpha / r_max`` for every client; see ``MultiLoRALinear.set_rank_scaling``)."""
+        for _, layer in self._lora:
+            layer.set_rank_scaling(mode)
+        self.rank_scaling = mode
+
+    def scale_of(self, rank: int) -> float:
+        """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling."""
+        return self.alpha / (self.max_rank if self.rank_scaling == "max" else rank)
 
     def seed_dropout(self, seeds: int | Mapping[int, int]) -> None:
         """Restart the per-client LoRA-dropout generators (see ``RoutingContext.seed_dropout``)."""

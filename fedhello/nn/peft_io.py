@@ -72,7 +72,7 @@ def export_peft(
     layers = [layer for _, layer in model.lora_modules]
     config = LoraConfig(
         r=rank,
-        lora_alpha=model.alpha,
+        lora_alpha=model.scale_of(rank) * rank,  # PEFT scales by lora_alpha / r
         lora_dropout=model.dropout,
         target_modules=[name for name, _ in model.lora_modules],
         modules_to_save=[name for name, _ in model.head_modules] or None,
@@ -177,7 +177,7 @@ def import_peft(model: MultiLoRAModel, client: int, path: str | Path) -> None:
         padded_b = torch.zeros(layer.out_features, model.max_rank)
         padded_a[:rank] = a.to(torch.float32)
         padded_b[:, :rank] = b.to(torch.float32)
-        ratio = scale / (model.alpha / rank)
+        ratio = scale / model.scale_of(rank)
         if ratio != 1.0:
             padded_b *= ratio
         state[f"{name}.lora_a"] = padded_a

@@ -22,6 +22,7 @@ from fedhello.fl.allocation import (
     strategy_options,
 )
 from fedhello.fl.fisher import fisher_probabilities
+from fedhello.fl.strategies import base as strategy_base
 
 L = 12
 TIERS = (6, 9, 12)
@@ -196,7 +197,7 @@ def test_registry_errors_name_the_problem():
 
 
 def test_a_new_strategy_is_one_registered_class(monkeypatch):
-    monkeypatch.setattr(allocation, "_REGISTRY", dict(allocation._REGISTRY))
+    monkeypatch.setattr(strategy_base, "_REGISTRY", dict(strategy_base._REGISTRY))
 
     @register_strategy
     class Deepest(AllocationStrategy):

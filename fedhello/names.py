@@ -1,0 +1,15 @@
+"""Names a run config chooses among, kept free of torch and datasets (config, fl and nn share them).
+
+``fedhello.config`` checks these choices before anything heavy is imported, so a wrong field
+is reported in well under a second; the modules that implement them import them from here.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PARTITION_KINDS", "RANK_NORMALIZATIONS", "RANK_SCALINGS", "WEIGHTINGS"]
+
+WEIGHTINGS = ("samples", "uniform", "norm")
+RANK_NORMALIZATIONS = ("all", "covering")
+PARTITION_KINDS = ("iid", "dirichlet", "pathological")
+# LoRA scale of client c: alpha / r_c ("client", as PEFT) or alpha / r_max for every client ("max").
+RANK_SCALINGS = ("client", "max")

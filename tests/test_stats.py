@@ -1,0 +1,77 @@
+"""Paired differences over seeds (fedhello.stats) on synthetic metrics files, against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedhello.stats import compare, main, paired_difference, render_markdown, run_metric, seed_values
+
+T_975_DF2 = 4.302652729749462  # Student t quantile 0.975 with 2 degrees of freedom (tables: 4.303)
+
+
+def _write_run(folder, setting, method, seed, accuracies):
+    run = folder / setting / method / f"seed-{seed}"
+    run.mkdir(parents=True)
+    lines = []
+    for rnd, acc in enumerate(accuracies):
+        lines.append({"round": 2 * rnd, "train_loss": 1.0})  # a round without evaluation
+        lines.append({"round": 2 * rnd + 1, "train_loss": 1.0, "test_accuracy": acc})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+@pytest.fixture
+def suite(tmp_path):
+    # Method A beats B by 2, 4, 6 points on the final evaluation of seeds 0, 1, 2 and by 3, 4, 5
+    # on the mean of the last three; C has only seed 0.
+    # B's last three evaluations are all b; A's are b + u, b + u, a.
+    for seed, (a, b, u) in enumerate([(0.80, 0.78, 0.035), (0.70, 0.66, 0.04), (0.90, 0.84, 0.045)]):
+        _write_run(tmp_path, "skew", "A", seed, [0.5, b + u, b + u, a])
+        _write_run(tmp_path, "skew", "B", seed, [0.6, b, b, b])
+    _write_run(tmp_path, "skew", "C", 0, [0.1, 0.2, 0.3])
+    return tmp_path
+
+
+def test_run_metrics(suite):
+    run = suite / "skew" / "A" / "seed-0"
+    assert run_metric(run, "final") == pytest.approx(80.0)
+    assert run_metric(run, "best") == pytest.approx(81.5)
+    assert run_metric(run, "last3") == pytest.approx((81.5 + 81.5 + 80) / 3)
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        run_metric(run, "median")
+    with pytest.raises(ValueError, match="run_dir: expected a run folder"):
+        run_metric(suite / "nothing", "final")
+
+
+def test_paired_interval_hand_computed():
+    seeds, diffs, mean, low, high = paired_difference({0: 82.0, 1: 74.0, 2: 96.0, 7: 1.0}, {0: 80.0, 1: 70.0, 2: 90.0})
+    assert seeds == (0, 1, 2) and diffs == pytest.approx((2.0, 4.0, 6.0))
+    half = T_975_DF2 * 2.0 / math.sqrt(3)  # sample std of (2, 4, 6) is 2
+    assert (mean, low, high) == pytest.approx((4.0, 4.0 - half, 4.0 + half))
+    with pytest.raises(ValueError, match="needs >= 2 common seeds"):
+        paired_difference({0: 1.0, 1: 2.0}, {1: 1.0})
+    with pytest.raises(ValueError, match="confidence: expected"):
+        paired_difference({0: 1.0, 1: 2.0}, {0: 1.0, 1: 1.0}, confidence=95)
+
+
+def test_compare_says_not_separable_when_the_interval_covers_zero(suite):
+    assert seed_values(suite, "skew", "B", "final") == pytest.approx({0: 78.0, 1: 66.0, 2: 84.0})
+    (final,) = compare(suite, "A", ["B", "C", "missing"], "final")  # C (1 seed) and missing are left out
+    assert final.differences == pytest.approx((2.0, 4.0, 6.0))
+    assert final.low < 0 < final.high and not final.separable and final.verdict == "not separable"
+    (last3,) = compare(suite, "A", ["B"], "last3")
+    assert last3.differences == pytest.approx((3.0, 4.0, 5.0))  # sample std 1: the interval is 4 ± 2.48
+    assert last3.low == pytest.approx(4.0 - T_975_DF2 / math.sqrt(3)) and last3.separable
+    assert last3.verdict == "A higher"
+    (reverse,) = compare(suite, "B", ["A"], "last3")
+    assert reverse.verdict == "B lower" and reverse.high == pytest.approx(-last3.low)
+    table = render_markdown([final, last3])
+    assert "| skew | A − B | final | 3 | +2.00, +4.00, +6.00 | +4.00 |" in table
+
+
+def test_command_line_prints_one_table_per_folder(suite, capsys):
+    assert main([str(suite), "--reference", "A", "--against", "B", "--metric", "final"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"### {suite}\n") and out.count("| skew | A − B | final |") == 1
