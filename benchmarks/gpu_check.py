@@ -172,16 +172,19 @@ def graph_check(device: torch.device, sz: dict) -> dict:
     except Exception as err:  # noqa: BLE001 (any capture failure is the finding)
         return {**result, "status": "capture_failed", "error": f"{type(err).__name__}: {err}"[:2000]}
     replays = {}
-    for label in ("same_inputs", "new_inputs"):
-        if label == "new_inputs":
-            with torch.no_grad():
-                x.copy_(randn(t, d))
-                dy.copy_(randn(t, d))
-        graph.replay()
-        got = [c.clone() for c in captured]
-        eager = [e.detach().clone() for e in step()]
-        replays[label] = compare(got, eager)
-    torch.cuda.synchronize(device)
+    try:
+        for label in ("same_inputs", "new_inputs"):
+            if label == "new_inputs":
+                with torch.no_grad():
+                    x.copy_(randn(t, d))
+                    dy.copy_(randn(t, d))
+            graph.replay()
+            got = [c.clone() for c in captured]
+            eager = [e.detach().clone() for e in step()]
+            replays[label] = compare(got, eager)
+        torch.cuda.synchronize(device)
+    except Exception as err:  # noqa: BLE001
+        return {**result, "status": "replay_failed", "error": f"{type(err).__name__}: {err}"[:2000]}
     worst = max(e for rep in replays.values() for e in rep["rel_err"].values())
     ok = worst < 1e-3 and replays["new_inputs"]["rel_err"]["y"] < 1e-3
     return {**result, "status": "ok" if ok else "mismatch", "max_rel_err": worst, "replays": replays}
