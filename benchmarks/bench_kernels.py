@@ -13,6 +13,11 @@ forward, the backward and the forward+backward of one frozen linear layer with N
 
 Times are medians in milliseconds of the *whole* layer (base GEMM included). The "LoRA path" time
 of an implementation is its time minus the base linear's time for the same phase and inputs.
+Each case also records the byte model of the LoRA path (``byte_model.py``) and the GB/s each
+implementation achieves against it, the base GEMM / ``addmm_`` rates at the case's shape, and on
+CUDA the device time of every kernel of one Triton forward+backward (``torch.profiler``) with its
+GB/s against the model and against a device-to-device copy measured in the same run, plus the
+host vs device time of a call. ``--routing`` picks scattered, contiguous or Zipf-skewed routing.
 
 Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=.``)::
 

@@ -95,3 +95,29 @@ def test_kernel_bytes_assigned_in_launch_order() -> None:
     five = eight[:5]
     unmatched = kernel_profile.assign_model_bytes(five, {k["name"] for k in five}, models, None)
     assert unmatched["matched_design"] is None and "bytes" not in unmatched["lora_kernels"][0]
+
+
+class _Event:
+    """Stands in for a profiler FunctionEvent: name, device type, time range."""
+
+    def __init__(self, name: str, start: float, us: float, device: str = "CUDA") -> None:
+        from types import SimpleNamespace
+
+        self.name = name
+        self.device_type = SimpleNamespace(name=device)
+        self.time_range = SimpleNamespace(start=start, elapsed_us=lambda: us)
+
+
+def test_launch_list_takes_medians_per_position() -> None:
+    events = []
+    for call, durations in enumerate(([10.0, 5.0], [30.0, 7.0], [20.0, 6.0])):
+        base = 1000.0 * call
+        events += [_Event("shrink", base + 1, durations[0]), _Event("expand", base + 2, durations[1]),
+                   _Event("aten::mm", base + 0.5, 99.0, device="CPU")]
+    got = kernel_profile.launch_list(list(reversed(events)), reps=3)
+    assert got["kernels"] == [{"name": "shrink", "median_us": 20.0}, {"name": "expand", "median_us": 6.0}]
+    assert got["total_us"] == 26.0
+    assert "note" in kernel_profile.launch_list(events[:-1] + [_Event("x", 5000, 1.0)], reps=3)
+    swapped = [_Event("expand", 1, 1.0), _Event("shrink", 2, 1.0), _Event("shrink", 3, 1.0),
+               _Event("expand", 4, 1.0)]
+    assert kernel_profile.launch_list(swapped, reps=2) == {"note": "calls launched different kernel sequences"}
