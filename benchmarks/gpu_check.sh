@@ -35,6 +35,7 @@ START=$SECONDS
 SUMMARY="$OUT/gpu_check.json"
 rm -f "$SUMMARY"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
@@ -91,10 +92,12 @@ else
     --variants uniform --impls triton,base --warmup 3 --min-reps 10 --max-reps 100 --target-ms 200 \
     --out "$OUT/variants_n1.json"
   run_step gpu_tests 170 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
-    tests/kernels > "$OUT/pytest.log" 2>&1
+    --durations=10 tests/kernels > "$OUT/pytest.log" 2>&1
   run_step rounds 90 "$PY" benchmarks/bench_rounds.py --random-weights --preset gpu-check --out "$OUT/rounds.json"
 fi
 timeout 60 "$PY" benchmarks/gpu_check.py summary --out "$SUMMARY" --kernels "$OUT/kernels.json" \
   --variants "$OUT/variants.json" "$OUT/variants_n1.json" --pytest-log "$OUT/pytest.log" \
   --rounds "$OUT/rounds.json" || echo "[gpu_check] summary failed"
 echo "[gpu_check] done in $(( SECONDS - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null  # the log is complete when the script returns
