@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: gpu_check.py's bookkeeping starts without it
+    import torch
 
 __all__ = [
     "REPO_ROOT",
@@ -56,6 +57,8 @@ def git(*args: str) -> str | None:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model name from ``/proc/cpuinfo``."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -89,6 +92,8 @@ def run_metadata(device: torch.device, argv: Sequence[str]) -> dict:
     CUDA its capability, SM count and memory), python/torch/CUDA versions, CPU intra-op threads,
     the git commit and whether tracked files were modified (None when git is unavailable), the
     UTC date and the command-line arguments."""
+    import torch
+
     name = device_name(device)
     status = git("status", "--porcelain", "--untracked-files=no")
     meta = {

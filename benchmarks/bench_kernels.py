@@ -13,6 +13,11 @@ forward, the backward and the forward+backward of one frozen linear layer with N
 
 Times are medians in milliseconds of the *whole* layer (base GEMM included). The "LoRA path" time
 of an implementation is its time minus the base linear's time for the same phase and inputs.
+Each case also records the byte model of the LoRA path (``byte_model.py``) and the GB/s each
+implementation achieves against it, the base GEMM / ``addmm_`` rates at the case's shape, and on
+CUDA the device time of every kernel of one Triton forward+backward (``torch.profiler``) with its
+GB/s against the model and against a device-to-device copy measured in the same run, plus the
+host vs device time of a call. ``--routing`` picks scattered, contiguous or Zipf-skewed routing.
 
 Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=.``)::
 
@@ -47,7 +52,7 @@ from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
 from _common import percentile as _percentile
-from byte_model import lora_bytes
+from byte_model import lora_bytes, r_pad
 from fedhello.kernels import LoRAPlan, multi_lora_linear, resolve_backend
 
 IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
@@ -615,10 +620,21 @@ def headline_ratios(case_result: dict) -> dict[str, float | None]:
 
 def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
     """The byte model of ``case`` (``byte_model.lora_bytes``) for both designs, per phase and
-    kernel; ``client_rows`` (rows per client of the routing) sizes the v2 partials."""
+    kernel; ``client_rows`` (rows per client of the routing) sizes the v2 partials, and the v2
+    block sizes are the Triton backend's own (``fedhello.kernels.tuning``) where it has a table."""
     e = torch.tensor([], dtype=case.torch_dtype).element_size()
-    return {design: lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design=design,
-                               client_rows=client_rows) for design in ("v1", "v2")}
+    blocks: dict[str, int] = {}
+    try:
+        from fedhello.kernels import tuning
+    except ImportError:  # a backend without a tuning table: the model's defaults
+        pass
+    else:
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        cfg = tuning.lookup(case.torch_dtype, r_pad(case.r), interp)
+        blocks = {"block_n": cfg.block_n, "chunk_rows": cfg.chunk}
+    return {"v1": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v1"),
+            "v2": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v2", client_rows=client_rows,
+                             **blocks)}
 
 
 def effective_gbps(impl_results: dict[str, dict], model: dict, copy_bytes_per_s: float | None) -> dict:

@@ -23,9 +23,11 @@ two weight-gradient kernels that re-read X and dY (``dA = G^T X``, ``dB = s H^T 
 then cuBLAS adds the base product into it. B1 reads dY once per (row chunk, d_out tile of
 ``block_n`` columns) and writes fp32 G partials ``[d_out / block_n, T, R_PAD]`` plus ``dB``
 (final, or fp32 partials per row chunk of ``chunk_rows`` rows for clients with more than one
-chunk); B2 reduces the G partials to ``G [T, R_PAD]``; B3 writes ``dx = G A`` once (then the
-base ``dx.addmm_``); B4 ``dA = G^T X`` in one pass over X per (row chunk, d_in tile), final or
-partials; B5 reduces the partials of multi-chunk clients and writes the squared norms.
+chunk), and B1r turns the dB partials of multi-chunk clients into their dB (with the squared
+norms); B2 reduces the G partials to ``G [T, R_PAD]``; B3 writes ``dx = G A`` once (then the base
+``dx.addmm_``); B4 ``dA = G^T X`` in one pass over X per (row chunk, d_in tile), final or
+partials, and B4r reduces those. The kernels are listed in the order the Triton backend launches
+them, so a profile's launch list pairs with them one to one.
 
 Usage: ``lora_bytes(8192, 32, 4096, 4096, 16, 2)["phases"]["fwd_bwd"]`` -> bytes; run this file
 for the headline table (``python benchmarks/byte_model.py [--json]``).
@@ -98,24 +100,25 @@ def _v2(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chu
     # fp32 partial gradients of the multi-chunk clients: one [R_PAD, d] tile per chunk.
     chunks = _chunk_partials(rows, chunk_rows)
     part_b, part_a = chunks * d_out * rp * FP32, chunks * d_in * rp * FP32
-    # Their final gradients are written by B5, the others' directly by B1 / B4.
+    # Their final gradients are written by B1r / B4r, the others' directly by B1 / B4.
     final_share = (n - len(multi)) / n if n else 0.0
     b_direct, a_direct = b * final_share, a * final_share
     g_tiles = math.ceil(d_out / block_n)
     g_partials = g_tiles * t * rp * FP32
-    n_tiles = math.ceil(d_out / block_n) + math.ceil(d_in / block_n)
-    norms = n * n_tiles * FP32
+    norms_b, norms_a = n * g_tiles * FP32, n * math.ceil(d_in / block_n) * FP32
     return {
         "F1_shrink": _kernel("fwd", "H = X A^T (reads X once)", x + a + idx, inter),
         "F2_expand": _kernel("fwd", "y = bias + s H B^T, written once (base added by addmm_)",
                              inter + b + d_out * e + idx, y),
         "B1_dy_pass": _kernel("bwd", f"one pass over dY: G partials [{g_tiles}, T, {rp}] fp32 and dB",
                               y + b + inter + idx, g_partials + b_direct + part_b),
+        "B1r_reduce_dB": _kernel("bwd", "dB of multi-chunk clients from their partials; norms",
+                                 part_b, (b - b_direct) + norms_b),
         "B2_g_reduce": _kernel("bwd", "G = s * sum of the G partials", g_partials + idx, inter),
         "B3_expand": _kernel("bwd", "dx = G A, written once (base added by addmm_)", inter + a + idx, x),
         "B4_x_pass": _kernel("bwd", "dA = G^T X, one pass over X", x + inter + idx, a_direct + part_a),
-        "B5_reduce_norms": _kernel("bwd", "reduce multi-chunk partials; squared norms [N, n_tiles]",
-                                   part_a + part_b, (a - a_direct) + (b - b_direct) + norms),
+        "B4r_reduce_dA": _kernel("bwd", "dA of multi-chunk clients from their partials; norms",
+                                 part_a, (a - a_direct) + norms_a),
     }
 
 
@@ -130,7 +133,7 @@ def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, 
         design: ``"v1"`` or ``"v2"`` (module docstring).
         block_n: v2: d_out columns per B1 program (sets the number of G partials).
         chunk_rows: v2: rows per weight-gradient row chunk; clients with more rows go through
-            fp32 partials reduced by B5.
+            fp32 partials reduced by B1r / B4r.
         client_rows: v2: rows per client (default: T spread evenly), for the partials.
 
     Returns:

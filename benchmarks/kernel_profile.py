@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["V1_KERNELS", "assign_model_bytes", "copy_bandwidth", "gemm_ceilings", "host_vs_device", "profile_kernels",
-           "time_call", "triton_kernel_names"]
+__all__ = ["V1_KERNELS", "assign_model_bytes", "copy_bandwidth", "gemm_ceilings", "host_vs_device", "launch_list",
+           "profile_kernels", "time_call", "triton_kernel_names"]
 
 
 def _sync(device: torch.device) -> None:
@@ -103,11 +103,8 @@ def triton_kernel_names() -> set[str]:
 
 
 def _device_us(event) -> float:  # noqa: ANN001 (a torch.autograd profiler FunctionEvent)
-    for attr in ("device_time", "cuda_time"):
-        value = getattr(event, attr, None)
-        if value is not None:
-            return float(value)
-    return 0.0
+    """Duration of one device event (a kernel, memset or copy) in microseconds."""
+    return float(event.time_range.elapsed_us())
 
 
 def profile_kernels(fn: Callable[[], object], device: torch.device, reps: int = 5) -> dict:
@@ -126,14 +123,21 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, reps: int = 
         for _ in range(reps):
             fn()
         _sync(device)
-    events = sorted((e for e in prof.events() if getattr(e.device_type, "name", "") == "CUDA"),
+    return launch_list(prof.events(), reps)
+
+
+def launch_list(events: Sequence, reps: int) -> dict:
+    """One call's device events in launch order, each with its median duration over ``reps``
+    identical calls (``profile_kernels``' result; ``events`` are profiler ``FunctionEvent``s, the
+    CPU ones are ignored)."""
+    device = sorted((e for e in events if getattr(e.device_type, "name", "") == "CUDA"),
                     key=lambda e: e.time_range.start)
-    if not events or len(events) % reps:
-        return {"note": f"{len(events)} kernels over {reps} calls: not the same launch list each call"}
-    per_call = len(events) // reps
+    if not device or len(device) % reps:
+        return {"note": f"{len(device)} kernels over {reps} calls: not the same launch list each call"}
+    per_call = len(device) // reps
     kernels = []
     for i in range(per_call):
-        runs = [events[i + k * per_call] for k in range(reps)]
+        runs = [device[i + k * per_call] for k in range(reps)]
         if len({e.name for e in runs}) != 1:
             return {"note": "calls launched different kernel sequences"}
         kernels.append({"name": runs[0].name, "median_us": statistics.median(_device_us(e) for e in runs)})

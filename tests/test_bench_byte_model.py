@@ -45,7 +45,7 @@ def test_v2_removes_the_read_modify_writes_and_second_passes() -> None:
     g_partials = (D // 128) * INTER
     assert k["B1_dy_pass"]["write"] == g_partials + ADAPTER  # every client fits one chunk: dB final
     assert k["B2_g_reduce"]["read"] == g_partials + IDX
-    assert k["B5_reduce_norms"]["read"] == 0
+    assert k["B1r_reduce_dB"]["read"] == 0 and k["B4r_reduce_dA"]["read"] == 0
     # With one d_out tile (a single G partial) the design moves ~365 MB: the issue's target.
     single = byte_model.lora_bytes(T, N, D, D, R, E, design="v2", block_n=D)
     assert single["phases"]["fwd_bwd"] / 1e6 == pytest.approx(365.1, abs=0.1)
@@ -58,9 +58,12 @@ def test_v2_partials_for_clients_with_several_row_chunks() -> None:
     rows = [5000] + [100] * 31  # one popular client: 10 chunks of 512 rows
     m = byte_model.lora_bytes(T, N, D, D, R, E, design="v2", chunk_rows=512, client_rows=rows)
     chunk_part = 10 * D * 16 * 4
-    assert m["kernels"]["B5_reduce_norms"]["read"] == 2 * chunk_part
-    # B5 writes the popular client's final dA and dB (1/N of each) plus the norms.
-    assert m["kernels"]["B5_reduce_norms"]["write"] == pytest.approx(2 * ADAPTER / N + N * 64 * 4, abs=2)
+    k = m["kernels"]
+    assert k["B1r_reduce_dB"]["read"] == chunk_part and k["B4r_reduce_dA"]["read"] == chunk_part
+    assert k["B1_dy_pass"]["write"] - k["B2_g_reduce"]["read"] + IDX == pytest.approx(
+        ADAPTER * (N - 1) / N + chunk_part, abs=2)
+    # The reduces write the popular client's final dA and dB (1/N of each) plus the norms.
+    assert k["B1r_reduce_dB"]["write"] == pytest.approx(ADAPTER / N + N * 32 * 4, abs=2)
 
 
 @pytest.mark.parametrize("bad", [dict(t=0), dict(r=1.5), dict(design="v3"), dict(client_rows=[1] * 3)])
@@ -85,10 +88,36 @@ def test_kernel_bytes_assigned_in_launch_order() -> None:
     assert first["frac_of_copy"] == pytest.approx(first["gbps"] * 1e9 / 3.0e12)
     assert got["other_kernels"] == [{"name": "gemm", "median_us": 300.0}]
     assert got["lora_total"]["device_us"] == 300.0
-    # Seven unknown kernels pair with the v2 model; five do not pair with anything.
-    seven = [{"name": f"k{i}", "median_us": 10.0} for i in range(7)]
-    assert kernel_profile.assign_model_bytes(seven, {k["name"] for k in seven}, models, None)[
+    # Eight unknown kernels pair with the v2 model; five do not pair with anything.
+    eight = [{"name": f"k{i}", "median_us": 10.0} for i in range(8)]
+    assert kernel_profile.assign_model_bytes(eight, {k["name"] for k in eight}, models, None)[
         "matched_design"] == "v2"
-    five = seven[:5]
+    five = eight[:5]
     unmatched = kernel_profile.assign_model_bytes(five, {k["name"] for k in five}, models, None)
     assert unmatched["matched_design"] is None and "bytes" not in unmatched["lora_kernels"][0]
+
+
+class _Event:
+    """Stands in for a profiler FunctionEvent: name, device type, time range."""
+
+    def __init__(self, name: str, start: float, us: float, device: str = "CUDA") -> None:
+        from types import SimpleNamespace
+
+        self.name = name
+        self.device_type = SimpleNamespace(name=device)
+        self.time_range = SimpleNamespace(start=start, elapsed_us=lambda: us)
+
+
+def test_launch_list_takes_medians_per_position() -> None:
+    events = []
+    for call, durations in enumerate(([10.0, 5.0], [30.0, 7.0], [20.0, 6.0])):
+        base = 1000.0 * call
+        events += [_Event("shrink", base + 1, durations[0]), _Event("expand", base + 2, durations[1]),
+                   _Event("aten::mm", base + 0.5, 99.0, device="CPU")]
+    got = kernel_profile.launch_list(list(reversed(events)), reps=3)
+    assert got["kernels"] == [{"name": "shrink", "median_us": 20.0}, {"name": "expand", "median_us": 6.0}]
+    assert got["total_us"] == 26.0
+    assert "note" in kernel_profile.launch_list(events[:-1] + [_Event("x", 5000, 1.0)], reps=3)
+    swapped = [_Event("expand", 1, 1.0), _Event("shrink", 2, 1.0), _Event("shrink", 3, 1.0),
+               _Event("expand", 4, 1.0)]
+    assert kernel_profile.launch_list(swapped, reps=2) == {"note": "calls launched different kernel sequences"}

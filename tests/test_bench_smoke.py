@@ -220,3 +220,22 @@ def test_size_lists_parse_k_suffix(bench_kernels) -> None:
     assert bench_kernels.KernelCase(3, 8, 8, 8, "frozen").trainable() == [True, False, True]
     with pytest.raises(ValueError, match="variant"):
         bench_kernels.KernelCase(3, 8, 8, 8, "sparse")
+
+
+def test_kernel_table_from_a_hand_made_profile(bench_kernels) -> None:
+    launches = [{"name": "ampere_bf16_gemm", "median_us": 350.0}, {"name": "_shrink_kernel", "median_us": 25.0}]
+    record = {"name": "case", "profile": {"triton": {
+        "kernels": launches, "total_us": 375.0, "reps": 5, "matched_design": "v2",
+        "lora_kernels": [{"name": "_shrink_kernel", "median_us": 25.0, "model": "v2:F1_shrink",
+                          "bytes": 71_900_000, "gbps": 2876.0, "frac_of_copy": 0.72}],
+        "other_kernels": [{"name": "ampere_bf16_gemm", "median_us": 350.0}],
+        "lora_total": {"device_us": 25.0, "vs_model": {"v2": {"gbps": 15904.0, "frac_of_copy": None}}}}},
+        "host_vs_device": {"host_ms": 0.5, "device_ms": 1.25, "host_over_device": 0.4}}
+    lines = bench_kernels.kernel_table(record, {"bytes_per_s": 4.0e12})
+    text = "\n".join(lines)
+    assert "copy bandwidth 4000 GB/s" in text and "matched byte model: v2" in text
+    assert "_shrink_kernel" in text and "71.9" in text and "2876" in text and "72 %" in text
+    assert "ampere_bf16_gemm" in text and "350.0" in text
+    assert "25.0 us = 15904 GB/s against the v2 model" in text
+    assert "host 0.500 ms to enqueue, device 1.250 ms" in text
+    assert bench_kernels.kernel_table({"name": "cpu-case"}, None) == []

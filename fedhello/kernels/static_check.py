@@ -16,12 +16,14 @@ No GPU is needed. The gate
    ``mma.sync`` and its shape) and from the SASS (``HGMMA``/``HMMA``), and the width of every
    global load in the PTX (``ld.global`` by type and vector length, ``cp.async`` sizes).
 
-Three things are patched for the duration of the recording only, and restored afterwards:
-the kernels of ``triton_lora`` (the recorders), ``multi_lora.resolve_backend`` (backend
-``"triton"`` refuses CPU tensors unless the interpreter is on, and under the interpreter the
-kernels are not ``JITFunction`` objects, so the gate must run *without* ``TRITON_INTERPRET`` and
-route ``"triton"`` to ``triton_lora`` by hand), and a ``TorchDispatchMode`` that answers large
-dense matrix products with uninitialised tensors of the right shape.
+Patched for the duration of the recording only, and restored afterwards: the kernels of
+``triton_lora`` (the recorders); ``multi_lora.resolve_backend`` (backend ``"triton"`` refuses CPU
+tensors unless the interpreter is on, and under the interpreter the kernels are not
+``JITFunction`` objects, so the gate must run *without* ``TRITON_INTERPRET`` and route
+``"triton"`` to ``triton_lora`` by hand); ``triton_lora._programs_wanted`` / ``_sm_count`` when
+present (grids sized for a GPU of ``HOPPER_SMS`` multiprocessors instead of the interpreter's
+one); and a ``TorchDispatchMode`` that answers large dense matrix products with uninitialised
+tensors of the right shape.
 
 CLI (prints the table; re-executes itself without ``TRITON_INTERPRET`` and with a fresh Triton
 cache directory, so nothing is reused between runs)::
@@ -68,6 +70,7 @@ __all__ = [
 HEADLINE = {"n": 32, "t": 8192, "d_in": 4096, "d_out": 4096, "r": 16}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HALF_DTYPES = ("bf16", "fp16")
+HOPPER_SMS = 132  # multiprocessors of an H100 SXM / H200
 # A product below this many multiply-adds runs for real inside the recording (plans, small
 # reductions); above it its values cannot matter to which kernels are launched.
 _SKIP_PRODUCT_MACS = 1 << 24
@@ -186,11 +189,26 @@ class _SkipDenseProducts(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _triton_backend_on_cpu() -> Iterator[None]:
-    """Route ``backend="triton"`` to ``triton_lora`` for CPU tensors without the interpreter.
+def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, original)
 
-    ``multi_lora.resolve_backend`` refuses that combination (the kernels could not run); the
-    gate never runs them, it only records their launches.
+
+@contextlib.contextmanager
+def _triton_backend_on_cpu() -> Iterator[bool]:
+    """Make the launchers take their GPU decisions for CPU tensors without the interpreter.
+
+    * ``multi_lora.resolve_backend`` refuses ``"triton"`` for CPU tensors (the kernels could not
+      run); here it returns ``triton_lora``: the gate never runs them, it only records launches.
+    * Launchers that size grids by the GPU (split-K when the tiles would leave SMs idle) ask
+      ``triton_lora._programs_wanted(device)``, which answers 1 off CUDA; when the module has it
+      (and its ``_sm_count``), it is asked for a CUDA device with ``HOPPER_SMS`` multiprocessors.
+
+    Yields whether the SM count was emulated.
     """
     from . import multi_lora, triton_lora
 
@@ -199,11 +217,20 @@ def _triton_backend_on_cpu() -> Iterator[None]:
     def resolve(name: str, device: torch.device) -> ModuleType:
         return triton_lora if name == "triton" else original(name, device)
 
-    multi_lora.resolve_backend = resolve
-    try:
-        yield
-    finally:
-        multi_lora.resolve_backend = original
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(multi_lora, "resolve_backend", resolve))
+        emulate = emulates_sm_count(triton_lora)
+        if emulate:
+            wanted = triton_lora._programs_wanted
+            stack.enter_context(_patched(triton_lora, "_sm_count", lambda index: HOPPER_SMS))
+            stack.enter_context(_patched(triton_lora, "_programs_wanted",
+                                         lambda device: wanted(torch.device("cuda", 0))))
+        yield emulate
+
+
+def emulates_sm_count(module: ModuleType) -> bool:
+    """Whether the gate can make ``module``'s launchers size their grids for ``HOPPER_SMS``."""
+    return callable(getattr(module, "_programs_wanted", None)) and callable(getattr(module, "_sm_count", None))
 
 
 def _public_api_inputs(dtype: torch.dtype, n: int, t: int, d_in: int, d_out: int, r: int,
@@ -246,7 +273,7 @@ def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = H
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
-    if multi_lora.triton_interpreting():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: the gate needs the real @triton.jit kernels; "
                            "run it in a process started without TRITON_INTERPRET")
     s = _public_api_inputs(DTYPES[dtype], n, t, d_in, d_out, r, contiguous, seed)
@@ -539,23 +566,31 @@ SCENARIOS = (
 )
 
 
-def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch] | None:
-    """The scenario's launches, or None when the public API has no such option (no dropout)."""
-    kwargs: dict[str, Any] = {}
-    if scenario.dropout:
-        from .multi_lora import multi_lora_linear
+def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch] | str:
+    """The scenario's launches, or why it was skipped.
 
-        if "dropout_p" not in inspect.signature(multi_lora_linear).parameters:
-            return None
-        kwargs = {"dropout_p": 0.1, "dropout_seeds": torch.arange(HEADLINE["n"], dtype=torch.int64) + 1}
-    return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
-                             extra=kwargs)
+    The dropout scenario runs only when ``multi_lora_linear`` has ``dropout_p``; its seeds
+    (int64 ``[N]``) are a guess at the new argument's contract, so a ``TypeError``/``ValueError``
+    from that call skips the scenario (with the message) rather than failing the gate.
+    """
+    if not scenario.dropout:
+        return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous)
+    from .multi_lora import multi_lora_linear
+
+    if "dropout_p" not in inspect.signature(multi_lora_linear).parameters:
+        return "multi_lora_linear has no dropout_p argument"
+    kwargs = {"dropout_p": 0.1, "dropout_seeds": torch.arange(HEADLINE["n"], dtype=torch.int64) + 1}
+    try:
+        return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
+                                 extra=kwargs)
+    except (TypeError, ValueError) as err:
+        return f"the call with dropout_p=0.1 and int64 seeds [N] was refused: {err}"
 
 
 @dataclass
 class GateResult:
     """``reports`` (one per compiled specialisation), ``failures`` (empty when the gate passes)
-    and ``skipped`` (scenarios the installed API cannot express)."""
+    and ``skipped`` (scenarios not recorded, each with the reason)."""
 
     reports: list[KernelReport]
     failures: list[str]
@@ -581,8 +616,8 @@ def run_gate(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"),
         launches: list[tuple[str, Launch]] = []
         for scenario in (scenarios if dtype == first_half else scenarios[:1]):
             recorded = _record_scenario(dtype, scenario)
-            if recorded is None:
-                skipped.append(f"{dtype}/{scenario.name}: multi_lora_linear has no such option")
+            if isinstance(recorded, str):
+                skipped.append(f"{dtype}/{scenario.name}: {recorded}")
                 continue
             launches += [(scenario.name, launch) for launch in recorded]
         distinct: dict[str, tuple[CompiledLaunch, list[str]]] = {}
@@ -600,7 +635,7 @@ def run_gate(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"),
 def format_table(reports: Sequence[KernelReport]) -> str:
     """The gate's table: one line per compiled specialisation."""
     head = (f"{'dtype':<5} {'kernel':<24} {'warps/stg':>9} {'regs':>5} {'spill':>7} {'smem KiB':>8}  "
-            f"{'MMA':<30} {'global loads (PTX, static count)':<40} {'gate':<4}  used by")
+            f"{'MMA':<44} {'global loads (PTX, static count)':<40} {'gate':<4}  used by")
     lines = [f"sm_90 static gate (Triton compile for GPUTarget('cuda', 90, 32)); headline "
              f"N={HEADLINE['n']} T={HEADLINE['t']} d_in={HEADLINE['d_in']} d_out={HEADLINE['d_out']} "
              f"r={HEADLINE['r']}", head, "-" * len(head)]
@@ -609,7 +644,7 @@ def format_table(reports: Sequence[KernelReport]) -> str:
         gate = "FAIL" if rep.failures else "ok"
         lines.append(f"{rep.dtype:<5} {rep.kernel:<24} {f'{rep.num_warps}/{rep.num_stages}':>9} "
                      f"{rep.registers if rep.registers is not None else '?':>5} {spill:>7} "
-                     f"{rep.shared_bytes / 1024:>8.1f}  {rep.mma:<30} {rep.loads:<40} {gate:<4}  "
+                     f"{rep.shared_bytes / 1024:>8.1f}  {rep.mma:<44} {rep.loads:<40} {gate:<4}  "
                      f"{', '.join(rep.uses)}")
     return "\n".join(lines)
 
@@ -620,11 +655,15 @@ def format_table(reports: Sequence[KernelReport]) -> str:
 def _worker(args: argparse.Namespace) -> int:
     import triton
 
+    from . import triton_lora
+
     result = run_gate(args.dtype)
     reports, failures = result.reports, result.failures
     print(format_table(reports))
     for note in result.skipped:
         print(f"skipped {note}")
+    if emulates_sm_count(triton_lora):
+        print(f"grids sized as on a GPU with {HOPPER_SMS} SMs (triton_lora._programs_wanted)")
     if failures:
         print("\nGATE FAILED:\n  " + "\n  ".join(failures))
     else:
@@ -632,6 +671,7 @@ def _worker(args: argparse.Namespace) -> int:
     if args.json is not None:
         doc = {"triton": triton.__version__, "target": {"backend": "cuda", "arch": 90, "warp_size": 32},
                "headline": HEADLINE, "dtypes": list(args.dtype),
+               "sm_count_emulated": HOPPER_SMS if emulates_sm_count(triton_lora) else None,
                "scenarios": [dataclasses.asdict(s) for s in SCENARIOS],
                "passed": not failures, "failures": failures, "skipped": result.skipped,
                "kernels": [{**dataclasses.asdict(r), "mma_summary": r.mma} for r in reports]}

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedhello.kernels import static_check
-from fedhello.kernels.multi_lora import triton_available, triton_interpreting
+from fedhello.kernels import triton_available, triton_interpreting
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
