@@ -631,7 +631,7 @@ def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
     else:
         interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         cfg = tuning.lookup(case.torch_dtype, r_pad(case.r), interp)
-        blocks = {"block_n": cfg.block_n, "chunk_rows": cfg.chunk}
+        blocks = {"block_n": cfg.dy_block_n, "chunk_rows": cfg.chunk}
     return {"v1": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v1"),
             "v2": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v2", client_rows=client_rows,
                              **blocks)}
