@@ -43,17 +43,9 @@ from fedhello.fl.allocation import AllocationContext, make_strategy
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
+from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
-
-# LoRA targets per architecture when the config names none: the attention query and value
-# projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
-DEFAULT_TARGET_MODULES = {
-    "bert": ["query", "value"],
-    "vit": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
 
 Batch = dict[str, torch.Tensor]
 
