@@ -40,9 +40,10 @@ import torch.nn.functional as F
 
 from fedhello.fl.optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
 from fedhello.nn import MultiLoRAModel
+from fedhello.nn.model import COMPUTE_DTYPES
 
 __all__ = ["LocalTask", "LocalResult", "LocalTrainingConfig", "ClientParallelEngine", "SequentialEngine",
-           "DEFAULT_TOKEN_BUDGET", "wave_size_for_tokens", "wave_size_for_memory"]
+           "DEFAULT_TOKEN_BUDGET", "resolve_dtype", "wave_size_for_tokens", "wave_size_for_memory"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -164,6 +165,17 @@ class _Schedule:
             batches.append(order[pos:pos + take])
             pos += take
         return cls(task, slot, steps, batches)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype called ``name`` ("float32", "bfloat16", "float16"; "auto": bfloat16 on
+    CUDA, float32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {name!r}")
+    return dtype
 
 
 def wave_size_for_tokens(tokens_per_client: int, budget: int, max_slots: int) -> int:
