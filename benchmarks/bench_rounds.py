@@ -40,6 +40,13 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_rounds.py --smoke                 # tiny random BERT, CPU, seconds
     python benchmarks/bench_rounds.py --models minilm --n 1,8 --out benchmarks/results/rounds.json
     python benchmarks/bench_rounds.py                         # GPU: MiniLM and SmolLM2, N in 1,8,32,100
+    python benchmarks/bench_rounds.py --random-weights --preset gpu-check --out PATH   # no checkpoints needed
+
+``--random-weights`` builds the backbones from configs (``_random_backbones.py``: the shapes of
+MiniLM, SmolLM2-135M and BERT-base, random weights) and imports nothing outside torch, triton,
+transformers, peft and numpy. ``--dtype`` sets the compute dtype of the engines' frozen backbone
+(the PEFT loop runs under ``torch.autocast`` in that dtype). ``--paper-rounds K`` also times K
+rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds.
 
 Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``, rewritten after
 every case) and prints a table.
@@ -360,8 +367,7 @@ class PeftRound:
         heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in head_keys))
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=modules,
                             modules_to_save=heads, bias="none")
-        # A half-precision base: PEFT keeps the adapters in float32 and casts around them.
-        self.model = get_peft_model(backbone.to(settings.torch_dtype), config).eval()
+        self.model = get_peft_model(backbone, config).eval()
         inner = self.model.base_model.model
         # The LoRA factors of each block, to switch requires_grad per client.
         self.block_params: dict[int, list[nn.Parameter]] = {}
@@ -405,7 +411,9 @@ class PeftRound:
             for tensors in loader:
                 batch = {k: t.to(device) for k, t in zip(keys, tensors)}
                 labels = batch.pop("labels")
-                logits = self.model(**batch).logits
+                # Half precision the way a PEFT user gets it: autocast over fp32 weights (AMP).
+                with torch.autocast(device.type, dtype=s.torch_dtype, enabled=s.torch_dtype != torch.float32):
+                    logits = self.model(**batch).logits
                 F.cross_entropy(logits.float(), labels).backward()
                 optimizer.step()
                 if on_optimizer is not None:
