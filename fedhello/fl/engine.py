@@ -228,6 +228,8 @@ class ClientParallelEngine:
         device: where batches go (default: the model's device).
         dtype: the dtype the frozen backbone computes in (None: as the model is); the model's
             backbone is cast in place (``MultiLoRAModel.set_compute_dtype``), banks stay float32.
+            float16 runs without loss scaling (gradients below its range flush to zero):
+            bfloat16, with float32's exponent range, is the one to use on GPUs.
         token_budget: tokens per step aimed at by ``parallel="auto"`` (default by device type,
             ``DEFAULT_TOKEN_BUDGET``).
         stop_backward: give no gradient to the banks of blocks that no client of a wave trains,
