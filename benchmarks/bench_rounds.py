@@ -81,7 +81,10 @@ from fedhello.kernels import BACKENDS, resolve_backend
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
-IMPL_NAMES = ("sequential", "batched", "peft")  # run in this order: the first one run is the guard's reference
+# Run in this order: the first one run is the guard's reference. ``batched-full`` (not run by
+# default) is the batched engine with the backward through every block (stop_backward=False).
+IMPL_NAMES = ("sequential", "batched", "peft", "batched-full")
+DEFAULT_IMPLS = IMPL_NAMES[:3]
 MODEL_NAMES = ("tiny-bert", "tiny-llama", "minilm", "smollm2", "bert-base")
 OFFLINE_MODELS = ("tiny-bert", "minilm", "smollm2")  # without --random-weights
 # Offline aliases understood by fedhello.models.load_backbone.
@@ -161,7 +164,7 @@ class RoundSettings:
 
     def slots(self, n: int, impl: str) -> int:
         """Adapter slots the implementation's model holds for a round of ``n`` clients."""
-        if impl == "batched":
+        if impl in ("batched", "batched-full"):
             return n if self.parallel in (None, "auto") else min(n, self.parallel)
         return 1
 
@@ -323,7 +326,7 @@ class EngineRound:
         self.model: MultiLoRAModel = inject_multi_lora(
             backbone, workload.targets, num_clients=slots, rank=settings.rank, alpha=settings.alpha,
             backend=settings.backend, seed=settings.seed)
-        dtype, stop = settings.torch_dtype, settings.stop_backward
+        dtype, stop = settings.torch_dtype, settings.stop_backward and name != "batched-full"
         self.engine = (SequentialEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop) if name == "sequential"
                        else ClientParallelEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop,
                                                  parallel="auto" if settings.parallel == "auto" else slots))
@@ -438,6 +441,7 @@ IMPL_DESCRIPTIONS = {
     "batched": "ClientParallelEngine: up to `slots` clients per batched forward/backward, masked AdamW",
     "peft": "one PeftModel; per client: set_peft_model_state_dict, requires_grad by block, torch AdamW, "
             "DataLoader, get_peft_model_state_dict",
+    "batched-full": "the batched engine with stop_backward=False: backward through every block",
 }
 
 
@@ -686,7 +690,7 @@ def derive(impls: dict[str, dict], n: int) -> dict:
 
     timed = [name for name in IMPL_NAMES if median(name) is not None]
     out: dict = {"ms_per_client": {name: 1e3 * median(name) / n for name in timed}}
-    for ref in ("sequential", "peft"):
+    for ref in ("sequential", "peft", "batched-full"):
         out[f"speedup_vs_{ref}"] = {
             name: (median(ref) / median(name) if median(ref) is not None else None)
             for name in timed if name != ref}
@@ -729,7 +733,7 @@ def summary_table(records: Sequence[dict], cuda: bool) -> str:
             f"{_fmt(med('peft'), '.3f'):>8} "
             f"{_fmt(ratios['speedup_vs_sequential'].get('batched'), '.2f'):>6} "
             f"{_fmt(ratios['speedup_vs_peft'].get('batched'), '.2f'):>6}  "
-            f"{'/'.join(mib(i) for i in IMPL_NAMES):<30} {guard}")
+            f"{'/'.join(mib(i) for i in DEFAULT_IMPLS):<30} {guard}")
     return "\n".join(lines)
 
 
@@ -792,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=name_list(MODEL_NAMES),
                    help="minilm, smollm2, tiny-bert (default minilm,smollm2 on CUDA, minilm on CPU)")
     p.add_argument("--n", type=int_list, help="numbers of clients (default 1,8,32,100)")
-    p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(IMPL_NAMES),
-                   help=f"subset of {','.join(IMPL_NAMES)} (default all)")
+    p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(DEFAULT_IMPLS),
+                   help=f"subset of {','.join(IMPL_NAMES)} (default {','.join(DEFAULT_IMPLS)})")
     p.add_argument("--seq", type=int, help="tokens per sample (default 64)")
     p.add_argument("--steps", type=int, help="local steps per client (default 2)")
     p.add_argument("--batch", type=int, help="samples per client per step (default 8)")
