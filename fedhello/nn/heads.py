@@ -61,10 +61,12 @@ class ClientHeadBank(nn.Module):
         # Each row's own client weight, gathered by the row's id: no host read of the routing,
         # and every row's dot products are the same whatever else is in the batch. Rows of -1
         # gather slot 0 but are replaced by the frozen head below (their gradient there is 0).
-        weight = self.weight.to(x.dtype).index_select(0, slot)  # [rows, out, in]
+        # Gather, then cast: the backward sums the rows' gradients into the bank in float32
+        # even when the backbone computes in half precision.
+        weight = self.weight.index_select(0, slot).to(x.dtype)  # [rows, out, in]
         out = (x2d.unsqueeze(1) * weight).sum(-1)
         if self.bias is not None:
-            out = out + self.bias.to(x.dtype).index_select(0, slot)
+            out = out + self.bias.index_select(0, slot).to(x.dtype)
         out = torch.where(routed.unsqueeze(1), out, self.base(x2d))
         return out.reshape(*x.shape[:-1], self.out_features)
 
