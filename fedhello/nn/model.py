@@ -242,9 +242,8 @@ class MultiLoRAModel(nn.Module):
         for module in self.backbone.modules():
             if isinstance(module, banks):
                 continue  # its own tensors are master weights/accumulators; its .base is visited
-            for name, value in list(module.named_parameters(recurse=False)) + list(
-                    module.named_buffers(recurse=False)):
-                if value is not None and value.is_floating_point():
+            for value in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if value.is_floating_point():
                     value.data = value.data.to(dtype)
 
     def seed_dropout(self, seeds: int | Mapping[int, int]) -> None:
