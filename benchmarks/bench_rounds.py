@@ -40,6 +40,13 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_rounds.py --smoke                 # tiny random BERT, CPU, seconds
     python benchmarks/bench_rounds.py --models minilm --n 1,8 --out benchmarks/results/rounds.json
     python benchmarks/bench_rounds.py                         # GPU: MiniLM and SmolLM2, N in 1,8,32,100
+    python benchmarks/bench_rounds.py --random-weights --preset gpu-check --out PATH   # no checkpoints needed
+
+``--random-weights`` builds the backbones from configs (``_random_backbones.py``: the shapes of
+MiniLM, SmolLM2-135M and BERT-base, random weights) and imports nothing outside torch, triton,
+transformers, peft and numpy. ``--dtype`` sets the compute dtype of the engines' frozen backbone
+(the PEFT loop runs under ``torch.autocast`` in that dtype). ``--paper-rounds K`` also times K
+rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds.
 
 Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``; ``--smoke``: a new
 temporary folder), rewritten after every case, and prints a table.
@@ -64,20 +71,36 @@ from torch import nn
 
 from _common import (finite, guard_exit_status, int_list, name_list, package_versions, percentile, results_path,
                      run_metadata, write_json)
+from _random_backbones import RANDOM_MODELS, random_backbone
+from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise
 from fedhello.fl.capacity import CapacityTiers
-from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine
+from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine, resolve_dtype
 from fedhello.fl.optim import make_masked_optimizer
-from fedhello.fl.server import DEFAULT_TARGET_MODULES
 from fedhello.kernels import BACKENDS, resolve_backend
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
+from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
-IMPL_NAMES = ("sequential", "batched", "peft")  # run in this order: the first one run is the guard's reference
-MODEL_NAMES = ("tiny-bert", "minilm", "smollm2")
+# Run in this order: the first one run is the guard's reference. ``batched-full`` (not run by
+# default) is the batched engine with the backward through every block (stop_backward=False).
+IMPL_NAMES = ("sequential", "batched", "peft", "batched-full")
+DEFAULT_IMPLS = IMPL_NAMES[:3]
+MODEL_NAMES = ("tiny-bert", "tiny-llama", "minilm", "smollm2", "bert-base")
+OFFLINE_MODELS = ("tiny-bert", "minilm", "smollm2")  # without --random-weights
 # Offline aliases understood by fedhello.models.load_backbone.
 BACKBONES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 NUM_LABELS = 5
 TIERS = CapacityTiers()  # 1/2, 3/4 and all of the blocks, shares 1:1:1
 GUARD_TOL = 1e-3
+GUARD_TOL_HALF = 2e-2  # default guard with a bfloat16/float16 backbone (8 or 11 mantissa bits)
+BLOCK_CHOICES = ("random", "deep")
+# The paper-size run (configs/paper-size.yaml): 100 clients, 10 per round, 500 rounds, a 12-block
+# BERT-base backbone, tiers 6/9/12 blocks at 1:1:1, one local epoch of batch 16 over ~113 samples
+# of 128 tokens (20 Newsgroups' 11,314 training texts over 100 clients), 20 classes.
+PAPER = {"model": "bert-base", "clients": 100, "cohort": 10, "rounds": 500, "samples": 113, "seq": 128,
+         "batch": 16, "num_labels": 20, "lr": 5e-4}
+# --preset gpu-check: what benchmarks/gpu_check.sh runs (about 3 minutes on one H100).
+GPU_CHECK = {"models": ["minilm", "smollm2"], "n": [1, 8, 32, 100], "repeats": 1, "parallel": "auto",
+             "paper_rounds": 3, "budget_s": 150.0}
 GLOBAL_NOISE = 0.05  # the global state is the adapters' init plus N(0, 0.05^2): B != 0, a mid-training state
 PEFT_PREFIX = "base_model.model."
 
@@ -95,9 +118,15 @@ class RoundSettings:
         seq: tokens per sample; batch: samples per client per step; steps: local steps (each
             client holds ``steps * batch`` samples, so a round is one local epoch).
         rank, alpha: LoRA rank and alpha (scale alpha / rank); lr, weight_decay: AdamW's.
-        parallel: most clients the batched engine trains at once (None: all N).
+        parallel: most clients the batched engine trains at once (None: all N; "auto": the
+            engine sizes its waves, ``ClientParallelEngine(parallel="auto")``).
         backend: the engines' ``multi_lora_linear`` backend.
         repeats: timed rounds per implementation (after one warm-up round).
+        dtype: the dtype the frozen backbone computes in (adapters stay float32).
+        stop_backward: the engines' ``stop_backward`` (False: backward through every block).
+        blocks: which blocks a client trains: "random" (a random subset of its capacity) or
+            "deep" (its top blocks, the Inverted-Triangle pattern).
+        fractions: capacity tiers as fractions of the blocks (shares 1:1:1).
     """
 
     device: torch.device
@@ -109,11 +138,24 @@ class RoundSettings:
     alpha: float = 16.0
     lr: float = 1e-3
     weight_decay: float = 0.0
-    parallel: int | None = None
+    parallel: int | str | None = None
     backend: str = "auto"
     repeats: int = 3
     seed: int = 0
     guard_tol: float = GUARD_TOL
+    dtype: str = "float32"
+    stop_backward: bool = True
+    blocks: str = "random"
+    fractions: tuple[float, ...] = TIERS.fractions
+    random_weights: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return resolve_dtype(self.dtype, self.device)
+
+    @property
+    def tiers(self) -> CapacityTiers:
+        return CapacityTiers(fractions=self.fractions, shares=(1.0,) * len(self.fractions))
 
     def local_config(self) -> LocalTrainingConfig:
         return LocalTrainingConfig(steps=self.steps, batch_size=self.batch, optimizer="adamw", lr=self.lr,
@@ -121,28 +163,19 @@ class RoundSettings:
 
     def slots(self, n: int, impl: str) -> int:
         """Adapter slots the implementation's model holds for a round of ``n`` clients."""
-        if impl == "batched":
-            return n if self.parallel is None else min(n, self.parallel)
+        if impl in ("batched", "batched-full"):
+            return n if self.parallel in (None, "auto") else min(n, self.parallel)
         return 1
 
 
 # ------------------------------------------------------------------------------------- backbones
 
 
-def tiny_bert(seq: int, seed: int) -> nn.Module:
-    """A random 4-block BERT (hidden 32, vocab 100) for the smoke mode, in eval mode."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=seq, num_labels=NUM_LABELS, pad_token_id=0)).eval()
-
-
-def load_model(name: str, seq: int, seed: int) -> nn.Module:
-    """The backbone called ``name`` (``MODEL_NAMES``) with a ``NUM_LABELS``-class head, fp32, eval, on CPU."""
-    if name == "tiny-bert":
-        return tiny_bert(seq, seed)
+def load_model(name: str, seq: int, seed: int, random_weights: bool = False) -> nn.Module:
+    """The backbone called ``name`` (``MODEL_NAMES``) with a ``NUM_LABELS``-class head, fp32, eval, on CPU:
+    the offline checkpoint, or with ``random_weights`` (and always for the toys) its shape with random weights."""
+    if random_weights or name in RANDOM_MODELS and name not in BACKBONES:
+        return random_backbone(name, seq, NUM_LABELS, seed)
     from fedhello.models import load_backbone
 
     model = load_backbone(BACKBONES[name], num_labels=NUM_LABELS).float().eval()
@@ -198,13 +231,12 @@ def make_workload(backbone: nn.Module, n: int, settings: RoundSettings) -> Workl
     global_state = {k: v + GLOBAL_NOISE * torch.randn(v.shape, generator=gen)
                     for k, v in probe.client_state(0).items()}
     num_blocks = probe.num_blocks
-    capacities = TIERS.assign(n, num_blocks, seed=settings.seed + n).capacity
+    capacities = settings.tiers.assign(n, num_blocks, seed=settings.seed + n).capacity
     vocab, pad = backbone.config.vocab_size, backbone.config.pad_token_id
     samples = settings.steps * settings.batch
     tasks = []
     for c in range(n):
-        blocks = torch.zeros(num_blocks, dtype=torch.bool)
-        blocks[torch.randperm(num_blocks, generator=gen)[:int(capacities[c])]] = True
+        blocks = client_blocks(num_blocks, int(capacities[c]), settings.blocks, gen)
         ids = torch.randint(0, vocab, (samples, settings.seq), generator=gen)
         if pad is not None:
             ids[ids == pad] = (pad + 1) % vocab  # full-length sequences: no padding token inside
@@ -212,6 +244,16 @@ def make_workload(backbone: nn.Module, n: int, settings: RoundSettings) -> Workl
                 "labels": torch.randint(0, NUM_LABELS, (samples,), generator=gen)}
         tasks.append(LocalTask(client=c, data=data, trainable_blocks=blocks, seed=settings.seed * 100_003 + c))
     return Workload(tasks, global_state, probe.tensor_blocks(), targets, num_blocks)
+
+
+def client_blocks(num_blocks: int, capacity: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """bool ``[L]``: ``capacity`` random blocks ("random") or the top ``capacity`` blocks ("deep")."""
+    blocks = torch.zeros(num_blocks, dtype=torch.bool)
+    if kind == "deep":
+        blocks[num_blocks - capacity:] = True
+    else:
+        blocks[torch.randperm(num_blocks, generator=gen)[:capacity]] = True
+    return blocks
 
 
 # ---------------------------------------------------------------------------------- memory meter
@@ -283,8 +325,10 @@ class EngineRound:
         self.model: MultiLoRAModel = inject_multi_lora(
             backbone, workload.targets, num_clients=slots, rank=settings.rank, alpha=settings.alpha,
             backend=settings.backend, seed=settings.seed)
-        self.engine = (SequentialEngine(self.model, self.cfg) if name == "sequential"
-                       else ClientParallelEngine(self.model, self.cfg, parallel=slots))
+        dtype, stop = settings.torch_dtype, settings.stop_backward and name != "batched-full"
+        self.engine = (SequentialEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop) if name == "sequential"
+                       else ClientParallelEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop,
+                                                 parallel="auto" if settings.parallel == "auto" else slots))
         device = settings.device
         self.global_state = {k: v.to(device) for k, v in workload.global_state.items()}
         self.banks = [p for _, _, p in self.model.lora_banks()] + [p for _, p in self.model.head_banks()]
@@ -369,7 +413,9 @@ class PeftRound:
             for tensors in loader:
                 batch = {k: t.to(device) for k, t in zip(keys, tensors)}
                 labels = batch.pop("labels")
-                logits = self.model(**batch).logits
+                # Half precision the way a PEFT user gets it: autocast over fp32 weights (AMP).
+                with torch.autocast(device.type, dtype=s.torch_dtype, enabled=s.torch_dtype != torch.float32):
+                    logits = self.model(**batch).logits
                 F.cross_entropy(logits.float(), labels).backward()
                 optimizer.step()
                 if on_optimizer is not None:
@@ -394,6 +440,7 @@ IMPL_DESCRIPTIONS = {
     "batched": "ClientParallelEngine: up to `slots` clients per batched forward/backward, masked AdamW",
     "peft": "one PeftModel; per client: set_peft_model_state_dict, requires_grad by block, torch AdamW, "
             "DataLoader, get_peft_model_state_dict",
+    "batched-full": "the batched engine with stop_backward=False: backward through every block",
 }
 
 
@@ -501,7 +548,9 @@ def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> d
     device = settings.device
     workload = make_workload(backbone, case.n, settings)
     record: dict = {
-        "name": case.name, "model": case.model, "backbone": BACKBONES.get(case.model, "random BertConfig, 4 blocks"),
+        "name": case.name, "model": case.model,
+        "backbone": (f"random weights, {case.model} shape" if settings.random_weights or case.model not in BACKBONES
+                     else BACKBONES[case.model]),
         "n": case.n, "num_blocks": workload.num_blocks, "capacities": workload.capacities,
         "samples_per_client": settings.steps * settings.batch, "targets": workload.targets,
         "impls": {}, "guard": {},
@@ -571,6 +620,65 @@ def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> d
     return record
 
 
+def time_paper_slice(rounds: int, settings: RoundSettings, model: str = PAPER["model"], *,
+                     samples: int = PAPER["samples"], seq: int = PAPER["seq"]) -> dict:
+    """Time ``rounds`` rounds of the paper-size run (``PAPER``) on the batched engine; extrapolate 500.
+
+    Every round samples a cohort of 10 of the 100 clients, gives each a random block set of its
+    tier's size (6, 9 or 12 blocks, or the top blocks with ``settings.blocks == "deep"``) and its
+    synthetic data (113 samples of 128 random tokens, 20 classes), trains one local epoch with
+    ``parallel="auto"`` in ``settings.dtype``, and aggregates layer-wise. One warm-up round
+    (kernel compilation, allocator) precedes the timed ones. Evaluation is not included: the
+    extrapolation is local training plus aggregation, ``median_s * 500``.
+    """
+    device = settings.device
+    backbone = random_backbone(model, seq, PAPER["num_labels"], settings.seed).to(device)
+    targets = target_modules(backbone)
+    net = inject_multi_lora(backbone, targets, num_clients=PAPER["cohort"], rank=settings.rank,
+                            alpha=settings.alpha, backend=settings.backend, seed=settings.seed)
+    cfg = LocalTrainingConfig(epochs=1, batch_size=PAPER["batch"], lr=PAPER["lr"])
+    engine = ClientParallelEngine(net, cfg, parallel="auto", dtype=settings.torch_dtype,
+                                  stop_backward=settings.stop_backward)
+    num_blocks, tensor_blocks = net.num_blocks, net.tensor_blocks()
+    capacities = settings.tiers.assign(PAPER["clients"], num_blocks, seed=settings.seed).capacity
+    global_state = net.client_state(0)
+    vocab = backbone.config.vocab_size
+    gen = torch.Generator().manual_seed(settings.seed)
+    times = []
+    for rnd in range(rounds + 1):
+        cohort = torch.randperm(PAPER["clients"], generator=gen)[:PAPER["cohort"]].tolist()
+        tasks = []
+        for client in cohort:
+            data_gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + client)  # a client keeps its data
+            ids = torch.randint(1, vocab, (samples, seq), generator=data_gen)
+            data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": torch.randint(0, PAPER["num_labels"], (samples,), generator=data_gen)}
+            blocks = client_blocks(num_blocks, int(capacities[client]), settings.blocks, gen)
+            tasks.append(LocalTask(client=client, data=data, trainable_blocks=blocks, seed=rnd * 1000 + client))
+        _sync(device)
+        start = time.perf_counter()
+        results = engine.train(global_state, tasks)
+        updates = [ClientUpdate.from_states(r.state, global_state, r.num_samples,
+                                            r.trainable_blocks.nonzero().flatten().tolist(), tensor_blocks)
+                   for r in results]
+        global_state = aggregate_layerwise(global_state, updates, tensor_blocks)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    stats = round_stats(times[1:])
+    params = sum(p.numel() for name, p in backbone.named_parameters() if ".layer." in name)
+    record = {"model": f"random weights, {model} shape", "num_blocks": num_blocks, "block_params": params,
+              **{k: v for k, v in PAPER.items() if k != "model"}, "samples": samples, "seq": seq,
+              "dtype": str(settings.torch_dtype).removeprefix("torch."),
+              "warmup_round_s": times[0], "round_s": stats,
+              "extrapolated_run_s": stats["median_s"] * PAPER["rounds"],
+              "note": "local training + layer-wise aggregation per round; evaluation not included"}
+    if device.type == "cuda":
+        record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    del net, engine, backbone
+    _free(device)
+    return record
+
+
 def derive(impls: dict[str, dict], n: int) -> dict:
     """Speedups of every timed implementation over ``sequential`` and over ``peft`` (ratios of
     median round times; None when one side is missing) and the median time per client (ms)."""
@@ -581,7 +689,7 @@ def derive(impls: dict[str, dict], n: int) -> dict:
 
     timed = [name for name in IMPL_NAMES if median(name) is not None]
     out: dict = {"ms_per_client": {name: 1e3 * median(name) / n for name in timed}}
-    for ref in ("sequential", "peft"):
+    for ref in ("sequential", "peft", "batched-full"):
         out[f"speedup_vs_{ref}"] = {
             name: (median(ref) / median(name) if median(ref) is not None else None)
             for name in timed if name != ref}
@@ -624,7 +732,7 @@ def summary_table(records: Sequence[dict], cuda: bool) -> str:
             f"{_fmt(med('peft'), '.3f'):>8} "
             f"{_fmt(ratios['speedup_vs_sequential'].get('batched'), '.2f'):>6} "
             f"{_fmt(ratios['speedup_vs_peft'].get('batched'), '.2f'):>6}  "
-            f"{'/'.join(mib(i) for i in IMPL_NAMES):<30} {guard}")
+            f"{'/'.join(mib(i) for i in DEFAULT_IMPLS):<30} {guard}")
     return "\n".join(lines)
 
 
@@ -635,8 +743,8 @@ def metadata(settings: RoundSettings, argv: Sequence[str]) -> dict:
         **package_versions(("transformers", "peft", "triton")),
         "engine_backend": resolve_backend(settings.backend, device).__name__,
         "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
-        "dtype": "fp32",
-        "tiers": {"fractions": list(TIERS.fractions), "shares": list(TIERS.shares)},
+        "dtype": str(settings.torch_dtype).removeprefix("torch."),
+        "tiers": {"fractions": list(settings.tiers.fractions), "shares": list(settings.tiers.shares)},
         "num_labels": NUM_LABELS,
         "timing": {
             "method": "time.perf_counter around a whole round, device synchronised before and after",
@@ -676,23 +784,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time one federated round (N clients' local training): batched engine, sequential engine, "
                     "PEFT-per-client loop.")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny random BERT, N in 1,4, 1 step, seq 16, batch 4: seconds on CPU")
+                   help="tiny random BERT (and LLaMA with --random-weights), N in 1,4, 1 step, seq 16, batch 4: "
+                        "seconds on CPU")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build every backbone from its config with random weights (no checkpoints needed; "
+                        "imports only torch, triton, transformers, peft, numpy)")
+    p.add_argument("--preset", choices=("gpu-check",),
+                   help="gpu-check: minilm and smollm2 shapes at N 1,8,32,100, parallel auto, 1 timed round, "
+                        "and 3 rounds of the paper-size run (with --random-weights: for benchmarks/gpu_check.sh)")
     p.add_argument("--models", type=name_list(MODEL_NAMES),
                    help="minilm, smollm2, tiny-bert (default minilm,smollm2 on CUDA, minilm on CPU)")
     p.add_argument("--n", type=int_list, help="numbers of clients (default 1,8,32,100)")
-    p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(IMPL_NAMES),
-                   help=f"subset of {','.join(IMPL_NAMES)} (default all)")
+    p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(DEFAULT_IMPLS),
+                   help=f"subset of {','.join(IMPL_NAMES)} (default {','.join(DEFAULT_IMPLS)})")
     p.add_argument("--seq", type=int, help="tokens per sample (default 64)")
     p.add_argument("--steps", type=int, help="local steps per client (default 2)")
     p.add_argument("--batch", type=int, help="samples per client per step (default 8)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    p.add_argument("--parallel", type=int, help="most clients the batched engine trains at once (default N)")
+    p.add_argument("--parallel", type=_parallel,
+                   help="most clients the batched engine trains at once, or 'auto' (default N)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the dtype the frozen backbone computes in (default float32; auto: bfloat16 on CUDA)")
+    p.add_argument("--no-stop-backward", action="store_true",
+                   help="engines run the backward through every block, trained by the wave or not")
+    p.add_argument("--blocks", choices=BLOCK_CHOICES, default="random",
+                   help="blocks a client trains: a random subset of its capacity, or its top (deep) blocks")
+    p.add_argument("--fractions", type=_fractions, default=TIERS.fractions,
+                   help="capacity tiers as fractions of the blocks, comma-separated (default 0.5,0.75,1)")
+    p.add_argument("--paper-rounds", type=int,
+                   help="also time this many rounds of the paper-size run (BERT-base shape, random weights)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="the engines' multi_lora_linear backend")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per implementation (default 3)")
-    p.add_argument("--guard-tol", type=float, default=GUARD_TOL,
-                   help=f"largest relative error of client states against the reference (default {GUARD_TOL:g})")
+    p.add_argument("--repeats", type=int, help="timed rounds per implementation (default 3)")
+    p.add_argument("--guard-tol", type=float,
+                   help=f"largest relative error of client states against the reference (default {GUARD_TOL:g}, "
+                        f"{GUARD_TOL_HALF:g} with a half-precision backbone)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/rounds-<device>-<date>.json;"
                         " --smoke: a new temporary folder)")
@@ -703,6 +830,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parallel(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in (0, 1], got {text!r}")
+    return values
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options that ``--preset`` sets and the command line left out, then the defaults."""
+    preset = dict(GPU_CHECK, dtype="auto") if args.preset == "gpu-check" else {}
+    for key, value in {**preset}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats is None:
+        args.repeats = 3
+
+
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser,
                        device: torch.device) -> RoundSettings:
     defaults = {"seq": 16, "steps": 1, "batch": 4} if args.smoke else {"seq": 64, "steps": 2, "batch": 8}
@@ -711,24 +867,35 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         value = values.get(key, getattr(args, key))
         if value < low:
             parser.error(f"--{key}: expected >= {low}, got {value}")
-    if args.parallel is not None and args.parallel < 1:
-        parser.error(f"--parallel: expected >= 1, got {args.parallel}")
-    for key in ("alpha", "lr", "guard_tol"):
-        if not getattr(args, key) > 0:
-            parser.error(f"--{key.replace('_', '-')}: expected > 0, got {getattr(args, key)}")
+    if isinstance(args.parallel, int) and args.parallel < 1:
+        parser.error(f"--parallel: expected >= 1 or 'auto', got {args.parallel}")
+    if args.paper_rounds is not None and args.paper_rounds < 1:
+        parser.error(f"--paper-rounds: expected >= 1, got {args.paper_rounds}")
+    dtype = args.dtype or "float32"
+    guard_tol = args.guard_tol if args.guard_tol is not None else (
+        GUARD_TOL if resolve_dtype(dtype, device) == torch.float32 else GUARD_TOL_HALF)
+    for key, value in (("alpha", args.alpha), ("lr", args.lr), ("guard_tol", guard_tol)):
+        if not value > 0:
+            parser.error(f"--{key.replace('_', '-')}: expected > 0, got {value}")
     try:
         resolve_backend(args.backend, device)
     except ValueError as err:
         parser.error(f"--backend: {err}")
     return RoundSettings(device=device, impls=tuple(args.impls), rank=args.rank, alpha=args.alpha, lr=args.lr,
                          parallel=args.parallel, backend=args.backend, repeats=args.repeats, seed=args.seed,
-                         guard_tol=args.guard_tol, **values)
+                         guard_tol=guard_tol, dtype=dtype, stop_backward=not args.no_stop_backward,
+                         blocks=args.blocks, fractions=args.fractions, random_weights=args.random_weights, **values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_preset(args)
+    if args.models and not args.random_weights:
+        offline_only = [m for m in args.models if m not in OFFLINE_MODELS and m != "bert-base"]
+        if offline_only:
+            parser.error(f"--models: {offline_only[0]} exists only with --random-weights")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -741,7 +908,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads: expected >= 1, got {threads}")
         torch.set_num_threads(threads)
     settings = settings_from_args(args, parser, device)
-    models = args.models or (["tiny-bert"] if args.smoke else
+    smoke_models = ["tiny-bert", "tiny-llama"] if args.random_weights else ["tiny-bert"]
+    models = args.models or (smoke_models if args.smoke else
                              ["minilm", "smollm2"] if device.type == "cuda" else ["minilm"])
     ns = args.n or ([1, 4] if args.smoke else [1, 8, 32, 100])
     cases = [RoundCase(m, n) for m in models for n in ns]
@@ -764,7 +932,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backbones.clear()
                 _free(device)
                 try:
-                    backbones[case.model] = load_model(case.model, settings.seq, settings.seed)
+                    backbones[case.model] = load_model(case.model, settings.seq, settings.seed,
+                                                       settings.random_weights)
                 except ValueError as err:
                     parser.error(str(err))
             record = run_case(case, backbones[case.model], settings)
@@ -777,6 +946,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f" ({record['note']})" if record.get("note") else "")
               + (f" | {times}" if times else "")
               + (f" GUARD FAILED: {','.join(bad)}" if bad else ""), flush=True)
+    if args.paper_rounds:
+        # The smoke run times the toy BERT on little data instead of BERT-base, on the same code path.
+        small = {"model": "tiny-bert", "samples": 2 * PAPER["batch"], "seq": 16} if args.smoke else {}
+        doc["paper_slice"] = finite(time_paper_slice(args.paper_rounds, settings, **small))
+        write_json(doc, out)
+        ps = doc["paper_slice"]
+        print(f"paper-size slice ({ps['model']}): {ps['round_s']['median_s']:.2f} s per round, "
+              f"extrapolated {PAPER['rounds']} rounds: {ps['extrapolated_run_s'] / 60:.1f} min", flush=True)
     doc["complete"] = True
     doc["elapsed_s"] = round(time.monotonic() - start, 3)
     write_json(doc, out)

@@ -1,6 +1,7 @@
 """Command line: ``fedhello run | flower | suite | plot | doctor`` (also ``python -m fedhello``).
 
     fedhello run CONFIG.yaml [--set key=value ...] [--resume | --overwrite]   one federated run
+                             [--time-rounds K]                  (or K rounds of it, timed and extrapolated)
     fedhello flower CONFIG.yaml --nodes N [--set key=value ...]  the same run as a Flower simulation
     fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR]
                                                                  several methods, one table
@@ -27,6 +28,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or [])
     config.check_sources()
+    if getattr(args, "time_rounds", None) is not None:
+        return _time_rounds(config, args.time_rounds, progress=not args.no_progress)
     # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
     from fedhello.fl.checkpoint import check_run_dir, clear_run_dir
 
@@ -55,6 +58,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"final test accuracy {100 * last['test_accuracy']:.2f}% (macro-F1 {100 * last['test_macro_f1']:.2f}%), "
               f"best {100 * best:.2f}% after {len(records)} rounds")
     print(f"metrics and checkpoint in {config.output_dir}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _time_rounds(config, k: int, progress: bool) -> int:
+    """Run the first ``k`` rounds of ``config`` (into ``<output_dir>-time<k>``) and extrapolate the whole run."""
+    import dataclasses
+
+    from fedhello.fl.server import FederatedRun
+
+    if k < 1:
+        raise ValueError(f"--time-rounds: expected >= 1, got {k}")
+    timed = dataclasses.replace(config, rounds=min(k, config.rounds), output_dir=f"{config.output_dir}-time{k}")
+    # A timing run is scratch: each one replaces the folder of the previous timing.
+    records = FederatedRun(timed, progress=progress).run(overwrite=True)
+    # Rounds after the first (which pays one-off costs: kernel compilation, allocator warm-up).
+    steady = records[1:] or records
+    train = sum(r["time_local"] + r["time_aggregate"] for r in steady) / len(steady)
+    evals = [r["time_eval"] for r in records if r.get("test_accuracy") is not None]
+    eval_s = sum(evals) / len(evals) if evals else 0.0
+    n_evals = -(-config.rounds // config.eval_every)
+    total = train * config.rounds + eval_s * n_evals
+    print(f"{len(records)} rounds timed: {train:.2f} s per round of local training and aggregation "
+          f"(first round {records[0]['wall_time']:.2f} s in all), {eval_s:.2f} s per evaluation")
+    print(f"extrapolated whole run ({config.rounds} rounds, {n_evals} evaluations): {total:.0f} s = {total / 60:.1f} min")
     return 0
 
 
@@ -105,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     run.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--time-rounds", type=int, metavar="K",
+                     help="run only K rounds (into OUTPUT_DIR-timeK) and print seconds per round and the "
+                          "extrapolated whole run")
     run.set_defaults(func=_cmd_run)
 
     flower = sub.add_parser("flower", help="the same run as a Flower simulation (Ray), local training on N nodes")

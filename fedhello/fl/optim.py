@@ -2,10 +2,14 @@
 
 Every parameter handled here is a *bank*: a tensor whose leading dimension indexes the N
 client slots (``lora_a [N, r, d_in]``, a head weight ``[N, out, in]``, ...). A step takes,
-for each bank, a bool ``[N]`` mask of the clients that update it now; the others are not
-touched at all — neither their values nor their moments nor their step counts — so a
-client that had no rows this step, or trains no adapter in that block, is exactly where it
+for each bank, a bool ``[N]`` mask of the clients that update it now (or None: nobody); the
+others are not touched at all — neither their values nor their moments nor their step counts —
+so a client that had no rows this step, or trains no adapter in that block, is exactly where it
 would be if it had been trained alone with its own ``torch.optim`` optimizer.
+
+A step reads nothing back to the host: the update is computed for every slot of a bank and
+written only where the mask is set (``torch.where``), so a training loop on a GPU never waits
+for the optimizer.
 
 The arithmetic follows ``torch.optim.AdamW`` / ``torch.optim.SGD`` (decoupled weight decay
 for AdamW, L2 for SGD), with a per-client step count for AdamW's bias correction.
@@ -20,13 +24,20 @@ import torch
 __all__ = ["MaskedAdamW", "MaskedSGD", "make_masked_optimizer"]
 
 
-def _check_masks(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+def _check_masks(params: list[torch.Tensor], masks: list[torch.Tensor | None]) -> None:
     if len(masks) != len(params):
-        raise ValueError(f"masks: expected one bool [N] mask per bank ({len(params)}), got {len(masks)}")
+        raise ValueError(f"masks: expected one bool [N] mask (or None) per bank ({len(params)}), got {len(masks)}")
     for p, m in zip(params, masks):
-        if m.dtype != torch.bool or m.shape != (p.shape[0],):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != (p.shape[0],):
             raise ValueError(f"masks: expected bool [{p.shape[0]}] for a bank of shape {tuple(p.shape)}, "
-                             f"got {m.dtype} {tuple(m.shape)}")
+                             f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}")
+
+
+def _slots(mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The ``[N]`` mask shaped to broadcast over a bank ``[N, ...]``."""
+    return mask.reshape((-1,) + (1,) * (p.dim() - 1))
 
 
 @dataclass
@@ -61,31 +72,28 @@ class MaskedAdamW:
         ]
 
     @torch.no_grad()
-    def step(self, masks: list[torch.Tensor]) -> None:
-        """Update the clients selected by ``masks`` (one bool ``[N]`` per bank) from ``.grad``."""
+    def step(self, masks: list[torch.Tensor | None]) -> None:
+        """Update the clients selected by ``masks`` (one bool ``[N]`` per bank, None: none) from ``.grad``."""
         _check_masks(self.params, masks)
         beta1, beta2 = self.betas
         for p, st, mask in zip(self.params, self.state, masks):
-            if p.grad is None or not bool(mask.any()):
+            if p.grad is None or mask is None:
                 continue
-            idx = mask.nonzero().flatten()
-            grad = p.grad.index_select(0, idx)
-            value = p.index_select(0, idx)
-            m = st.exp_avg.index_select(0, idx)
-            v = st.exp_avg_sq.index_select(0, idx)
-            st.step[idx] += 1
-            step = st.step.index_select(0, idx).to(value.dtype)
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            value.mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias1 = (1 - beta1 ** step).reshape(shape)
-            bias2_sqrt = (1 - beta2 ** step).sqrt().reshape(shape)
+            sel = _slots(mask, p)
+            grad = p.grad
+            st.step.add_(mask.to(torch.int64))
+            # Slots at step 0 (never updated) would divide by 0 below; their values are discarded.
+            step = st.step.clamp(min=1).to(p.dtype)
+            value = p.mul(1 - self.lr * self.weight_decay)
+            m = st.exp_avg.lerp(grad, 1 - beta1)
+            v = st.exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias1 = _slots(1 - beta1 ** step, p)
+            bias2_sqrt = _slots((1 - beta2 ** step).sqrt(), p)
             denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
             value.addcdiv_(m, denom * bias1, value=-self.lr)
-            p.index_copy_(0, idx, value)
-            st.exp_avg.index_copy_(0, idx, m)
-            st.exp_avg_sq.index_copy_(0, idx, v)
+            p.copy_(torch.where(sel, value, p))
+            st.exp_avg.copy_(torch.where(sel, m, st.exp_avg))
+            st.exp_avg_sq.copy_(torch.where(sel, v, st.exp_avg_sq))
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -118,26 +126,23 @@ class MaskedSGD:
         self.started = [torch.zeros(p.shape[0], dtype=torch.bool, device=p.device) for p in self.params]
 
     @torch.no_grad()
-    def step(self, masks: list[torch.Tensor]) -> None:
+    def step(self, masks: list[torch.Tensor | None]) -> None:
+        """Update the clients selected by ``masks`` (one bool ``[N]`` per bank, None: none) from ``.grad``."""
         _check_masks(self.params, masks)
         for p, buf, started, mask in zip(self.params, self.buf, self.started, masks):
-            if p.grad is None or not bool(mask.any()):
+            if p.grad is None or mask is None:
                 continue
-            idx = mask.nonzero().flatten()
-            value = p.index_select(0, idx)
-            grad = p.grad.index_select(0, idx)
+            sel = _slots(mask, p)
+            grad = p.grad
             if self.weight_decay:
-                grad = grad.add(value, alpha=self.weight_decay)
+                grad = grad.add(p, alpha=self.weight_decay)
             if self.momentum:
-                b = buf.index_select(0, idx)
                 # torch.optim.SGD starts the buffer at the first gradient, then b = m*b + g.
-                first = ~started.index_select(0, idx)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                b = torch.where(first.reshape(shape), grad, b.mul(self.momentum).add(grad))
-                buf.index_copy_(0, idx, b)
-                started[idx] = True
+                b = torch.where(_slots(started, p), buf.mul(self.momentum).add(grad), grad)
+                buf.copy_(torch.where(sel, b, buf))
+                started.logical_or_(mask)
                 grad = b
-            p.index_copy_(0, idx, value.add(grad, alpha=-self.lr))
+            p.copy_(torch.where(sel, p.add(grad, alpha=-self.lr), p))
 
     def zero_grad(self) -> None:
         for p in self.params:

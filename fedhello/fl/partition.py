@@ -27,7 +27,6 @@ import numbers
 import warnings
 from typing import Sequence
 
-import datasets
 import numpy as np
 
 from fedhello.names import PARTITION_KINDS
@@ -82,6 +81,8 @@ def iid_partition(num_samples: int, num_clients: int, seed: int = 0) -> list[np.
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
     _check_num_clients(num_clients, num_samples)
+    import datasets  # only when partitioning: the engine's package must import without it (GPU machines)
+
     table = datasets.Dataset.from_dict({_ROW: np.arange(num_samples, dtype=np.int64)}).shuffle(seed=seed)
     from flwr_datasets.partitioner import IidPartitioner  # heavy import (~3 s): only when partitioning
 
@@ -112,6 +113,8 @@ def dirichlet_partition(labels: Sequence[int] | np.ndarray, num_clients: int, al
         raise ValueError(f"min_size: expected an int >= 0, got {min_size!r}")
     if min_size * num_clients > y.size:
         raise ValueError(f"min_size: {num_clients} clients x {min_size} samples exceed the {y.size} samples")
+    import datasets  # only when partitioning
+
     table = datasets.Dataset.from_dict({_LABEL: y, _ROW: np.arange(y.size, dtype=np.int64)})
     from flwr_datasets.partitioner import DirichletPartitioner  # heavy import: only when partitioning
 

@@ -47,22 +47,13 @@ from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.allocation import AllocationContext, make_strategy
 from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, clear_run_dir, save_checkpoint
-from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig
+from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
+from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
-
-# LoRA targets per architecture when the config names none: the attention query and value
-# projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
-DEFAULT_TARGET_MODULES = {
-    "bert": ["query", "value"],
-    "mpnet": ["q", "v"],
-    "vit": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
 
 Batch = dict[str, torch.Tensor]
 
@@ -149,15 +140,16 @@ class FederatedRun:
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
             raise ValueError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
-        parallel = 1 if cfg.engine.kind == "sequential" else min(cfg.engine.parallel or cfg.cohort_size,
-                                                                 cfg.cohort_size)
+        parallel = 1 if cfg.engine.kind == "sequential" else cfg.engine.parallel  # int, "auto" or None
+        slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
-            backbone, targets, num_clients=parallel, rank=cfg.model.rank, alpha=cfg.model.alpha,
+            backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
             dropout=cfg.model.dropout, head_modules="auto", seed=derive_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
-        self.engine = ClientParallelEngine(self.model, local, parallel=parallel, device=self.device)
+        self.engine = ClientParallelEngine(self.model, local, parallel="auto" if parallel == "auto" else slots,
+                                           device=self.device, dtype=resolve_dtype(cfg.engine.dtype, self.device))
         self.num_blocks = self.model.num_blocks
         self.tiers = cfg.capacity_tiers()
         self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
@@ -266,8 +258,10 @@ class FederatedRun:
                 f.write(json.dumps(record, default=_json_default) + "\n")
             if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
+            times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
             if "test_accuracy" in record:
-                bar.set_postfix(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
+                times.update(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
+            bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
         return records
 
@@ -306,6 +300,7 @@ class FederatedRun:
         ``NonFiniteRoundError`` stops the run before anything is aggregated or saved.
         """
         cfg, rnd, cohort, alloc = self.config, plan.round, plan.cohort, plan.allocation
+        t_local = time.perf_counter()  # everything before this call: planning and local training
         sent = results
         results, dropped = self._drop_nonfinite(rnd, results)
         self._aggregate(results)
@@ -331,10 +326,13 @@ class FederatedRun:
             "bytes_up": up,
             "nonfinite_dropped": dropped,
         }
+        t_aggregate = time.perf_counter()
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
             record.update({f"test_{k}": v for k, v in metrics.items()})
-        record["wall_time"] = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        record.update(wall_time=t_end - t0, time_local=t_local - t0, time_aggregate=t_aggregate - t_local,
+                      time_eval=t_end - t_aggregate)
         return record
 
     def _drop_nonfinite(self, rnd: int, results: list[LocalResult]) -> tuple[list[LocalResult], list[dict]]:
@@ -452,7 +450,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 _CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "bytes_up", "bytes_down",
-               "wall_time", "participants")
+               "wall_time", "time_local", "time_aggregate", "time_eval", "participants")
 
 
 def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:

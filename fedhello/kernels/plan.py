@@ -133,7 +133,9 @@ class LoRAPlan:
             # Stable sort keeps each client's rows in their original order, which makes
             # per-client reductions reproducible and the reference loop easy to compare.
             sorted_rows = torch.sort(ids, stable=True).indices.to(torch.int32)
-        per_bucket = torch.bincount(ids + 1, minlength=num_clients + 1)
+        # scatter_add_ rather than bincount: on CUDA bincount reads the max back to size its output.
+        per_bucket = torch.zeros(num_clients + 1, dtype=torch.int64, device=ids.device)
+        per_bucket.scatter_add_(0, ids + 1, torch.ones_like(ids))
         offsets = torch.cumsum(per_bucket, 0).to(torch.int32)
         counts = per_bucket[1:].to(torch.int32)
         return LoRAPlan(ids, num_clients, sorted_rows, counts, offsets, contiguous)

@@ -1,9 +1,10 @@
 """``ClientHeadBank``: a per-client copy of a trainable linear head (PEFT's ``modules_to_save``).
 
-In one batched pass every row goes through the head of its own client: the rows are grouped
-by client with the batch's ``LoRAPlan`` (a stable sort), each group is multiplied by its
-client's weight, and the results are put back in the original order. Each client's output
-and gradient are therefore exactly those of the client's rows run alone through its head.
+In one batched pass every row goes through the head of its own client: each row gathers its
+client's weight by its id (a device op, no host read of the routing) and takes its own dot
+products, so a row's output does not depend on the other rows of the batch. A client's
+weight gradient is the sum of its rows' outer products, accumulated in row order. The gather
+holds ``rows x out x in`` values: heads are small (``out`` is the number of classes).
 
 Rows routed to ``-1`` go through the original head, frozen: like the LoRA layers, where such
 rows get the base output, an unrouted sample sees the unmodified model.
@@ -12,7 +13,6 @@ rows get the base output, an unrouted sample sees the unmodified model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .routing import RoutingContext
@@ -54,23 +54,21 @@ class ClientHeadBank(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.context.plan_for(x, self.name)
+        ids = self.context.row_client_ids(x, self.name)
         x2d = x.reshape(-1, self.in_features)
-        order = plan.sorted_rows.long()
-        offsets = plan.host_offsets()
-        grouped = x2d[order]
-        parts = []
-        if offsets[0] > 0:
-            parts.append(self.base(grouped[: offsets[0]]))
-        for c in range(self.num_clients):
-            start, end = offsets[c], offsets[c + 1]
-            if end > start:
-                bias = self.bias[c].to(x.dtype) if self.bias is not None else None
-                parts.append(F.linear(grouped[start:end], self.weight[c].to(x.dtype), bias))
-        out_grouped = torch.cat(parts) if parts else x2d.new_zeros(0, self.out_features)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return out_grouped[inverse].reshape(*x.shape[:-1], self.out_features)
+        routed = ids >= 0
+        slot = ids.clamp(min=0)
+        # Each row's own client weight, gathered by the row's id: no host read of the routing,
+        # and every row's dot products are the same whatever else is in the batch. Rows of -1
+        # gather slot 0 but are replaced by the frozen head below (their gradient there is 0).
+        # Gather, then cast: the backward sums the rows' gradients into the bank in float32
+        # even when the backbone computes in half precision.
+        weight = self.weight.index_select(0, slot).to(x.dtype)  # [rows, out, in]
+        out = (x2d.unsqueeze(1) * weight).sum(-1)
+        if self.bias is not None:
+            out = out + self.bias.index_select(0, slot).to(x.dtype)
+        out = torch.where(routed.unsqueeze(1), out, self.base(x2d))
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, clients={self.num_clients}"

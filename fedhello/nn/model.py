@@ -31,7 +31,20 @@ from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
 from .routing import RoutingContext
 
-__all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES"]
+__all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
+
+# Dtypes the frozen backbone may compute in (``MultiLoRAModel.set_compute_dtype``).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# LoRA targets per architecture when a run names none: the attention query and value
+# projections, as in the LoRA paper and the Fed-HeLLo code (q/v of ViT).
+DEFAULT_TARGET_MODULES = {
+    "bert": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "vit": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
 
 # Names transformers gives the trainable heads of its classification models
 # (BERT, ViT, RoBERTa: "classifier"; LLaMA, GPT-2, Mistral, Qwen: "score").
@@ -129,15 +142,18 @@ class MultiLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ routing and forward
     @contextmanager
-    def route(self, client_ids: torch.Tensor | Sequence[int] | int) -> Iterator["MultiLoRAModel"]:
+    def route(self, client_ids: torch.Tensor | Sequence[int] | int, *, trusted: bool = False,
+              contiguous: bool | None = None) -> Iterator["MultiLoRAModel"]:
         """Route the forwards run inside the block: sample b goes through client ``client_ids[b]``.
 
         Args:
             client_ids: int ``[batch]`` with values in ``[-1, N)`` (``-1``: the frozen base model,
                 original head included), or one int for every sample. Ids are expanded over the
                 sequence positions of each sample; all wrapped layers share one ``LoRAPlan``.
+            trusted, contiguous: hints of a caller that built the ids itself (see
+                ``RoutingContext.route``); with both, routing reads nothing back to the host.
         """
-        with self.context.route(client_ids, device=self._device()):
+        with self.context.route(client_ids, device=self._device(), trusted=trusted, contiguous=contiguous):
             yield self
 
     def forward(self, *args, **kwargs):
@@ -217,6 +233,31 @@ class MultiLoRAModel(nn.Module):
     def scale_of(self, rank: int) -> float:
         """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling."""
         return self.alpha / (self.max_rank if self.rank_scaling == "max" else rank)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the frozen backbone, in which the forward and backward passes compute."""
+        return self._lora[0][1].base.weight.dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Cast the frozen backbone (base layers, embeddings, norms) to ``dtype``, in place.
+
+        The adapter and head banks, the LoRA scales and the Fisher accumulators stay float32:
+        they are the master weights the optimizer updates and the server aggregates; each
+        forward casts the banks to the activations' dtype, and their gradients come back float32.
+
+        Args:
+            dtype: torch.float32, torch.bfloat16 or torch.float16.
+        """
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype: expected one of {COMPUTE_DTYPES}, got {dtype}")
+        banks = (MultiLoRALinear, ClientHeadBank)
+        for module in self.backbone.modules():
+            if isinstance(module, banks):
+                continue  # its own tensors are master weights/accumulators; its .base is visited
+            for value in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if value.is_floating_point():
+                    value.data = value.data.to(dtype)
 
     def seed_dropout(self, seeds: int | Mapping[int, int]) -> None:
         """Restart the per-client LoRA-dropout generators (see ``RoutingContext.seed_dropout``)."""

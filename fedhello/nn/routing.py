@@ -34,9 +34,15 @@ def derive_seed(seed: int, client: int) -> int:
 
 
 def normalize_client_ids(
-    client_ids: torch.Tensor | Sequence[int] | int, num_clients: int, device: torch.device | None
+    client_ids: torch.Tensor | Sequence[int] | int, num_clients: int, device: torch.device | None,
+    *, check_range: bool = True,
 ) -> torch.Tensor | int:
     """Validate a routing: one int for the whole batch, or int64 ``[batch]`` per-sample ids.
+
+    Args:
+        check_range: check the values of a tensor of ids against ``[-1, num_clients)``. That
+            check reads the tensor back to the host (a device sync); a caller that built the ids
+            itself passes False.
 
     Raises:
         TypeError: not an int, an integer tensor or a sequence of ints.
@@ -62,7 +68,7 @@ def normalize_client_ids(
         raise TypeError(f"client_ids: expected an integer dtype, got {ids.dtype}")
     if ids.dim() != 1:
         raise ValueError(f"client_ids: expected a 1-D tensor [batch] (one id per sample), got shape {tuple(ids.shape)}")
-    if ids.numel() > 0:
+    if check_range and ids.numel() > 0:
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < -1 or hi >= num_clients:
             raise ValueError(
@@ -85,6 +91,7 @@ class RoutingContext:
         self.num_clients = num_clients
         self._client_ids: torch.Tensor | int | None = None
         self._plans: dict[tuple[int, torch.device], LoRAPlan] = {}
+        self._trusted, self._contiguous = False, None
         self._base_seeds = torch.tensor([derive_seed(seed, c) & _MASK32 for c in range(num_clients)],
                                         dtype=torch.int64)
         self._draws = torch.zeros(num_clients, dtype=torch.int64)
@@ -101,7 +108,8 @@ class RoutingContext:
 
     @contextmanager
     def route(
-        self, client_ids: torch.Tensor | Sequence[int] | int, device: torch.device | None = None
+        self, client_ids: torch.Tensor | Sequence[int] | int, device: torch.device | None = None,
+        *, trusted: bool = False, contiguous: bool | None = None,
     ) -> Iterator["RoutingContext"]:
         """Route the forward passes run inside the block.
 
@@ -109,14 +117,23 @@ class RoutingContext:
             client_ids: int64 ``[batch]``, the client slot of each sample, ``-1`` for samples that
                 use the frozen base model only; or one int for the whole batch.
             device: where the ids go (the model's device).
+            trusted: the caller vouches that every id is in ``[-1, N)``: no range check, which
+                would read the ids back to the host (one device sync per routing and per plan).
+            contiguous: whether the ids are non-decreasing (each client one block of rows);
+                ``None`` lets each plan test it (a host read). With ``trusted`` and a bool here,
+                routing and plan building read nothing back.
         """
-        ids = normalize_client_ids(client_ids, self.num_clients, device)
-        saved = self._client_ids, self._plans
-        self._client_ids, self._plans = ids, {}
+        if not isinstance(trusted, bool):
+            raise TypeError(f"trusted: expected a bool, got {type(trusted).__name__}")
+        if contiguous is not None and not isinstance(contiguous, bool):
+            raise TypeError(f"contiguous: expected None or a bool, got {type(contiguous).__name__}")
+        ids = normalize_client_ids(client_ids, self.num_clients, device, check_range=not trusted)
+        saved = self._client_ids, self._plans, self._trusted, self._contiguous
+        self._client_ids, self._plans, self._trusted, self._contiguous = ids, {}, trusted, contiguous
         try:
             yield self
         finally:
-            self._client_ids, self._plans = saved
+            self._client_ids, self._plans, self._trusted, self._contiguous = saved
 
     def row_client_ids(self, x: torch.Tensor, where: str) -> torch.Tensor:
         """int64 ``[rows]``: the client of every row of ``x [..., d]`` (rows = product of leading dims).
@@ -150,7 +167,9 @@ class RoutingContext:
         key = (rows, x.device)
         plan = self._plans.get(key)
         if plan is None:
-            plan = LoRAPlan.build(self.row_client_ids(x, where), self.num_clients)
+            # Rows repeat their sample's id, so the sample ids' range and order hold for the rows.
+            plan = LoRAPlan.build(self.row_client_ids(x, where), self.num_clients,
+                                  validate=not self._trusted, contiguous=self._contiguous)
             self._plans[key] = plan
         return plan
 

@@ -57,7 +57,7 @@ def _kill_after(run: FederatedRun, last_round: int) -> None:
 
 
 def _comparable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+    return [{k: v for k, v in r.items() if k != "wall_time" and not k.startswith("time_")} for r in records]
 
 
 def _read_jsonl(path) -> list[dict]:
