@@ -98,7 +98,7 @@ class ModelConfig:
 
 @dataclass
 class PartitionConfig:
-    """How the training data is split over clients (``fedhello.fl.partition``).
+    """How the training data is split over clients (``fedhello.data.partition``).
 
     Attributes:
         kind: ``iid``, ``dirichlet`` or ``pathological``.

@@ -15,6 +15,7 @@ _EXPORTS = {
     **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names",
                      "load_bbc_news", "load_fashion_mnist", "load_labelled_dataset", "load_local",
                      "load_text_folder"], "sources"),
+    **dict.fromkeys(["PARTITION_KINDS", "label_counts", "partition_dataset", "partition_labels"], "partition"),
     **dict.fromkeys(["DataSplits", "split_dataset", "split_indices"], "splits"),
     **dict.fromkeys(["ImageTransform", "to_tensors", "tokenize_text"], "transforms"),
 }

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
-from fedhello.fl.partition import partition_labels
+from .partition import partition_labels
 
 from .sources import label_names, load_labelled_dataset
 from .splits import split_indices

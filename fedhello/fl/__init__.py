@@ -1,4 +1,4 @@
-"""Federated layer: partitions, capacity tiers, allocation strategies, Fisher scores, aggregation.
+"""Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation.
 
 The engine (``fedhello.fl.engine``) and the optimizers (``fedhello.fl.optim``) are imported
 from their modules directly: they need the model layer, these building blocks do not.
@@ -16,7 +16,6 @@ _EXPORTS = {
                      "strategy_options"], "allocation"),
     **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
     **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
-    **dict.fromkeys(["PARTITION_KINDS", "label_counts", "partition_dataset", "partition_labels"], "partition"),
 }
 
 __all__ = list(_EXPORTS)

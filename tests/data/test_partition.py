@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from fedhello.fl.partition import (
+from fedhello.data.partition import (
     dirichlet_partition,
     iid_partition,
     label_counts,
