@@ -107,6 +107,20 @@ def _item_rows(tile_client_ptr, tile_start_ptr, offsets_ptr, sorted_rows_ptr, it
     return client, pos, row_mask, rows
 
 
+@triton.jit
+def _store_final_tile(acc, client, pid_n, n, n_mask, r, out_ptr, stride_oc, stride_on, stride_or,
+                      norm_ptr, R_MAX: tl.constexpr, R_PAD: tl.constexpr, NORMS: tl.constexpr):
+    """Write one client's final ``[BLOCK_N, R_PAD]`` gradient tile and, with ``NORMS``, its squared
+    sum into the norm partials ``[N, column tiles]`` (one owner per slot: deterministic)."""
+    if NORMS:
+        tl.store(norm_ptr + client * tl.num_programs(1) + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    o_mask = n_mask[:, None]
+    if R_PAD != R_MAX:
+        o_mask = o_mask & (r < R_MAX)[None, :]
+    tl.store(out_ptr + client.to(tl.int64) * stride_oc + n[:, None] * stride_on + r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
 # ----------------------------------------------------------------------------------- kernels
 @triton.jit
 def _shrink_kernel(
@@ -293,13 +307,8 @@ def _weight_grad_kernel(
         num_chunks = tl.load(client_first_ptr + client + 1) - tl.load(client_first_ptr + client)
         if num_chunks == 1:
             # The tile is complete (it covers every row of the client): its square is exact.
-            if NORMS:
-                tl.store(norm_ptr + client * tl.num_programs(1) + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-            o_mask = n_mask[:, None]
-            if R_PAD != R_MAX:
-                o_mask = o_mask & (r < R_MAX)[None, :]
-            tl.store(out_ptr + client.to(tl.int64) * stride_oc + n[:, None] * stride_on + r[None, :] * stride_or,
-                     acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+            _store_final_tile(acc, client, pid_n, n, n_mask, r, out_ptr, stride_oc, stride_on, stride_or,
+                              norm_ptr, R_MAX, R_PAD, NORMS)
         else:
             tl.store(part_ptr + (item.to(tl.int64) * N_OUT + n[:, None]) * R_PAD + r[None, :], acc,
                      mask=n_mask[:, None])
@@ -329,13 +338,8 @@ def _reduce_chunks_kernel(
             chunk = first.to(tl.int64) + (i - first)  # 64-bit offsets (the loop index is 32-bit)
             acc += tl.load(part_ptr + (chunk * N_OUT + n[:, None]) * R_PAD + r[None, :],
                            mask=n_mask[:, None], other=0.0)
-    if NORMS:
-        tl.store(norm_ptr + client * tl.num_programs(1) + pid_n, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    o_mask = n_mask[:, None]
-    if R_PAD != R_MAX:
-        o_mask = o_mask & (r < R_MAX)[None, :]
-    tl.store(out_ptr + client.to(tl.int64) * stride_oc + n[:, None] * stride_on + r[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    _store_final_tile(acc, client, pid_n, n, n_mask, r, out_ptr, stride_oc, stride_on, stride_or,
+                      norm_ptr, R_MAX, R_PAD, NORMS)
 
 
 # ---------------------------------------------------------------------------------- launchers
