@@ -23,6 +23,16 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _report_perplexity(initial: Path, records: list[dict]) -> None:
+    """Causal LM runs: held-out perplexity of the untrained and the final global model."""
+    if initial.exists():
+        print(f"untrained model: held-out perplexity {json.loads(initial.read_text())['perplexity']:.3f}")
+    evaluated = [r for r in records if r.get("test_perplexity") is not None]
+    if evaluated:
+        print(f"final held-out perplexity {evaluated[-1]['test_perplexity']:.3f} (token loss "
+              f"{evaluated[-1]['test_loss']:.4f}) after {len(records)} rounds")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
 
@@ -50,7 +60,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
     initial = Path(config.output_dir) / "initial_eval.json"
-    if initial.exists():
+    if config.task == "causal_lm":
+        _report_perplexity(initial, records)
+    elif initial.exists():
         print(f"untrained model: test accuracy {100 * json.loads(initial.read_text())['accuracy']:.2f}%")
     if evaluated:
         best = max(r["test_accuracy"] for r in evaluated)
