@@ -108,14 +108,15 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from fedhello.plots import plot_accuracy, plot_run
+    from fedhello.plots import is_causal_lm_run, plot_accuracy, plot_run
 
     out = Path(args.out) if args.out else None
     if len(args.run_dirs) == 1:
         paths = plot_run(args.run_dirs[0], out)
     else:
         target = out or Path(args.run_dirs[0]).parent
-        paths = [plot_accuracy(args.run_dirs, target / "accuracy.png")]
+        lm = all(is_causal_lm_run(d) for d in args.run_dirs)
+        paths = [plot_accuracy(args.run_dirs, target / ("perplexity.png" if lm else "accuracy.png"))]
         for d in args.run_dirs:
             paths.extend(plot_run(d, (out / Path(d).name) if out else None))
     print("\n".join(str(p) for p in paths))

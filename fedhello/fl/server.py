@@ -8,6 +8,8 @@ under ``config.output_dir``:
   (``task: causal_lm``: held-out token loss and perplexity, overall and per client);
 * ``completions.jsonl`` (``task: causal_lm``): greedy completions of a few fixed held-out
   prompts by the global model, at the start, every ``COMPLETIONS_EVERY`` evaluations and at the end;
+* ``peft_adapter/`` (``task: causal_lm``): the final global adapters as a PEFT LoRA folder that
+  ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads;
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
   macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
   would travel up and down, wall time);
@@ -53,7 +55,7 @@ from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, c
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
-from fedhello.nn import MultiLoRAModel, inject_multi_lora
+from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
@@ -66,6 +68,8 @@ Batch = dict[str, torch.Tensor]
 COMPLETIONS_EVERY = 4
 COMPLETION_PROMPTS = 3
 COMPLETION_TOKENS = 32
+# Causal LM runs: the final global adapters as a PEFT LoRA folder (``PeftModel.from_pretrained``).
+PEFT_FOLDER = "peft_adapter"
 
 
 def _device(name: str) -> torch.device:
@@ -277,6 +281,9 @@ class FederatedRun:
         if checkpoint is not None:
             self._restore(checkpoint)
             records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
+            completions = self.out / "completions.jsonl"
+            if completions.exists():  # completions written after the checkpoint are written again
+                _write_jsonl(completions, [c for c in _read_jsonl(completions) if c["round"] <= self.start_round])
             left = "nothing left to play" if self.start_round >= self.config.rounds else \
                 f"continuing with round {self.start_round + 1}"
             print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
@@ -307,6 +314,8 @@ class FederatedRun:
                 times.update(ppl=f"{record['test_perplexity']:.2f}", loss=f"{record['train_loss']:.3f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
+        if self.causal_lm:
+            export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
         return records
 
     def _round(self, rnd: int) -> dict[str, Any]:

@@ -277,6 +277,19 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tokenizer, capsys):
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert {c["round"] for c in completions} == {0, 2} and all(isinstance(c["completion"], str) for c in completions)
     assert (out / "perplexity.png").is_file() and (out / "checkpoint.safetensors").is_file()
+    # The final global adapters load into PEFT on the plain causal LM and change its outputs.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([tokenizer("The team won")["input_ids"]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(out / "peft_adapter")).eval()
+        after = tuned(input_ids=ids).logits
+    assert float((after - before).abs().max()) > 1e-4
+    assert tuned.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
+    assert cli_main(["plot", str(out), str(out)]) == 0 and (tmp_path / "perplexity.png").is_file()
     # Resume of the finished run: nothing to play, same records.
     assert cli_main(["run", str(path), "--no-progress", "--resume"]) == 0
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
