@@ -241,16 +241,40 @@ def test_missing_instruction_column_and_empty_response(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------- end to end
-def test_fedhello_run_causal_lm_end_to_end(tmp_path, tokenizer, capsys):
-    from fedhello.cli import main as cli_main
-
-    model_dir = tmp_path / "tiny-lm"
+@pytest.fixture(scope="module")
+def tiny_lm_files(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A tiny LLaMA causal LM folder (with the SmolLM2 tokenizer) and a CSV of two topics' news."""
+    root = tmp_path_factory.mktemp("tiny-lm")
+    model_dir = root / "model"
     _tiny_lm(vocab=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     topics = {"sport": "The team won the match in the final minute.", "tech": "The new chip runs code faster."}
-    data = tmp_path / "news.csv"
+    data = root / "news.csv"
     lines = ["text,topic"] + [f"\"{text} Story {i}.\",{topic}" for i in range(12) for topic, text in topics.items()]
     data.write_text("\n".join(lines) + "\n")
+    return model_dir, data
+
+
+def test_proxy_fisher_scores_of_a_causal_lm(tiny_lm_files, tmp_path):
+    from fedhello.fl.server import FederatedRun
+
+    model_dir, data = tiny_lm_files
+    config = RunConfig.from_dict({
+        "task": "causal_lm", "model": {"name": str(model_dir), "rank": 4}, "cohort_size": 2,
+        "data": {"path": str(data), "text_column": "text", "max_length": 16, "num_clients": 4,
+                 "test_fraction": 0.25, "proxy_fraction": 0.2},
+        "strategy": {"name": "fedhello", "options": {"fisher_source": "proxy"}},
+        "engine": {"device": "cpu"}, "output_dir": str(tmp_path / "run")})
+    run = FederatedRun(config, progress=False)
+    assert "group" not in run.client_data["proxy"] and run.client_data["proxy"]["labels"].dim() == 2
+    scores = run.proxy_fisher_scores()
+    assert scores.shape == (2,) and (scores > 0).all() and scores.dtype.kind == "f"
+
+
+def test_fedhello_run_causal_lm_end_to_end(tmp_path, tiny_lm_files, tokenizer, capsys):
+    from fedhello.cli import main as cli_main
+
+    model_dir, data = tiny_lm_files
     out = tmp_path / "run"
     config = {
         "task": "causal_lm", "seed": 1,
@@ -290,8 +314,12 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tokenizer, capsys):
     assert float((after - before).abs().max()) > 1e-4
     assert tuned.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
     assert cli_main(["plot", str(out), str(out)]) == 0 and (tmp_path / "perplexity.png").is_file()
-    # Resume of the finished run: nothing to play, same records.
+    # Resume of the finished run: nothing to play, same records; a completion written after the
+    # checkpoint (a run killed there) is dropped.
+    with (out / "completions.jsonl").open("a") as f:
+        f.write(json.dumps({"round": 3, "prompt": "x", "completion": "y"}) + "\n")
     assert cli_main(["run", str(path), "--no-progress", "--resume"]) == 0
+    assert [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()] == completions
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["test_loss"] for r in again] == [r["test_loss"] for r in records]
 
