@@ -361,3 +361,26 @@ def test_suite_summary_reports_perplexity_for_causal_lm_runs(tmp_path):
     assert row["best"][0] == pytest.approx(19.0) and row["untrained"][0] == pytest.approx(50.5)
     assert "perplexity (lower is better)" in render_table(summarize(suite))
     assert (tmp_path / "dir0.3-tiers111" / "perplexity.png").is_file()
+
+
+def test_chat_template_prompts_are_masked(tokenizer):
+    rows, starts = instruction_rows(["Say hi."], ["Hi!"], tokenizer, 64, chat_template=True)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
+                                              add_generation_prompt=True)
+    prompt = tokenizer(templated, add_special_tokens=False)["input_ids"]
+    assert starts == [len(prompt)] and rows[0][:len(prompt)] == prompt
+    assert rows[0][len(prompt):] == tokenizer("Hi!", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_check_sources_names_a_missing_instruction_column(tmp_path):
+    from fedhello.errors import UserError
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    config = RunConfig.from_dict({"task": "causal_lm", "model": {"name": "smollm2"}, "data": {
+        "path": str(path), "prompt_column": "instruction", "response_column": "answer", "num_clients": 1},
+        "cohort_size": 1})
+    with pytest.raises(UserError, match=r"^data\.response_column: 'answer' is not a column"):
+        config.check_sources()
+    config.data.response_column = "output"
+    config.check_sources()  # no label column needed for a causal LM
