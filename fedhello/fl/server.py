@@ -57,7 +57,7 @@ from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
-from fedhello.nn.losses import row_losses
+from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
@@ -162,7 +162,8 @@ class FederatedRun:
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
             backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
-            dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto", seed=derive_seed(cfg.seed, "adapters"),
+            dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto",
+            seed=derive_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
@@ -219,7 +220,7 @@ class FederatedRun:
         for idx in data.partitions:
             rows = prepare(data.train.select(idx))
             group = rows.pop("group")
-            terms = (rows["labels"][:, 1:] != -100).sum(dim=1)
+            terms = row_terms(rows["labels"])
             mixes.append({int(g): float(terms[group == g].sum()) for g in torch.unique(group).tolist()})
             clients.append(rows)
         test = prepare(data.test)
