@@ -87,7 +87,7 @@ def _time_rounds(config, k: int, progress: bool) -> int:
     # Rounds after the first (which pays one-off costs: kernel compilation, allocator warm-up).
     steady = records[1:] or records
     train = sum(r["time_local"] + r["time_aggregate"] for r in steady) / len(steady)
-    evals = [r["time_eval"] for r in records if r.get("test_accuracy") is not None]
+    evals = [r["time_eval"] for r in records if r.get("test_loss") is not None]  # evaluated rounds, any task
     eval_s = sum(evals) / len(evals) if evals else 0.0
     n_evals = -(-config.rounds // config.eval_every)
     total = train * config.rounds + eval_s * n_evals
