@@ -384,3 +384,28 @@ def test_check_sources_names_a_missing_instruction_column(tmp_path):
         config.check_sources()
     config.data.response_column = "output"
     config.check_sources()  # no label column needed for a causal LM
+
+
+def test_instruction_run_setup_masks_prompts_and_prompts_completions(tiny_lm_files, tmp_path, tokenizer):
+    from fedhello.fl.server import FederatedRun
+
+    model_dir, _ = tiny_lm_files
+    path = tmp_path / "sft.jsonl"
+    pairs = [(f"What is {i} plus {i}?", f"{2 * i}.") for i in range(20)]
+    path.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in pairs))
+    config = RunConfig.from_dict({
+        "task": "causal_lm", "model": {"name": str(model_dir), "rank": 4}, "cohort_size": 2,
+        "data": {"path": str(path), "prompt_column": "q", "response_column": "a", "chat_template": True,
+                 "max_length": 48, "num_clients": 4, "test_fraction": 0.2, "partition": {"kind": "dirichlet"}},
+        "engine": {"device": "cpu"}, "output_dir": str(tmp_path / "run")})
+    run = FederatedRun(config, progress=False)
+    assert sum(c["labels"].shape[0] for c in run.client_data["clients"]) == 16
+    test = run.client_data["test"]
+    for prompt, ids, labels in zip(run.client_data["prompts"], test["input_ids"], test["labels"]):
+        # a completion prompt is exactly a test row's templated prompt: every token of it is masked
+        assert ids[:len(prompt)].tolist() == prompt and labels[:len(prompt)].eq(IGNORE_INDEX).all()
+        assert labels[len(prompt)] != IGNORE_INDEX
+        assert "<|im_start|>assistant" in tokenizer.decode(prompt)
+    metrics = run.evaluate_global()
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert metrics["client_perplexity"] == [pytest.approx(metrics["perplexity"])] * 4  # one group: all alike
