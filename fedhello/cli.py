@@ -23,6 +23,16 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _report_perplexity(initial: Path, records: list[dict]) -> None:
+    """Causal LM runs: held-out perplexity of the untrained and the final global model."""
+    if initial.exists():
+        print(f"untrained model: held-out perplexity {json.loads(initial.read_text())['perplexity']:.3f}")
+    evaluated = [r for r in records if r.get("test_perplexity") is not None]
+    if evaluated:
+        print(f"final held-out perplexity {evaluated[-1]['test_perplexity']:.3f} (token loss "
+              f"{evaluated[-1]['test_loss']:.4f}) after {len(records)} rounds")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
 
@@ -50,7 +60,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
     initial = Path(config.output_dir) / "initial_eval.json"
-    if initial.exists():
+    if config.task == "causal_lm":
+        _report_perplexity(initial, records)
+    elif initial.exists():
         print(f"untrained model: test accuracy {100 * json.loads(initial.read_text())['accuracy']:.2f}%")
     if evaluated:
         best = max(r["test_accuracy"] for r in evaluated)
@@ -75,7 +87,7 @@ def _time_rounds(config, k: int, progress: bool) -> int:
     # Rounds after the first (which pays one-off costs: kernel compilation, allocator warm-up).
     steady = records[1:] or records
     train = sum(r["time_local"] + r["time_aggregate"] for r in steady) / len(steady)
-    evals = [r["time_eval"] for r in records if r.get("test_accuracy") is not None]
+    evals = [r["time_eval"] for r in records if r.get("test_loss") is not None]  # evaluated rounds, any task
     eval_s = sum(evals) / len(evals) if evals else 0.0
     n_evals = -(-config.rounds // config.eval_every)
     total = train * config.rounds + eval_s * n_evals
@@ -96,14 +108,15 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from fedhello.plots import plot_accuracy, plot_run
+    from fedhello.plots import is_causal_lm_run, plot_accuracy, plot_run
 
     out = Path(args.out) if args.out else None
     if len(args.run_dirs) == 1:
         paths = plot_run(args.run_dirs[0], out)
     else:
         target = out or Path(args.run_dirs[0]).parent
-        paths = [plot_accuracy(args.run_dirs, target / "accuracy.png")]
+        lm = all(is_causal_lm_run(d) for d in args.run_dirs)
+        paths = [plot_accuracy(args.run_dirs, target / ("perplexity.png" if lm else "accuracy.png"))]
         for d in args.run_dirs:
             paths.extend(plot_run(d, (out / Path(d).name) if out else None))
     print("\n".join(str(p) for p in paths))

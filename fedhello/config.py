@@ -7,9 +7,11 @@ keys, YAML values), builds a ``RunConfig`` and validates it up front: every prob
 Layout (every field has a default except ``model.name`` and ``data.name``/``data.path``)::
 
     seed: 0
+    task: classification       # or causal_lm (next-token loss, no head; fedhello.data.lm)
     model:       {name, target_modules, rank, alpha, dropout, rank_scaling}
     data:        {name, path, split, test_split, text_column, image_column, label_column,
-                  max_samples, max_length, num_clients, test_fraction, proxy_fraction,
+                  prompt_column, response_column, chat_template, max_chunks, max_samples, max_length,
+                  num_clients, test_fraction, proxy_fraction,
                   partition: {kind, alpha, classes_per_client, min_size}}
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.allocation
@@ -61,6 +63,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
+TASKS = ("classification", "causal_lm")
 ENGINES = ("batched", "sequential")
 ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -123,6 +126,12 @@ class DataConfig:
         split: split to read; ``test_split``: read the test set from this split instead of
             holding out ``test_fraction`` (then ``test_fraction`` is not used).
         text_column, image_column, label_column: input/label columns (found by name if None).
+            With ``task: causal_lm`` the label column is optional: it only shapes the partition.
+        prompt_column, response_column: instruction data (``task: causal_lm`` only): the loss
+            covers the response tokens alone.
+        chat_template: format each prompt with the tokenizer's chat template (a user turn).
+        max_chunks: ``task: causal_lm`` plain text is cut into rows of ``max_length`` tokens; at
+            most this many per text (1: truncation; None: all).
         max_samples: use a seeded random subset of this many samples (quick runs).
         max_length: tokens per text example.
         num_clients: clients in the population.
@@ -137,6 +146,10 @@ class DataConfig:
     text_column: str | None = None
     image_column: str | None = None
     label_column: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    chat_template: bool = False
+    max_chunks: int | None = None
     max_samples: int | None = None
     max_length: int = 128
     num_clients: int = 20
@@ -210,9 +223,12 @@ class EngineConfig:
 @dataclass
 class RunConfig:
     """A whole run. ``rounds`` of ``cohort_size`` clients; evaluate every ``eval_every`` rounds,
-    checkpoint every ``checkpoint_every`` rounds (0: never) into ``output_dir``."""
+    checkpoint every ``checkpoint_every`` rounds (0: never) into ``output_dir``. ``task``:
+    ``classification`` (a head per client) or ``causal_lm`` (next-token loss on target tokens,
+    the model's output head frozen)."""
 
     seed: int = 0
+    task: str = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
@@ -247,6 +263,7 @@ class RunConfig:
     def validate(self) -> None:
         """Check every field; raise ``ConfigError`` naming the first bad one."""
         _int_at_least("seed", self.seed, 0)
+        _choice("task", self.task, TASKS)
         self._validate_model()
         self._validate_data()
         try:
@@ -289,7 +306,7 @@ class RunConfig:
         from fedhello.models.loading import check_backbone_name
 
         check_backbone_name(self.model.name, "model.name")
-        check_data_source(self.data)
+        check_data_source(self.data, needs_label=self.task == "classification")
 
     def _validate_model(self) -> None:
         m = self.model
@@ -332,11 +349,38 @@ class RunConfig:
         if test + d.proxy_fraction >= 1:
             raise ConfigError(f"data.proxy_fraction: test_fraction + proxy_fraction must be < 1, got "
                               f"{test} + {d.proxy_fraction}")
+        self._validate_task_data()
         p = d.partition
         _choice("data.partition.kind", p.kind, PARTITION_KINDS)
         _positive("data.partition.alpha", p.alpha)
         _int_at_least("data.partition.classes_per_client", p.classes_per_client, 1)
         _int_at_least("data.partition.min_size", p.min_size, 0)
+
+    def _validate_task_data(self) -> None:
+        """Fields that only one task uses must not be set for the other."""
+        d = self.data
+        if self.task == "classification":
+            for name in ("prompt_column", "response_column", "chat_template", "max_chunks"):
+                if getattr(d, name) not in (None, False):
+                    raise ConfigError(f"data.{name}: only used with task: causal_lm (instruction data), "
+                                      f"got {getattr(d, name)!r} with task: classification")
+            return
+        if d.image_column is not None or d.name == "fashion_mnist":
+            field_name = "image_column" if d.image_column is not None else "name"
+            raise ConfigError(f"data.{field_name}: images are classification-only; task: causal_lm needs text "
+                              f"(data.text_column) or instructions (data.prompt_column/response_column)")
+        if (d.prompt_column is None) != (d.response_column is None):
+            missing = "prompt_column" if d.prompt_column is None else "response_column"
+            raise ConfigError(f"data.{missing}: instruction data needs both data.prompt_column and "
+                              f"data.response_column, got only one")
+        if d.prompt_column is not None and d.text_column is not None:
+            raise ConfigError(f"data.text_column: plain text and instruction columns are exclusive, got "
+                              f"text_column {d.text_column!r} with prompt_column {d.prompt_column!r}")
+        if d.max_chunks is not None:
+            _int_at_least("data.max_chunks", d.max_chunks, 1)
+        if d.chat_template and d.prompt_column is None:
+            raise ConfigError("data.chat_template: formats instruction prompts; set data.prompt_column and "
+                              "data.response_column")
 
     def _validate_strategy(self, tiers: CapacityTiers) -> None:
         s = self.strategy

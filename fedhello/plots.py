@@ -1,6 +1,7 @@
 """Plots of federated runs, read from their ``metrics.jsonl``.
 
-* ``plot_accuracy``: test accuracy against round, one line per run;
+* ``plot_accuracy``: test accuracy against round, one line per run (held-out perplexity for
+  ``task: causal_lm`` runs);
 * ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
   that trained each block; ``plot_allocation_grid``: those of several runs side by side;
 * ``plot_fisher``: the server's Fisher score of each block against round.
@@ -24,7 +25,8 @@ import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-__all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "plot_accuracy", "plot_allocation",
+__all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
+           "perplexity_curve", "plot_accuracy", "plot_allocation",
            "plot_allocation_grid", "plot_fisher", "plot_run"]
 
 
@@ -55,17 +57,44 @@ def accuracy_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
     return rounds, accuracy
 
 
+def is_causal_lm_run(run_dir: str | Path) -> bool:
+    """Whether a run folder holds a ``task: causal_lm`` run (its evaluations report perplexity)."""
+    return any(r.get("test_perplexity") is not None for r in read_metrics(run_dir))
+
+
+def perplexity_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
+    """(rounds, held-out perplexity) of a causal LM run, from round 0 (untrained) as ``accuracy_curve``."""
+    rounds, perplexity = [], []
+    initial = Path(run_dir) / "initial_eval.json"
+    if initial.is_file():
+        rounds.append(0)
+        perplexity.append(json.loads(initial.read_text())["perplexity"])
+    for r in read_metrics(run_dir):
+        if r.get("test_perplexity") is not None:
+            rounds.append(r["round"] + 1)
+            perplexity.append(r["test_perplexity"])
+    return rounds, perplexity
+
+
 def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
                   title: str = "Test accuracy of the global model") -> Path:
-    """One line per run: test accuracy at each evaluated round, from round 0 (untrained)."""
+    """One line per run: test accuracy at each evaluated round, from round 0 (untrained).
+
+    When every run is a causal LM run, its held-out perplexity instead (the title's "Test
+    accuracy" becomes "Held-out perplexity").
+    """
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
+    lm = bool(run_dirs) and all(is_causal_lm_run(d) for d in run_dirs)
+    curve = perplexity_curve if lm else accuracy_curve
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Ten colours, then the same colours dashed, so that up to 20 methods stay apart.
     colors = plt.get_cmap("tab10").colors
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
-        ax.plot(*accuracy_curve(run_dir), marker="o", markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
+        ax.plot(*curve(run_dir), marker="o", markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("held-out perplexity" if lm else "test accuracy (%)")
+    if lm:
+        title = title.replace("Test accuracy", "Held-out perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -167,7 +196,8 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Every plot of one run into ``out_dir`` (default: the run folder)."""
     out_dir = Path(out_dir or run_dir)
-    paths = [plot_accuracy([run_dir], out_dir / "accuracy.png"), plot_allocation(run_dir, out_dir / "allocation.png")]
+    curve = "perplexity.png" if is_causal_lm_run(run_dir) else "accuracy.png"
+    paths = [plot_accuracy([run_dir], out_dir / curve), plot_allocation(run_dir, out_dir / "allocation.png")]
     try:
         paths.append(plot_fisher(run_dir, out_dir / "fisher.png"))
     except ValueError:

@@ -7,7 +7,9 @@ For n seeds the mean difference gets the 95 % Student-t interval ``mean ± t(0.9
 methods are *not separable* with these seeds.
 
 Metrics of one run, in % test accuracy of the global model: ``final`` (the last evaluation),
-``last3`` (the mean of the last three evaluations) and ``best`` (the highest evaluation).
+``last3`` (the mean of the last three evaluations) and ``best`` (the highest evaluation). For
+``task: causal_lm`` runs the held-out perplexity instead (``best``: the lowest; a negative
+difference then means the reference is better).
 
 Command line (one markdown table for every published suite folder given)::
 
@@ -33,7 +35,7 @@ METRICS = ("final", "last3", "best")
 
 
 def run_metric(run_dir: str | Path, metric: str) -> float:
-    """One run's ``metric`` (see module doc) in %, from its ``metrics.jsonl``.
+    """One run's ``metric`` (see module doc) in % (perplexity for causal LM runs), from its ``metrics.jsonl``.
 
     Raises:
         ValueError: unknown metric, no metrics file, or no evaluated round.
@@ -45,13 +47,15 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
         raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir}")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     accuracy = [100.0 * r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
-    if not accuracy:
-        raise ValueError(f"run_dir: {path} has no evaluated round (no test_accuracy)")
+    perplexity = [r["test_perplexity"] for r in records if r.get("test_perplexity") is not None]
+    values, best = (accuracy, max) if accuracy or not perplexity else (perplexity, min)
+    if not values:
+        raise ValueError(f"run_dir: {path} has no evaluated round (no test_accuracy or test_perplexity)")
     if metric == "final":
-        return accuracy[-1]
+        return values[-1]
     if metric == "best":
-        return max(accuracy)
-    return float(np.mean(accuracy[-3:]))
+        return best(values)
+    return float(np.mean(values[-3:]))
 
 
 def seed_values(folder: str | Path, setting: str, method: str, metric: str) -> dict[int, float]:

@@ -21,6 +21,7 @@ final and best test accuracy as mean ± std over seeds, and the wall time of eac
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -33,7 +34,7 @@ import torch
 import yaml
 
 from fedhello.config import ConfigError, apply_overrides, load_config
-from fedhello.plots import plot_accuracy, plot_allocation_grid, plot_fisher, read_metrics
+from fedhello.plots import is_causal_lm_run, plot_accuracy, plot_allocation_grid, plot_fisher, read_metrics
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
 
@@ -192,7 +193,7 @@ def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, 
         if not (run_dir / "metrics.jsonl").exists():
             continue
         records = read_metrics(run_dir)
-        evaluated = [r for r in records if r.get("test_accuracy") is not None]
+        evaluated = [r for r in records if r.get("test_accuracy", r.get("test_perplexity")) is not None]
         if evaluated:
             runs.append((run_dir, evaluated, float(np.mean([r["bytes_up"] for r in records])) / 1e6))
     return runs
@@ -204,7 +205,8 @@ def _read_json(path: Path, key: str) -> float:
 
 def summarize(suite: Suite) -> dict[str, Any]:
     """Final/best accuracy (mean, std over seeds), the untrained model's accuracy and wall time per
-    setting and method; one accuracy plot, one allocation grid and the Fisher plots per setting."""
+    setting and method; one accuracy plot, one allocation grid and the Fisher plots per setting.
+    Causal LM suites (``task: causal_lm``) report held-out perplexity instead (best = lowest)."""
     table: dict[str, dict[str, Any]] = {}
     for setting in suite.settings:
         table[setting] = {}
@@ -213,14 +215,19 @@ def summarize(suite: Suite) -> dict[str, Any]:
             runs = _finished_runs(suite, setting, method)
             if not runs:
                 continue
+            # Causal LM runs are scored by held-out perplexity (lower is better), others by accuracy in %.
+            lm = "test_perplexity" in runs[0][1][-1]
+            metric, scale, best = ("perplexity", 1.0, min) if lm else ("accuracy", 100.0, max)
+            key = f"test_{metric}"
             table[setting][method] = {
-                "final": _mean_std([100 * recs[-1]["test_accuracy"] for _, recs, _ in runs]),
-                "best": _mean_std([100 * max(r["test_accuracy"] for r in recs) for _, recs, _ in runs]),
+                "final": _mean_std([scale * recs[-1][key] for _, recs, _ in runs]),
+                "best": _mean_std([scale * best(r[key] for r in recs) for _, recs, _ in runs]),
                 # One evaluation swings by several points under label skew; the mean of the
                 # last three is the steadier end-of-run number.
-                "last3": _mean_std([100 * np.mean([r["test_accuracy"] for r in recs[-3:]]) for _, recs, _ in runs]),
-                "macro_f1": _mean_std([100 * recs[-1]["test_macro_f1"] for _, recs, _ in runs]),
-                "untrained": _mean_std([100 * _read_json(d / "initial_eval.json", "accuracy") for d, _, _ in runs]),
+                "last3": _mean_std([scale * np.mean([r[key] for r in recs[-3:]]) for _, recs, _ in runs]),
+                "macro_f1": _mean_std([math.nan if lm else 100 * recs[-1]["test_macro_f1"] for _, recs, _ in runs]),
+                "untrained": _mean_std([scale * _read_json(d / "initial_eval.json", metric) for d, _, _ in runs]),
+                "metric": metric,
                 "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _, _ in runs])),
                 # What the participants send up per round (adapters they trained + head), in MB.
                 "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
@@ -231,7 +238,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
             continue
         out = suite.output_dir / setting
         labels, dirs = [m for m, _ in method_dirs], [d for _, d in method_dirs]
-        plot_accuracy(dirs, out / "accuracy.png", labels=labels, title=f"Test accuracy, {setting}")
+        curve = "perplexity.png" if is_causal_lm_run(dirs[0]) else "accuracy.png"
+        plot_accuracy(dirs, out / curve, labels=labels,
+                      title=f"Test accuracy, {setting}")
         plot_allocation_grid(dirs, out / "allocation.png", labels=labels,
                              title=f"Share of participants training each block, {setting}")
         for method, run_dir in method_dirs:
@@ -298,6 +307,9 @@ def render_table(summary: dict[str, Any]) -> str:
     n_seeds = len(summary["seeds"])
     pm = " ± std" if n_seeds > 1 else ""
 
+    lm = any(row.get("metric") == "perplexity" for s in settings for row in table[s].values())
+    unit = "perplexity (lower is better)" if lm else "%"
+
     def cell(row: dict[str, Any], stat: str) -> str:
         mean, std = row[stat]
         text = f"{mean:.2f}" + (f" ± {std:.2f}" if n_seeds > 1 else "")
@@ -308,7 +320,7 @@ def render_table(summary: dict[str, Any]) -> str:
         values = [row["untrained"][0] for row in table[s].values() if not np.isnan(row["untrained"][0])]
         untrained.append(f"{np.mean(values):.2f}" if values else "–")
     parts = []
-    for stat, title in (("final", f"final{pm} (best) %"), ("last3", f"mean of the last 3 evaluations{pm} %")):
+    for stat, title in (("final", f"final{pm} (best) {unit}"), ("last3", f"mean of the last 3 evaluations{pm} {unit}")):
         lines = [f"| method | " + " | ".join(f"{s}: {title}" for s in settings)
                  + " | wall time / run | upload / round |",
                  "|" + "---|" * (len(settings) + 3)]

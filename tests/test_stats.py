@@ -75,3 +75,12 @@ def test_command_line_prints_one_table_per_folder(suite, capsys):
     assert main([str(suite), "--reference", "A", "--against", "B", "--metric", "final"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"### {suite}\n") and out.count("| skew | A − B | final |") == 1
+
+
+def test_run_metrics_of_a_causal_lm_run_are_perplexities(tmp_path):
+    run = tmp_path / "lm"
+    run.mkdir()
+    records = [{"round": i, "test_perplexity": p, "test_loss": math.log(p)} for i, p in enumerate([40.0, 30.0, 33.0])]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_metric(run, "final") == 33.0 and run_metric(run, "best") == 30.0  # best: the lowest
+    assert run_metric(run, "last3") == pytest.approx(103 / 3)

@@ -17,6 +17,7 @@ _EXPORTS = {
                      "load_text_folder"], "sources"),
     **dict.fromkeys(["PARTITION_KINDS", "label_counts", "partition_dataset", "partition_labels"], "partition"),
     **dict.fromkeys(["DataSplits", "split_dataset", "split_indices"], "splits"),
+    **dict.fromkeys(["IGNORE_INDEX", "instruction_rows", "lm_tensors", "load_lm_dataset", "text_rows"], "lm"),
     **dict.fromkeys(["ImageTransform", "to_tensors", "tokenize_text"], "transforms"),
 }
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
+from .lm import load_lm_dataset
 from .partition import partition_labels
-
 from .sources import label_names, load_labelled_dataset
 from .splits import split_indices
 
@@ -52,8 +52,11 @@ class FederatedData:
         return self.train.select(self.partitions[client])
 
 
-def prepare_federated_data(config: "DataConfig", seed: int) -> FederatedData:
+def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = False) -> FederatedData:
     """Load ``config``'s data set and split it for a run seeded by ``seed``.
+
+    ``causal_lm``: read text or prompt/response rows (``fedhello.data.lm.load_lm_dataset``);
+    the label column, when there is one, only shapes the splits and the partition.
 
     Sub-seeds for subsampling, splitting and partitioning are derived from ``seed``
     (``fedhello.config.derive_seed``), so changing one step does not reshuffle the others.
@@ -61,7 +64,13 @@ def prepare_federated_data(config: "DataConfig", seed: int) -> FederatedData:
     from fedhello.config import derive_seed  # the config module imports this package
 
     load = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
-    full = load_labelled_dataset(config.name, config.path, split=config.split, **load)
+    if causal_lm:
+        def read(split: str):
+            return load_lm_dataset(config, split)
+    else:
+        def read(split: str):
+            return load_labelled_dataset(config.name, config.path, split=split, **load)
+    full = read(config.split)
     if config.max_samples is not None and config.max_samples < len(full):
         rng = np.random.default_rng(derive_seed(seed, "subsample"))
         full = full.select(np.sort(rng.choice(len(full), size=config.max_samples, replace=False)))
@@ -71,7 +80,7 @@ def prepare_federated_data(config: "DataConfig", seed: int) -> FederatedData:
                                                    seed=derive_seed(seed, "split"))
     train = full.select(train_idx)
     if config.test_split is not None:
-        test = load_labelled_dataset(config.name, config.path, split=config.test_split, **load)
+        test = read(config.test_split)
     else:
         test = full.select(test_idx)
     proxy = full.select(proxy_idx) if config.proxy_fraction > 0 else None

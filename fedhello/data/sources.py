@@ -338,21 +338,24 @@ def _local_columns(path: Path) -> list[str] | None:
     return None
 
 
-def _check_columns(data: "DataConfig", path: Path) -> None:
+def _check_columns(data: "DataConfig", path: Path, needs_label: bool) -> None:
     columns = _local_columns(path)
     if columns is None:
         return
     where = f"of data.path {str(path)!r} (columns: {', '.join(columns) or 'none'})"
-    for field_name in ("label_column", "text_column", "image_column"):
-        value = getattr(data, field_name)
+    for field_name in ("label_column", "text_column", "image_column", "prompt_column", "response_column"):
+        value = getattr(data, field_name, None)
         if value is not None and value not in columns:
             raise UserError(f"data.{field_name}: {value!r} is not a column {where}")
-    if data.label_column is None and not {"label", "labels"} & set(columns):
+    if needs_label and data.label_column is None and not {"label", "labels"} & set(columns):
         raise UserError(f"data.label_column: no 'label' or 'labels' column {where}; set data.label_column")
 
 
-def check_data_source(data: "DataConfig") -> None:
+def check_data_source(data: "DataConfig", needs_label: bool = True) -> None:
     """Check that ``data`` (a ``DataConfig``) names a source that can load now, without loading it.
+
+    ``needs_label``: a local file must have a label column (classification; causal LM text
+    and instructions need none).
 
     Fast (no ``datasets`` import, at most one connection attempt of a few seconds): a built-in
     set must be installed and asked for a split it has, a local file must have the configured
@@ -374,7 +377,7 @@ def check_data_source(data: "DataConfig") -> None:
     if not name:
         local = Path(os.path.expanduser(path)) if path is not None else None
         if local is not None and local.is_file():
-            _check_columns(data, local)
+            _check_columns(data, local, needs_label)
         elif local is not None and local.is_dir():
             try:
                 _classify_folder(local)

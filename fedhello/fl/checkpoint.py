@@ -48,7 +48,8 @@ __all__ = [
 WEIGHTS_FILE = "checkpoint.safetensors"
 META_FILE = "checkpoint.json"
 # Every file a run writes into its folder that a later run would replace (plots are redrawn).
-RUN_FILES = ("config.yaml", "initial_eval.json", "metrics.jsonl", "metrics.csv", WEIGHTS_FILE, META_FILE)
+RUN_FILES = ("config.yaml", "initial_eval.json", "metrics.jsonl", "metrics.csv", WEIGHTS_FILE, META_FILE,
+             "completions.jsonl")
 
 # The only config fields a resumed run may change, and why each cannot change what the run
 # computes (the trained weights, the cohorts, the allocations). Everything else -- seed, model,
@@ -124,7 +125,12 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     if not isinstance(old, Mapping):
         raise RunFolderError(f"{saved}: expected a mapping of config fields, got {type(old).__name__}")
     new = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))  # the same YAML round trip
-    changed = [c for c in config_changes(old, new) if c[0] not in RESUME_ALLOWED]
+    # A field added to the config after the run was saved is absent there; its default is what
+    # that run computed with (a new field's default keeps the old behaviour).
+    defaults = _flatten(yaml.safe_load(yaml.safe_dump(type(config)().to_dict(), sort_keys=False)))
+    saved_flat = _flatten(old)
+    changed = [c for c in config_changes(old, new) if c[0] not in RESUME_ALLOWED
+               and not (c[0] not in saved_flat and c[0] in defaults and defaults[c[0]] == c[2])]
     if changed:
         fields = "; ".join(f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in changed)
         raise RunFolderError(

@@ -11,6 +11,10 @@ stay active for more steps.
 ``SequentialEngine`` is the same engine with one client at a time: the reference the batched
 engine must match (same code path, nothing shared between clients but the frozen backbone).
 
+The same holds for causal LMs (``labels [n, S]``, -100 where no loss applies): a client's mean
+is then over its target tokens in the step (``fedhello.nn.losses``), so rows with more target
+tokens weigh more, exactly as when the client trains alone.
+
 Nothing couples clients in a batch: the backbone stays in eval mode (its own dropout would
 draw from one RNG for the whole batch; see ``MultiLoRAModel.train``), LoRA dropout draws
 from a per-client generator, and the loss is a sum of per-client means.
@@ -36,10 +40,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from fedhello.fl.optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
 from fedhello.nn import MultiLoRAModel
+from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import COMPUTE_DTYPES
 
 __all__ = ["LocalTask", "LocalResult", "LocalTrainingConfig", "ClientParallelEngine", "SequentialEngine",
@@ -204,9 +208,10 @@ class _Step:
 
     Attributes:
         inputs: model inputs, each ``[rows, ...]`` (clients' micro-batches one after another).
-        labels: int64 ``[rows]``.
+        labels: int64 ``[rows]`` (classification) or ``[rows, S]`` (causal LM).
         client_ids: int64 ``[rows]``, non-decreasing: the slot of each row.
-        row_count: float32 ``[rows]``: the number of rows of the row's client in this step.
+        row_count: float32 ``[rows]``: the loss terms (rows, or target tokens) of the row's
+            client in this step, at least 1.
         masks: per bank, bool ``[N]`` of the slots it updates, or None when none does.
     """
 
@@ -350,8 +355,8 @@ class ClientParallelEngine:
         model = self.model
         with model.route(step.client_ids, trusted=True, contiguous=True):
             logits = model(**step.inputs).logits
-        per_sample = F.cross_entropy(logits.float(), step.labels, reduction="none")
-        weighted = per_sample / step.row_count  # each client's mean: the sum is sum_c mean_loss_c
+        per_row = row_losses(logits, step.labels)
+        weighted = per_row / step.row_count  # each client's mean: the sum is sum_c mean_loss_c
         weighted.sum().backward()
         loss_sum.index_add_(0, step.client_ids, weighted.detach().double())
         optimizer.step(step.masks)
@@ -370,17 +375,19 @@ class ClientParallelEngine:
         for step in range(max(s.steps for s in schedules)):
             active = [s for s in schedules if step < s.steps]  # slot order: ids are non-decreasing
             parts: dict[str, list[torch.Tensor]] = {}
-            counts = []
+            counts, terms = [], []
             for s in active:
                 idx = s.batches[step]
                 for key, value in s.task.data.items():
                     parts.setdefault(key, []).append(value[idx])
                 counts.append(idx.numel())
+                # A client with no target token in a step contributes 0 / 1: no gradient, no NaN.
+                terms.append(max(1, int(row_terms(parts["labels"][-1]).sum())))
             batch = {k: _to(torch.cat(v), self.device, pin) for k, v in parts.items()}
             slots = torch.tensor([s.slot for s in active])
             sizes = torch.tensor(counts)
             ids = slots.repeat_interleave(sizes)
-            row_count = sizes.to(torch.float32).repeat_interleave(sizes)
+            row_count = torch.tensor(terms, dtype=torch.float32).repeat_interleave(sizes)
             stepping = torch.zeros(n_slots, dtype=torch.bool)
             stepping[slots] = True
             block_masks = {}

@@ -184,7 +184,8 @@ class FedHelloStrategy(Strategy):
         self.last_record = record = self.run.finish_round(plan, results, self._t0)
         self._plan, self._sent = None, {}
         metrics = {k: float(v) for k, v in record.items()
-                   if k in ("train_loss", "test_accuracy", "test_loss", "test_macro_f1") and not math.isnan(v)}
+                   if k in ("train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity")
+                   and not math.isnan(v)}
         metrics["participants"] = len(results)
         return ArrayRecord(self.run.global_state), MetricRecord(metrics)
 

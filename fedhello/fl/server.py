@@ -4,7 +4,12 @@
 under ``config.output_dir``:
 
 * ``config.yaml``: the resolved configuration;
-* ``initial_eval.json``: test accuracy, loss and macro-F1 of the untrained global model;
+* ``initial_eval.json``: test accuracy, loss and macro-F1 of the untrained global model
+  (``task: causal_lm``: held-out token loss and perplexity, overall and per client);
+* ``completions.jsonl`` (``task: causal_lm``): greedy completions of a few fixed held-out
+  prompts by the global model, at the start, every ``COMPLETIONS_EVERY`` evaluations and at the end;
+* ``peft_adapter/`` (``task: causal_lm``): the final global adapters as a PEFT LoRA folder that
+  ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads;
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
   macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
   would travel up and down, wall time);
@@ -50,12 +55,21 @@ from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, c
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
-from fedhello.nn import MultiLoRAModel, inject_multi_lora
+from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
+from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
+from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
 
 Batch = dict[str, torch.Tensor]
+
+# Causal LM runs: completions are written every this many evaluations, for this many prompts.
+COMPLETIONS_EVERY = 4
+COMPLETION_PROMPTS = 3
+COMPLETION_TOKENS = 32
+# Causal LM runs: the final global adapters as a PEFT LoRA folder (``PeftModel.from_pretrained``).
+PEFT_FOLDER = "peft_adapter"
 
 
 def _device(name: str) -> torch.device:
@@ -132,10 +146,14 @@ class FederatedRun:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.config
-        self.data = prepare_federated_data(cfg.data, cfg.seed)
-        backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
-                                 seed=derive_seed(cfg.seed, "head"))
-        self.client_data = self._tensors(backbone)
+        self.causal_lm = cfg.task == "causal_lm"
+        self.data = prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
+        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+            backbone = load_backbone(cfg.model.name, task="causal-lm")
+        else:
+            backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
+                                     seed=derive_seed(cfg.seed, "head"))
+        self.client_data = self._lm_tensors() if self.causal_lm else self._tensors(backbone)
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
@@ -144,7 +162,8 @@ class FederatedRun:
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
             backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
-            dropout=cfg.model.dropout, head_modules="auto", seed=derive_seed(cfg.seed, "adapters"),
+            dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto",
+            seed=derive_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
@@ -183,6 +202,33 @@ class FederatedRun:
         clients = [{k: v[torch.as_tensor(idx)] for k, v in train.items()} for idx in data.partitions]
         proxy = prepare(data.proxy) if data.proxy is not None else None
         return {"clients": clients, "test": prepare(data.test), "proxy": proxy}
+
+    def _lm_tensors(self) -> dict[str, Any]:
+        """Causal LM: every client's rows (chunks of its documents, or its instructions), the test
+        rows (with their group), the proxy rows, each client's training tokens per group, and the
+        prompts whose completions are written during the run."""
+        from fedhello.data import lm_tensors
+
+        cfg, data = self.config, self.data
+        self.tokenizer = load_tokenizer(cfg.model.name)
+
+        def prepare(ds) -> Batch:
+            return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
+                              max_chunks=cfg.data.max_chunks)
+
+        clients, mixes = [], []
+        for idx in data.partitions:
+            rows = prepare(data.train.select(idx))
+            group = rows.pop("group")
+            terms = row_terms(rows["labels"])
+            mixes.append({int(g): float(terms[group == g].sum()) for g in torch.unique(group).tolist()})
+            clients.append(rows)
+        test = prepare(data.test)
+        proxy = prepare(data.proxy) if data.proxy is not None else None
+        if proxy is not None:
+            proxy.pop("group")
+        return {"clients": clients, "test": test, "proxy": proxy, "mixes": mixes,
+                "prompts": _completion_prompts(test, COMPLETION_PROMPTS)}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
@@ -236,6 +282,9 @@ class FederatedRun:
         if checkpoint is not None:
             self._restore(checkpoint)
             records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
+            completions = self.out / "completions.jsonl"
+            if completions.exists():  # completions written after the checkpoint are written again
+                _write_jsonl(completions, [c for c in _read_jsonl(completions) if c["round"] <= self.start_round])
             left = "nothing left to play" if self.start_round >= self.config.rounds else \
                 f"continuing with round {self.start_round + 1}"
             print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
@@ -247,6 +296,7 @@ class FederatedRun:
         _write_jsonl(metrics_path, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
             (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
+            self._write_completions(0)
 
         cfg = self.config
         rounds = range(self.start_round, cfg.rounds)
@@ -261,8 +311,12 @@ class FederatedRun:
             times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
             if "test_accuracy" in record:
                 times.update(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
+            if "test_perplexity" in record:
+                times.update(ppl=f"{record['test_perplexity']:.2f}", loss=f"{record['train_loss']:.3f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
+        if self.causal_lm:
+            export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
         return records
 
     def _round(self, rnd: int) -> dict[str, Any]:
@@ -330,6 +384,8 @@ class FederatedRun:
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
             record.update({f"test_{k}": v for k, v in metrics.items()})
+            if ((rnd + 1) // cfg.eval_every) % COMPLETIONS_EVERY == 0 or rnd + 1 == cfg.rounds:
+                self._write_completions(rnd + 1)
         t_end = time.perf_counter()
         record.update(wall_time=t_end - t0, time_local=t_local - t0, time_aggregate=t_aggregate - t_local,
                       time_eval=t_end - t_aggregate)
@@ -382,12 +438,36 @@ class FederatedRun:
             up += _state_bytes(self.global_state, lora, fraction) + _state_bytes(self.global_state, head)
         return down, up
 
-    def evaluate_global(self) -> dict[str, float]:
-        """The global model (slot 0, full rank) on the held-out test split."""
+    def evaluate_global(self) -> dict[str, Any]:
+        """The global model (slot 0, full rank) on the held-out test split.
+
+        Causal LM: ``loss`` (nats per target token), ``perplexity``, and ``client_perplexity``:
+        for every client, the perplexity on the held-out rows of its own mix of groups (topics),
+        weighted by its training tokens per group.
+        """
         self.model.load_client_state(0, self.global_state)
         self.model.set_ranks({0: self.config.model.rank})
-        return evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
-                        device=self.device)
+        if not self.causal_lm:
+            return evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
+                            device=self.device)
+        result = evaluate_lm(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
+                             device=self.device)
+        groups = result.pop("group_loss")
+        result["client_perplexity"] = [mixture_perplexity(groups, mix) for mix in self.client_data["mixes"]]
+        return result
+
+    def _write_completions(self, rounds_done: int) -> None:
+        """Append the global model's greedy completions of the fixed prompts (causal LM only)."""
+        if not self.causal_lm or not self.client_data["prompts"]:
+            return
+        self.model.load_client_state(0, self.global_state)
+        self.model.set_ranks({0: self.config.model.rank})
+        prompts = self.client_data["prompts"]
+        texts = greedy_completions(self.model, self.tokenizer, prompts, max_new_tokens=COMPLETION_TOKENS)
+        with (self.out / "completions.jsonl").open("a") as f:
+            for prompt, text in zip(prompts, texts):
+                f.write(json.dumps({"round": rounds_done, "prompt": self.tokenizer.decode(prompt),
+                                    "completion": text}) + "\n")
 
     def proxy_fisher_scores(self) -> np.ndarray:
         """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
@@ -407,11 +487,26 @@ class FederatedRun:
             batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}
             ids = torch.arange(batch["labels"].shape[0])
             with model.route(ids):
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            F.cross_entropy(logits, batch["labels"], reduction="sum").backward()
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            row_losses(logits, batch["labels"]).sum().backward()
             for p in model.parameters():
                 p.grad = None
         return (model.fisher_norms().sum(dim=1) / max(n, 1)).double().cpu().numpy()
+
+
+def _completion_prompts(test: Batch, count: int) -> list[list[int]]:
+    """Token ids of up to ``count`` fixed held-out prompts: an instruction row's prompt, or the
+    first quarter of a text row (the first rows of the test split: fixed for a run seed)."""
+    prompts = []
+    for ids, mask, labels in zip(test["input_ids"], test["attention_mask"], test["labels"]):
+        length = int(mask.sum())
+        target = (labels[:length] != -100).nonzero().flatten()
+        start = int(target[0]) if target.numel() else length
+        cut = start if start > 0 else max(1, length // 4)
+        prompts.append(ids[:cut].tolist())
+        if len(prompts) == count:
+            break
+    return prompts
 
 
 def _as_list(value) -> list | None:
@@ -449,7 +544,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
         path.write_text(text)
 
 
-_CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "bytes_up", "bytes_down",
+_CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity", "bytes_up", "bytes_down",
                "wall_time", "time_local", "time_aggregate", "time_eval", "participants")
 
 

@@ -158,6 +158,18 @@ def test_resume_allows_only_fields_that_keep_the_run(tmp_path):
     assert set(RESUME_ALLOWED) == {"rounds", "eval_every", "checkpoint_every", "output_dir"}
 
 
+def test_resume_of_a_run_saved_before_a_field_existed(tmp_path):
+    import yaml
+
+    out = _run_folder(tmp_path, done=2)
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    del raw["task"], raw["data"]["prompt_column"]  # as written before these fields were added
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert check_run_dir(_config(out), resume=True).next_round == 2  # their defaults are what it ran with
+    with pytest.raises(RunFolderError, match="task: <absent> -> 'causal_lm'"):
+        check_run_dir(_config(out, task="causal_lm"), resume=True)
+
+
 def test_config_changes_names_dotted_fields():
     old = {"seed": 1, "model": {"rank": 8, "target_modules": None}, "strategy": {"options": {}}}
     new = {"seed": 1, "model": {"rank": 4, "target_modules": ["q"]}, "strategy": {"options": {"warmup": 1}},

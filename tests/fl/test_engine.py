@@ -137,7 +137,7 @@ FEDHELLO = Path(fedhello.__file__).resolve().parent
 # The code a step's host reads are counted in: the engine and the model layer it drives. The
 # kernels and MultiLoRALinear (the lead's side) are reported separately, not asserted on.
 ENGINE_CODE = (FEDHELLO / "fl", FEDHELLO / "nn" / "model.py", FEDHELLO / "nn" / "heads.py",
-               FEDHELLO / "nn" / "routing.py")
+               FEDHELLO / "nn" / "routing.py", FEDHELLO / "nn" / "losses.py")
 HOST_READS = ("item", "tolist", "cpu", "__int__", "__bool__", "__float__")
 
 
@@ -202,6 +202,38 @@ def test_a_local_step_reads_nothing_back_to_the_host(monkeypatch, backend):
         pass
     spy.active = False
     assert any(path == "nn/routing.py" for _, path in spy.engine_reads())
+
+
+def test_a_causal_lm_step_reads_nothing_back_to_the_host(monkeypatch):
+    """Token-level losses (labels [rows, S], -100 masked) keep the step free of host reads too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=SEQ)).eval()
+    gen = torch.Generator().manual_seed(4)
+    tasks = _tasks(2, [6, 9, 3], gen)
+    for task in tasks:  # next-token targets: the ids themselves, masked at padding and a 2-token prompt
+        ids, mask = task.data["input_ids"], task.data["attention_mask"]
+        keep = mask.bool() & (torch.arange(SEQ) >= 2)
+        task.data["labels"] = ids.where(keep, torch.full_like(ids, -100))
+    model = inject_multi_lora(lm, ["q_proj", "v_proj"], num_clients=3, rank=4, alpha=8, head_modules=None,
+                              backend="torch")
+    engine = ClientParallelEngine(model, LocalTrainingConfig(epochs=1, batch_size=4, lr=1e-2))
+    spy = _HostReadSpy(monkeypatch)
+    original = ClientParallelEngine._step
+
+    def spied_step(self, *args):
+        spy.active = True
+        try:
+            original(self, *args)
+        finally:
+            spy.active = False
+
+    monkeypatch.setattr(ClientParallelEngine, "_step", spied_step)
+    results = engine.train(model.client_state(0), tasks)
+    assert all(math.isfinite(r.loss) and r.loss > 0 for r in results)
+    assert spy.engine_reads() == [], spy.engine_reads()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sync debug mode is CUDA-only)")
