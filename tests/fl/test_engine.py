@@ -166,6 +166,23 @@ class _HostReadSpy:
         return [c for c in self.calls if any((FEDHELLO / c[1]).is_relative_to(p) for p in ENGINE_CODE)]
 
 
+def _watch_steps(monkeypatch: pytest.MonkeyPatch, spy: _HostReadSpy) -> list[int]:
+    """Run every engine step with ``spy`` active; the returned list grows by one per step."""
+    steps: list[int] = []
+    original = ClientParallelEngine._step
+
+    def spied_step(self, *args):
+        spy.active = True
+        try:
+            original(self, *args)
+        finally:
+            spy.active = False
+        steps.append(1)
+
+    monkeypatch.setattr(ClientParallelEngine, "_step", spied_step)
+    return steps
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_local_step_reads_nothing_back_to_the_host(monkeypatch, backend):
     """The engine's code reads nothing back in a step. With the Triton kernels (the GPU path; the
@@ -179,18 +196,7 @@ def test_a_local_step_reads_nothing_back_to_the_host(monkeypatch, backend):
                               dropout=0.1)
     engine = ClientParallelEngine(model, LocalTrainingConfig(epochs=1, batch_size=4, lr=1e-2))
     spy = _HostReadSpy(monkeypatch)
-    steps = []
-    original = ClientParallelEngine._step
-
-    def spied_step(self, *args):
-        spy.active = True
-        try:
-            original(self, *args)
-        finally:
-            spy.active = False
-        steps.append(1)
-
-    monkeypatch.setattr(ClientParallelEngine, "_step", spied_step)
+    steps = _watch_steps(monkeypatch, spy)
     engine.train(model.client_state(0), tasks)
     assert len(steps) == 3  # ceil(9 / 4) steps of the wave ran under the spy
     assert spy.engine_reads() == [], spy.engine_reads()
@@ -221,16 +227,7 @@ def test_a_causal_lm_step_reads_nothing_back_to_the_host(monkeypatch):
                               backend="torch")
     engine = ClientParallelEngine(model, LocalTrainingConfig(epochs=1, batch_size=4, lr=1e-2))
     spy = _HostReadSpy(monkeypatch)
-    original = ClientParallelEngine._step
-
-    def spied_step(self, *args):
-        spy.active = True
-        try:
-            original(self, *args)
-        finally:
-            spy.active = False
-
-    monkeypatch.setattr(ClientParallelEngine, "_step", spied_step)
+    _watch_steps(monkeypatch, spy)
     results = engine.train(model.client_state(0), tasks)
     assert all(math.isfinite(r.loss) and r.loss > 0 for r in results)
     assert spy.engine_reads() == [], spy.engine_reads()
