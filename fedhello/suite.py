@@ -30,11 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from fedhello.config import ConfigError, apply_overrides, load_config
-from fedhello.plots import is_causal_lm_run, plot_accuracy, plot_allocation_grid, plot_fisher, read_metrics
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
 
@@ -126,8 +124,15 @@ def load_suite(path: str | Path, preset: str | None = None, overrides: list[str]
     out = chosen.get("output_dir", raw.get("output_dir", f"runs/{path.stem}"))
     suite = Suite(base, Path(out), seeds, settings, methods, run_overrides,
                   name=f"{path.stem}" + (f" ({preset})" if preset else ""))
-    for setting, method, seed, run_dir in suite.runs():  # validate every run up front
-        _run_config(suite, setting, method, seed, run_dir)
+    # Validate every run up front, and check once per distinct model and data source that they can
+    # load here (no torch import yet: a bad suite is reported in about a second).
+    checked = set()
+    for setting, method, seed, run_dir in suite.runs():
+        config = _run_config(suite, setting, method, seed, run_dir)
+        sources = (config.task, repr(config.model.name), repr(config.data))
+        if sources not in checked:
+            config.check_sources()
+            checked.add(sources)
     return suite
 
 
@@ -173,6 +178,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _device_name() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     cpuinfo = Path("/proc/cpuinfo")
@@ -187,6 +194,8 @@ def _device_name() -> str:
 def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, list[dict[str, Any]], float]]:
     """(run folder, evaluated records, MB sent up per round) of every seed of one cell that has
     evaluated rounds; the upload is the mean over all of the run's rounds."""
+    from fedhello.plots import read_metrics
+
     runs = []
     for seed in suite.seeds:
         run_dir = suite.output_dir / setting / method / f"seed-{seed}"
@@ -207,6 +216,10 @@ def summarize(suite: Suite) -> dict[str, Any]:
     """Final/best accuracy (mean, std over seeds), the untrained model's accuracy and wall time per
     setting and method; one accuracy plot, one allocation grid and the Fisher plots per setting.
     Causal LM suites (``task: causal_lm``) report held-out perplexity instead (best = lowest)."""
+    import torch
+
+    from fedhello.plots import is_causal_lm_run, plot_accuracy, plot_allocation_grid, plot_fisher, read_metrics
+
     table: dict[str, dict[str, Any]] = {}
     for setting in suite.settings:
         table[setting] = {}

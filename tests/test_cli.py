@@ -128,3 +128,15 @@ def test_doctor_lists_backends_and_assets():
     assert ("nothing is missing" in out) != ("missing (" in out)
     strict = _fedhello("doctor", "--strict")
     assert strict.returncode == (1 if "missing (" in out else 0)
+
+
+def test_suite_checks_names_before_heavy_imports():
+    suite = str(ROOT / "configs" / "suites" / "quickstart.yaml")
+    _one_line_error(_fedhello("suite", suite, "--set", "model.name=not-a-model-xyz", HF_HUB_OFFLINE="1"),
+                    "suite", "model.name")
+    code = ("import sys\nfrom fedhello.suite import load_suite\nload_suite(sys.argv[1])\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'flwr', 'matplotlib') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code, suite], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
