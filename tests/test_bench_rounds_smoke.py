@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -141,6 +142,37 @@ def test_causal_lm_workload_has_token_targets_and_no_head(bench_rounds) -> None:
     assert all(block is not None for block in work.tensor_blocks.values())
     with pytest.raises(ValueError, match="causal LM"):
         bench_rounds.random_causal_lm("minilm", 8, 0)
+
+
+def test_causal_lm_guard_tells_a_wrong_loss_from_noise(bench_rounds) -> None:
+    """The PEFT loop's loss (transformers', from labels) matches the engine's at the default
+    tolerance, and the same loop trained on unshifted targets is far outside it."""
+    settings = bench_rounds.RoundSettings(device=torch.device("cpu"), impls=IMPLS, seq=16, batch=2, steps=1,
+                                          task="causal_lm")
+    backbone = bench_rounds.load_model("tiny-llama", settings.seq, seed=0, task="causal_lm")
+    work = bench_rounds.make_workload(backbone, 2, settings)
+    want = bench_rounds.build_impl("sequential", backbone, work, settings, 2).run(work.tasks)
+    peft = bench_rounds.build_impl("peft", backbone, work, settings, 2)
+    # Labels moved right by one: the loss then asks each position for its own token.
+    unshifted = [dataclasses.replace(t, data={**t.data, "labels": torch.cat(
+        [torch.full_like(t.data["labels"][:, :1], -100), t.data["labels"][:, :-1]], dim=1)}) for t in work.tasks]
+    right = [peft.to_client_state(s) for s in peft.run(work.tasks)]
+    wrong = [peft.to_client_state(s) for s in peft.run(unshifted)]
+    assert bench_rounds.max_rel_err(right, want) < bench_rounds.GUARD_TOL
+    assert bench_rounds.max_rel_err(wrong, want) > 2 * bench_rounds.GUARD_TOL_LM
+
+
+def test_default_guard_tolerance_per_task(bench_rounds) -> None:
+    parser = bench_rounds.build_parser()
+    tols = {}
+    for task in bench_rounds.TASKS:
+        args = parser.parse_args(["--task", task, "--device", "cpu"])
+        bench_rounds.apply_preset(args)
+        tols[task] = bench_rounds.settings_from_args(args, parser, torch.device("cpu")).guard_tol
+    assert tols == {"classification": bench_rounds.GUARD_TOL, "causal_lm": bench_rounds.GUARD_TOL_LM}
+    args = parser.parse_args(["--task", "causal_lm", "--dtype", "bfloat16"])
+    bench_rounds.apply_preset(args)
+    assert bench_rounds.settings_from_args(args, parser, torch.device("cpu")).guard_tol == bench_rounds.GUARD_TOL_HALF
 
 
 def test_state_comparison_and_byte_counting(bench_rounds) -> None:
