@@ -243,6 +243,14 @@ def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None
     paper = doc["paper_slice"]
     assert paper["cohort"] == 10 and paper["rounds"] == 500 and paper["round_s"]["reps"] == 1
     assert math.isclose(paper["extrapolated_run_s"], 500 * paper["round_s"]["median_s"])
+    lm_out = tmp_path / "rounds-lm.json"  # the causal-LM case too (PEFT on the causal LM, labels)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--random-weights", "--smoke", "--task", "causal_lm",
+                           "--device", "cpu", "--n", "2", "--repeats", "1", "--out", str(lm_out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (case,) = json.loads(lm_out.read_text())["cases"]
+    assert case["name"] == "tiny-llama-n2" and case["status"] == "ok" and case["task"] == "causal_lm"
+    assert all(g["ok"] for g in case["guard"].values())
 
 
 def test_gpu_check_preset_fills_its_options(bench_rounds) -> None:
