@@ -76,7 +76,7 @@ def random_causal_lm(name: str, seq: int, seed: int) -> nn.Module:
 
     if name not in RANDOM_LM_MODELS:
         raise ValueError(f"model: expected one of {RANDOM_LM_MODELS} for a random causal LM, got {name!r}")
-    return _build(LlamaForCausalLM, _checked_config(name, seq, num_labels=2), seed)
+    return _build(LlamaForCausalLM, _checked_config(name, seq, num_labels=2), seed)  # num_labels: unused
 
 
 def _checked_config(name: str, seq: int, num_labels: int):
