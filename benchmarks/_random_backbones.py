@@ -2,8 +2,9 @@
 
 The lent GPU machines have no model weights and no package registry, and round timing does not
 depend on the weights' values, so ``bench_rounds.py --random-weights`` builds each backbone from a
-config written here (the shapes of the real checkpoints) with freshly initialised weights. This
-module imports only ``torch`` and ``transformers``.
+config written here (the shapes of the real checkpoints) with freshly initialised weights: a
+sequence classifier (``random_backbone``) or, for the LLaMA shapes, a causal LM with its output
+head (``random_causal_lm``). This module imports only ``torch`` and ``transformers``.
 
 Shapes (from the checkpoints' ``config.json``):
 
@@ -20,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RANDOM_MODELS", "random_backbone"]
+__all__ = ["RANDOM_LM_MODELS", "RANDOM_MODELS", "random_backbone", "random_causal_lm"]
 
 RANDOM_MODELS = ("tiny-bert", "tiny-llama", "minilm", "smollm2", "bert-base")
+RANDOM_LM_MODELS = ("tiny-llama", "smollm2")  # the decoder (LLaMA) shapes: causal LMs too
 
 
 def _config(name: str, seq: int, num_labels: int):
@@ -58,10 +60,34 @@ def random_backbone(name: str, seq: int, num_labels: int, seed: int) -> nn.Modul
     """
     from transformers import BertForSequenceClassification, LlamaForSequenceClassification
 
+    config = _checked_config(name, seq, num_labels)
+    cls = LlamaForSequenceClassification if config.model_type == "llama" else BertForSequenceClassification
+    return _build(cls, config, seed)
+
+
+def random_causal_lm(name: str, seq: int, seed: int) -> nn.Module:
+    """A causal LM (``LlamaForCausalLM``, output head tied to the embeddings as in SmolLM2) of the
+    shape ``name`` (``RANDOM_LM_MODELS``), random weights, fp32, eval, CPU.
+
+    Raises:
+        ValueError: a name outside ``RANDOM_LM_MODELS``, or ``seq`` beyond the model's positions.
+    """
+    from transformers import LlamaForCausalLM
+
+    if name not in RANDOM_LM_MODELS:
+        raise ValueError(f"model: expected one of {RANDOM_LM_MODELS} for a random causal LM, got {name!r}")
+    return _build(LlamaForCausalLM, _checked_config(name, seq, num_labels=2), seed)  # num_labels: unused
+
+
+def _checked_config(name: str, seq: int, num_labels: int):
     config = _config(name, seq, num_labels)
     if seq > config.max_position_embeddings:
         raise ValueError(f"--seq: {name} takes at most {config.max_position_embeddings} positions, got {seq}")
-    cls = LlamaForSequenceClassification if config.model_type == "llama" else BertForSequenceClassification
+    return config
+
+
+def _build(cls: type, config, seed: int) -> nn.Module:
+    """``cls(config)`` with weights drawn from ``seed`` (the caller's RNG left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(config).float().eval()

@@ -17,6 +17,15 @@ that work:
                   ``torch.optim.AdamW``, a shuffling ``DataLoader``, its steps, and
                   ``get_peft_model_state_dict`` to read back its update.
 
+With ``--task causal_lm`` the round is federated language-model adaptation instead: the backbone
+is a causal LM (SmolLM2-135M offline, or with ``--random-weights`` a random LLaMA of its shapes;
+``tiny-llama`` for smoke runs) whose output head stays frozen, clients train LoRA only (no head,
+no ``modules_to_save``), and the labels are the input ids: each client's loss is its mean
+next-token cross-entropy over its target tokens in the step. The engines compute it as
+``fedhello run`` with ``task: causal_lm`` does (``fedhello.nn.losses`` on ``labels [rows, S]``;
+the model built with ``head_modules=None``); the PEFT loop wraps the ``AutoModelForCausalLM``
+and takes ``transformers``' own loss from ``labels``. The guard compares the adapters.
+
 Dropout is off everywhere (LoRA dropout 0, backbone in eval mode, as the engines keep it), so the
 three compute the same function; the engines also accumulate the per-block squared gradient
 norms (Fisher scores) that the PEFT loop does not.
@@ -32,7 +41,8 @@ the optimizer state; it is recorded on every device (``state_bytes``); activatio
 
 Correctness guard: the warm-up round's client states of each implementation are compared with
 those of the first one run (``sequential`` when requested): the largest relative Frobenius error
-over clients and tensors must stay below ``--guard-tol`` (1e-3), or the implementation is reported
+over clients and tensors must stay below ``--guard-tol`` (1e-3; 5e-3 for a causal LM, 2e-2 with a
+half-precision backbone), or the implementation is reported
 as ``mismatch`` instead of timed and the script exits with status 1.
 
 Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=.``)::
@@ -41,15 +51,19 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_rounds.py --models minilm --n 1,8 --out benchmarks/results/rounds.json
     python benchmarks/bench_rounds.py                         # GPU: MiniLM and SmolLM2, N in 1,8,32,100
     python benchmarks/bench_rounds.py --random-weights --preset gpu-check --out PATH   # no checkpoints needed
+    python benchmarks/bench_rounds.py --task causal_lm --smoke                          # tiny random LLaMA LM
+    python benchmarks/bench_rounds.py --task causal_lm --models smollm2 --n 1,8 --seq 32 --steps 1 --batch 4
 
 ``--random-weights`` builds the backbones from configs (``_random_backbones.py``: the shapes of
 MiniLM, SmolLM2-135M and BERT-base, random weights) and imports nothing outside torch, triton,
 transformers, peft and numpy. ``--dtype`` sets the compute dtype of the engines' frozen backbone
 (the PEFT loop runs under ``torch.autocast`` in that dtype). ``--paper-rounds K`` also times K
-rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds.
+rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds (classification
+only, as is ``--preset gpu-check``).
 
 Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``; ``--smoke``: a new
-temporary folder), rewritten after every case, and prints a table.
+temporary folder), rewritten after every case, and prints a table; the task is recorded in ``meta``
+and in every case, and named in the table's first line.
 """
 
 from __future__ import annotations
@@ -71,7 +85,7 @@ from torch import nn
 
 from _common import (finite, guard_exit_status, int_list, name_list, package_versions, percentile, results_path,
                      run_metadata, write_json)
-from _random_backbones import RANDOM_MODELS, random_backbone
+from _random_backbones import RANDOM_LM_MODELS, RANDOM_MODELS, random_backbone, random_causal_lm
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine, resolve_dtype
@@ -86,12 +100,22 @@ IMPL_NAMES = ("sequential", "batched", "peft", "batched-full")
 DEFAULT_IMPLS = IMPL_NAMES[:3]
 MODEL_NAMES = ("tiny-bert", "tiny-llama", "minilm", "smollm2", "bert-base")
 OFFLINE_MODELS = ("tiny-bert", "minilm", "smollm2")  # without --random-weights
+TASKS = ("classification", "causal_lm")
+# --task causal_lm: the decoder shapes. tiny-llama is a toy, random always (as tiny-bert is).
+LM_MODELS = RANDOM_LM_MODELS
 # Offline aliases understood by fedhello.models.load_backbone.
 BACKBONES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 NUM_LABELS = 5
 TIERS = CapacityTiers()  # 1/2, 3/4 and all of the blocks, shares 1:1:1
 GUARD_TOL = 1e-3
 GUARD_TOL_HALF = 2e-2  # default guard with a bfloat16/float16 backbone (8 or 11 mantissa bits)
+# Default guard for a causal LM in float32. Adam's first step moves a coordinate by up to lr whatever
+# its gradient's size, so fp32 reduction-order noise (the 49,152-way softmax backward of SmolLM2)
+# in a near-zero gradient entry can flip one coordinate's step: on SmolLM2 at N = 8 (seq 32, batch 4)
+# a single such coordinate in a [192, 8] v_proj.lora_b gave 8.2e-4 against the sequential
+# engine. A wrong loss (labels unshifted) moves every coordinate: 2.3e-2 on the random SmolLM2 shape
+# (N = 2, seq 16, batch 2), 3e-2 on tiny-llama.
+GUARD_TOL_LM = 5e-3
 BLOCK_CHOICES = ("random", "deep")
 # The paper-size run (configs/paper-size.yaml): 100 clients, 10 per round, 500 rounds, a 12-block
 # BERT-base backbone, tiers 6/9/12 blocks at 1:1:1, one local epoch of batch 16 over ~113 samples
@@ -127,6 +151,8 @@ class RoundSettings:
         blocks: which blocks a client trains: "random" (a random subset of its capacity) or
             "deep" (its top blocks, the Inverted-Triangle pattern).
         fractions: capacity tiers as fractions of the blocks (shares 1:1:1).
+        task: "classification" (LoRA + a classification head per client) or "causal_lm" (LoRA
+            only, next-token loss, the causal LM's output head frozen).
     """
 
     device: torch.device
@@ -148,6 +174,17 @@ class RoundSettings:
     blocks: str = "random"
     fractions: tuple[float, ...] = TIERS.fractions
     random_weights: bool = False
+    task: str = "classification"
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.task == "causal_lm"
+
+    @property
+    def head_modules(self) -> str | None:
+        """``inject_multi_lora``'s ``head_modules``: a causal LM's output head stays frozen, as in
+        ``fedhello run`` with ``task: causal_lm``."""
+        return None if self.causal_lm else "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -171,14 +208,23 @@ class RoundSettings:
 # ------------------------------------------------------------------------------------- backbones
 
 
-def load_model(name: str, seq: int, seed: int, random_weights: bool = False) -> nn.Module:
-    """The backbone called ``name`` (``MODEL_NAMES``) with a ``NUM_LABELS``-class head, fp32, eval, on CPU:
-    the offline checkpoint, or with ``random_weights`` (and always for the toys) its shape with random weights."""
-    if random_weights or name in RANDOM_MODELS and name not in BACKBONES:
+def load_model(name: str, seq: int, seed: int, random_weights: bool = False,
+               task: str = "classification") -> nn.Module:
+    """The backbone called ``name`` (``MODEL_NAMES``), fp32, eval, on CPU: with a ``NUM_LABELS``-class
+    head, or for ``task="causal_lm"`` the causal LM (``LM_MODELS``) with its output head; the offline
+    checkpoint, or with ``random_weights`` (and always for the toys) its shape with random weights."""
+    random = random_weights or name in RANDOM_MODELS and name not in BACKBONES
+    if task == "causal_lm":
+        if random:
+            return random_causal_lm(name, seq, seed)
+    elif random:
         return random_backbone(name, seq, NUM_LABELS, seed)
     from fedhello.models import load_backbone
 
-    model = load_backbone(BACKBONES[name], num_labels=NUM_LABELS).float().eval()
+    if task == "causal_lm":  # as fedhello's server loads it for task: causal_lm
+        model = load_backbone(BACKBONES[name], task="causal-lm").float().eval()
+    else:
+        model = load_backbone(BACKBONES[name], num_labels=NUM_LABELS).float().eval()
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seq > limit:
         raise ValueError(f"--seq: {name} takes at most {limit} positions, got {seq}")
@@ -202,9 +248,12 @@ class Workload:
 
     Attributes:
         tasks: N ``LocalTask`` s: ``input_ids`` / ``attention_mask`` int64 ``[steps*batch, seq]``,
-            ``labels`` int64 ``[steps*batch]``, ``trainable_blocks`` bool ``[L]``.
+            ``labels`` int64 ``[steps*batch]`` (classification) or ``[steps*batch, seq]`` equal to
+            ``input_ids`` (causal LM: every next token is a target, as ``fedhello.data.lm_tensors``
+            lays out unpadded text), ``trainable_blocks`` bool ``[L]``.
         global_state: the state every client starts from, keys as ``MultiLoRAModel.client_state``
-            (``"<module>.lora_a"`` ``[r, d_in]``, ``"<module>.lora_b"`` ``[d_out, r]``, head tensors).
+            (``"<module>.lora_a"`` ``[r, d_in]``, ``"<module>.lora_b"`` ``[d_out, r]``, head tensors
+            for classification only).
         tensor_blocks: state key -> block index (None for head tensors).
         targets: the LoRA target names given to ``inject_multi_lora``.
         num_blocks: L, the backbone's transformer blocks.
@@ -226,7 +275,8 @@ def make_workload(backbone: nn.Module, n: int, settings: RoundSettings) -> Workl
     """N clients' data and block masks and a random global state for ``backbone`` (not modified)."""
     targets = target_modules(backbone)
     probe = inject_multi_lora(copy.deepcopy(backbone), targets, num_clients=1, rank=settings.rank,
-                              alpha=settings.alpha, backend="torch", seed=settings.seed)
+                              alpha=settings.alpha, head_modules=settings.head_modules, backend="torch",
+                              seed=settings.seed)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + n)
     global_state = {k: v + GLOBAL_NOISE * torch.randn(v.shape, generator=gen)
                     for k, v in probe.client_state(0).items()}
@@ -240,8 +290,8 @@ def make_workload(backbone: nn.Module, n: int, settings: RoundSettings) -> Workl
         ids = torch.randint(0, vocab, (samples, settings.seq), generator=gen)
         if pad is not None:
             ids[ids == pad] = (pad + 1) % vocab  # full-length sequences: no padding token inside
-        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "labels": torch.randint(0, NUM_LABELS, (samples,), generator=gen)}
+        labels = ids.clone() if settings.causal_lm else torch.randint(0, NUM_LABELS, (samples,), generator=gen)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         tasks.append(LocalTask(client=c, data=data, trainable_blocks=blocks, seed=settings.seed * 100_003 + c))
     return Workload(tasks, global_state, probe.tensor_blocks(), targets, num_blocks)
 
@@ -324,7 +374,7 @@ class EngineRound:
         self.cfg = settings.local_config()
         self.model: MultiLoRAModel = inject_multi_lora(
             backbone, workload.targets, num_clients=slots, rank=settings.rank, alpha=settings.alpha,
-            backend=settings.backend, seed=settings.seed)
+            head_modules=settings.head_modules, backend=settings.backend, seed=settings.seed)
         dtype, stop = settings.torch_dtype, settings.stop_backward and name != "batched-full"
         self.engine = (SequentialEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop) if name == "sequential"
                        else ClientParallelEngine(self.model, self.cfg, dtype=dtype, stop_backward=stop,
@@ -368,7 +418,7 @@ class PeftRound:
         modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in lora_keys))
         heads = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in head_keys))
         config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=modules,
-                            modules_to_save=heads, bias="none")
+                            modules_to_save=heads or None, bias="none")
         self.model = get_peft_model(backbone, config).eval()
         inner = self.model.base_model.model
         # The LoRA factors of each block, to switch requires_grad per client.
@@ -414,9 +464,13 @@ class PeftRound:
                 batch = {k: t.to(device) for k, t in zip(keys, tensors)}
                 labels = batch.pop("labels")
                 # Half precision the way a PEFT user gets it: autocast over fp32 weights (AMP).
+                # A causal LM takes the labels: transformers' own shifted next-token loss (in float32),
+                # the mean over the batch's target tokens.
+                lm_labels = {"labels": labels} if s.causal_lm else {}
                 with torch.autocast(device.type, dtype=s.torch_dtype, enabled=s.torch_dtype != torch.float32):
-                    logits = self.model(**batch).logits
-                F.cross_entropy(logits.float(), labels).backward()
+                    out = self.model(**batch, **lm_labels)
+                loss = out.loss if s.causal_lm else F.cross_entropy(out.logits.float(), labels)
+                loss.backward()
                 optimizer.step()
                 if on_optimizer is not None:
                     on_optimizer(optimizer.state)
@@ -548,7 +602,7 @@ def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> d
     device = settings.device
     workload = make_workload(backbone, case.n, settings)
     record: dict = {
-        "name": case.name, "model": case.model,
+        "name": case.name, "model": case.model, "task": settings.task,
         "backbone": (f"random weights, {case.model} shape" if settings.random_weights or case.model not in BACKBONES
                      else BACKBONES[case.model]),
         "n": case.n, "num_blocks": workload.num_blocks, "capacities": workload.capacities,
@@ -703,12 +757,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summary_table(records: Sequence[dict], cuda: bool) -> str:
-    """One line per case: median round times (s), batched speedups, memory (MiB) per implementation."""
+def summary_table(records: Sequence[dict], cuda: bool, task: str = "classification") -> str:
+    """One line per case: median round times (s), batched speedups, memory (MiB) per implementation;
+    the first line names the ``task`` (``TASKS``) the rounds trained."""
     mem = "CUDA peak MiB" if cuda else "state MiB"
     head = (f"{'case':<18} {'seq s':>8} {'batch s':>8} {'peft s':>8} {'b/seq':>6} {'b/peft':>6}  "
             f"{mem + ' seq/batch/peft':<30} guard")
-    lines = ["median wall time of one round (s); b/seq, b/peft: speedup of batched; memory per implementation "
+    lines = [f"task {task}: median wall time of one round (s); b/seq, b/peft: speedup of batched; "
+             "memory per implementation "
              + ("(max_memory_allocated)" if cuda else "(params + peak grads + optimizer state)"),
              head, "-" * len(head)]
     for rec in records:
@@ -745,7 +801,8 @@ def metadata(settings: RoundSettings, argv: Sequence[str]) -> dict:
         "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
         "dtype": str(settings.torch_dtype).removeprefix("torch."),
         "tiers": {"fractions": list(settings.tiers.fractions), "shares": list(settings.tiers.shares)},
-        "num_labels": NUM_LABELS,
+        "task": settings.task,
+        "num_labels": None if settings.causal_lm else NUM_LABELS,
         "timing": {
             "method": "time.perf_counter around a whole round, device synchronised before and after",
             "warmup_rounds": 1,
@@ -755,6 +812,11 @@ def metadata(settings: RoundSettings, argv: Sequence[str]) -> dict:
         "definitions": {
             "round": "local training of N clients from one global state: steps AdamW steps of batch "
                      "samples each (one local epoch), tier masks 1/2, 3/4, 1 of the blocks, read back states",
+            "task": "classification: LoRA and a head per client, cross-entropy over NUM_LABELS classes; "
+                    "causal_lm: LoRA only, the causal LM's output head frozen, labels = input_ids, each "
+                    "client's loss the mean next-token cross-entropy over its target tokens in the step "
+                    "(engines: fedhello.nn.losses as in `fedhello run` with task causal_lm; peft: "
+                    "transformers' loss from labels)",
             "round_s": "wall time of one round, seconds",
             "state_bytes": "training state held: params = every model parameter (frozen backbone included); "
                            "grads = peak bytes of .grad present during the warm-up round; optimizer = "
@@ -783,9 +845,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Time one federated round (N clients' local training): batched engine, sequential engine, "
                     "PEFT-per-client loop.")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification (LoRA + a head per client; default) or causal_lm (LoRA only, next-token "
+                        "loss, the LM's output head frozen; models tiny-llama, smollm2)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny random BERT (and LLaMA with --random-weights), N in 1,4, 1 step, seq 16, batch 4: "
-                        "seconds on CPU")
+                   help="tiny random BERT (and LLaMA with --random-weights; --task causal_lm: a tiny random LLaMA "
+                        "causal LM), N in 1,4, 1 step, seq 16, batch 4: seconds on CPU")
     p.add_argument("--random-weights", action="store_true",
                    help="build every backbone from its config with random weights (no checkpoints needed; "
                         "imports only torch, triton, transformers, peft, numpy)")
@@ -793,7 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gpu-check: minilm and smollm2 shapes at N 1,8,32,100, parallel auto, 1 timed round, "
                         "and 3 rounds of the paper-size run (with --random-weights: for benchmarks/gpu_check.sh)")
     p.add_argument("--models", type=name_list(MODEL_NAMES),
-                   help="minilm, smollm2, tiny-bert (default minilm,smollm2 on CUDA, minilm on CPU)")
+                   help="minilm, smollm2, tiny-bert (default minilm,smollm2 on CUDA, minilm on CPU; "
+                        "--task causal_lm: smollm2 or tiny-llama, default smollm2)")
     p.add_argument("--n", type=int_list, help="numbers of clients (default 1,8,32,100)")
     p.add_argument("--impls", type=name_list(IMPL_NAMES), default=list(DEFAULT_IMPLS),
                    help=f"subset of {','.join(IMPL_NAMES)} (default {','.join(DEFAULT_IMPLS)})")
@@ -819,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed rounds per implementation (default 3)")
     p.add_argument("--guard-tol", type=float,
                    help=f"largest relative error of client states against the reference (default {GUARD_TOL:g}, "
-                        f"{GUARD_TOL_HALF:g} with a half-precision backbone)")
+                        f"{GUARD_TOL_LM:g} with --task causal_lm, {GUARD_TOL_HALF:g} with a half-precision backbone)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/rounds-<device>-<date>.json;"
                         " --smoke: a new temporary folder)")
@@ -849,6 +915,19 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
+def check_causal_lm_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Exit with a usage error for options ``--task causal_lm`` does not take: models without a
+    causal-LM form, and the classification-only preset and paper-size slice."""
+    if args.models:
+        bad = [m for m in args.models if m not in LM_MODELS]
+        if bad:
+            parser.error(f"--models: --task causal_lm takes the causal LMs {', '.join(LM_MODELS)}, got {bad[0]}")
+    if args.preset is not None:
+        parser.error(f"--preset: {args.preset} is a classification grid; give --task causal_lm its options instead")
+    if args.paper_rounds is not None:
+        parser.error("--paper-rounds: the paper-size run is classification (BERT-base); not with --task causal_lm")
+
+
 def apply_preset(args: argparse.Namespace) -> None:
     """Fill the options that ``--preset`` sets and the command line left out, then the defaults."""
     preset = dict(GPU_CHECK, dtype="auto") if args.preset == "gpu-check" else {}
@@ -873,7 +952,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error(f"--paper-rounds: expected >= 1, got {args.paper_rounds}")
     dtype = args.dtype or "float32"
     guard_tol = args.guard_tol if args.guard_tol is not None else (
-        GUARD_TOL if resolve_dtype(dtype, device) == torch.float32 else GUARD_TOL_HALF)
+        GUARD_TOL_HALF if resolve_dtype(dtype, device) != torch.float32
+        else GUARD_TOL_LM if args.task == "causal_lm" else GUARD_TOL)
     for key, value in (("alpha", args.alpha), ("lr", args.lr), ("guard_tol", guard_tol)):
         if not value > 0:
             parser.error(f"--{key.replace('_', '-')}: expected > 0, got {value}")
@@ -884,15 +964,18 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     return RoundSettings(device=device, impls=tuple(args.impls), rank=args.rank, alpha=args.alpha, lr=args.lr,
                          parallel=args.parallel, backend=args.backend, repeats=args.repeats, seed=args.seed,
                          guard_tol=guard_tol, dtype=dtype, stop_backward=not args.no_stop_backward,
-                         blocks=args.blocks, fractions=args.fractions, random_weights=args.random_weights, **values)
+                         blocks=args.blocks, fractions=args.fractions, random_weights=args.random_weights,
+                         task=args.task, **values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.task == "causal_lm":
+        check_causal_lm_args(args, parser)
     apply_preset(args)
-    if args.models and not args.random_weights:
+    if args.models and not args.random_weights and args.task == "classification":
         offline_only = [m for m in args.models if m not in OFFLINE_MODELS and m != "bert-base"]
         if offline_only:
             parser.error(f"--models: {offline_only[0]} exists only with --random-weights")
@@ -908,9 +991,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads: expected >= 1, got {threads}")
         torch.set_num_threads(threads)
     settings = settings_from_args(args, parser, device)
-    smoke_models = ["tiny-bert", "tiny-llama"] if args.random_weights else ["tiny-bert"]
-    models = args.models or (smoke_models if args.smoke else
-                             ["minilm", "smollm2"] if device.type == "cuda" else ["minilm"])
+    if args.task == "causal_lm":
+        models = args.models or (["tiny-llama"] if args.smoke else ["smollm2"])
+    else:
+        smoke_models = ["tiny-bert", "tiny-llama"] if args.random_weights else ["tiny-bert"]
+        models = args.models or (smoke_models if args.smoke else
+                                 ["minilm", "smollm2"] if device.type == "cuda" else ["minilm"])
     ns = args.n or ([1, 4] if args.smoke else [1, 8, 32, 100])
     cases = [RoundCase(m, n) for m in models for n in ns]
 
@@ -919,13 +1005,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = {"schema": 1, "meta": meta, "grid": {"models": models, "n": ns, "impls": list(settings.impls)},
            "complete": False, "cases": []}
     print(f"{meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | peft {meta['peft']} | "
-          f"{len(cases)} case(s) | seq {settings.seq} batch {settings.batch} steps {settings.steps} | "
+          f"task {settings.task} | {len(cases)} case(s) | seq {settings.seq} batch {settings.batch} "
+          f"steps {settings.steps} | "
           f"backend {meta['engine_backend']} | -> {out}", flush=True)
     start = time.monotonic()
     backbones: dict[str, nn.Module] = {}
     for i, case in enumerate(cases, 1):
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            record = {"name": case.name, **asdict(case), "status": "skipped",
+            record = {"name": case.name, **asdict(case), "task": settings.task, "status": "skipped",
                       "note": f"time budget of {args.budget_s:g} s spent"}
         else:
             if case.model not in backbones:
@@ -933,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _free(device)
                 try:
                     backbones[case.model] = load_model(case.model, settings.seq, settings.seed,
-                                                       settings.random_weights)
+                                                       settings.random_weights, settings.task)
                 except ValueError as err:
                     parser.error(str(err))
             record = run_case(case, backbones[case.model], settings)
@@ -957,7 +1044,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["complete"] = True
     doc["elapsed_s"] = round(time.monotonic() - start, 3)
     write_json(doc, out)
-    print("\n" + summary_table(doc["cases"], device.type == "cuda"))
+    print("\n" + summary_table(doc["cases"], device.type == "cuda", settings.task))
     print(f"\nwrote {out}")
     return guard_exit_status(doc["cases"])
 

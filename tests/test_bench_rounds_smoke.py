@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -95,6 +96,83 @@ def test_ratios_follow_medians(smoke) -> None:
 def test_table_printed(smoke) -> None:
     _, stdout = smoke
     assert "tiny-bert-n4" in stdout and "b/peft" in stdout and "wrote " in stdout
+    assert "task classification: median wall time" in stdout
+
+
+@pytest.fixture(scope="module")
+def lm_smoke(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "rounds-lm.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--task", "causal_lm", "--device", "cpu",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_causal_lm_smoke_guard_and_timings(lm_smoke) -> None:
+    doc, stdout = lm_smoke
+    assert doc["complete"] is True and doc["meta"]["task"] == "causal_lm"
+    assert doc["meta"]["settings"]["task"] == "causal_lm" and doc["meta"]["num_labels"] is None
+    assert doc["grid"] == {"models": ["tiny-llama"], "n": [1, 4], "impls": list(IMPLS)}
+    assert [c["name"] for c in doc["cases"]] == ["tiny-llama-n1", "tiny-llama-n4"]
+    for case in doc["cases"]:
+        assert case["status"] == "ok" and case["task"] == "causal_lm"
+        assert case["targets"] == ["q_proj", "v_proj"]
+        assert set(case["guard"]) == {"batched", "peft"}
+        for name, report in case["guard"].items():
+            assert report["reference"] == "sequential" and report["ok"], (case["name"], name, report)
+            assert report["state_max_rel_err"] < 1e-4, (case["name"], name, report)
+        for name, entry in case["impls"].items():
+            assert entry["status"] == "ok", (case["name"], name, entry)
+            times = entry["round_s"]["times_s"]
+            assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times)
+            assert entry["state_bytes"]["grads"] > 0 and entry["state_bytes"]["optimizer"] > 0
+    assert "task causal_lm: median wall time" in stdout and "tiny-llama-n4" in stdout
+
+
+def test_causal_lm_workload_has_token_targets_and_no_head(bench_rounds) -> None:
+    settings = bench_rounds.RoundSettings(device=torch.device("cpu"), impls=IMPLS, seq=8, batch=2, steps=2,
+                                          task="causal_lm")
+    backbone = bench_rounds.load_model("tiny-llama", settings.seq, seed=0, task="causal_lm")
+    assert type(backbone).__name__ == "LlamaForCausalLM"
+    work = bench_rounds.make_workload(backbone, 3, settings)
+    for task in work.tasks:
+        assert task.data["labels"].shape == (4, 8) and torch.equal(task.data["labels"], task.data["input_ids"])
+    assert work.global_state and all(k.endswith((".lora_a", ".lora_b")) for k in work.global_state)
+    assert all(block is not None for block in work.tensor_blocks.values())
+    with pytest.raises(ValueError, match="causal LM"):
+        bench_rounds.random_causal_lm("minilm", 8, 0)
+
+
+def test_causal_lm_guard_tells_a_wrong_loss_from_noise(bench_rounds) -> None:
+    """The PEFT loop's loss (transformers', from labels) matches the engine's at the default
+    tolerance, and the same loop trained on unshifted targets is far outside it."""
+    settings = bench_rounds.RoundSettings(device=torch.device("cpu"), impls=IMPLS, seq=16, batch=2, steps=1,
+                                          task="causal_lm")
+    backbone = bench_rounds.load_model("tiny-llama", settings.seq, seed=0, task="causal_lm")
+    work = bench_rounds.make_workload(backbone, 2, settings)
+    want = bench_rounds.build_impl("sequential", backbone, work, settings, 2).run(work.tasks)
+    peft = bench_rounds.build_impl("peft", backbone, work, settings, 2)
+    # Labels moved right by one: the loss then asks each position for its own token.
+    unshifted = [dataclasses.replace(t, data={**t.data, "labels": torch.cat(
+        [torch.full_like(t.data["labels"][:, :1], -100), t.data["labels"][:, :-1]], dim=1)}) for t in work.tasks]
+    right = [peft.to_client_state(s) for s in peft.run(work.tasks)]
+    wrong = [peft.to_client_state(s) for s in peft.run(unshifted)]
+    assert bench_rounds.max_rel_err(right, want) < bench_rounds.GUARD_TOL
+    assert bench_rounds.max_rel_err(wrong, want) > 2 * bench_rounds.GUARD_TOL_LM
+
+
+def test_default_guard_tolerance_per_task(bench_rounds) -> None:
+    parser = bench_rounds.build_parser()
+    tols = {}
+    for task in bench_rounds.TASKS:
+        args = parser.parse_args(["--task", task, "--device", "cpu"])
+        bench_rounds.apply_preset(args)
+        tols[task] = bench_rounds.settings_from_args(args, parser, torch.device("cpu")).guard_tol
+    assert tols == {"classification": bench_rounds.GUARD_TOL, "causal_lm": bench_rounds.GUARD_TOL_LM}
+    args = parser.parse_args(["--task", "causal_lm", "--dtype", "bfloat16"])
+    bench_rounds.apply_preset(args)
+    assert bench_rounds.settings_from_args(args, parser, torch.device("cpu")).guard_tol == bench_rounds.GUARD_TOL_HALF
 
 
 def test_state_comparison_and_byte_counting(bench_rounds) -> None:
@@ -110,8 +188,13 @@ def test_state_comparison_and_byte_counting(bench_rounds) -> None:
 
 
 def test_bad_arguments_are_rejected(bench_rounds, capsys) -> None:
+    lm = ["--task", "causal_lm"]
     for argv, message in ((["--repeats", "0"], "--repeats"), (["--n", "0"], "--n"),
-                          (["--models", "gpt9"], "--models"), (["--parallel", "0"], "--parallel")):
+                          (["--models", "gpt9"], "--models"), (["--parallel", "0"], "--parallel"),
+                          (["--task", "seq2seq"], "--task"), ([*lm, "--models", "minilm"], "--models"),
+                          ([*lm, "--random-weights", "--models", "bert-base"], "--models"),
+                          ([*lm, "--preset", "gpu-check"], "--preset"),
+                          ([*lm, "--paper-rounds", "1"], "--paper-rounds")):
         with pytest.raises(SystemExit) as exc:
             bench_rounds.main(["--device", "cpu", *argv])
         assert exc.value.code == 2
@@ -160,6 +243,14 @@ def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None
     paper = doc["paper_slice"]
     assert paper["cohort"] == 10 and paper["rounds"] == 500 and paper["round_s"]["reps"] == 1
     assert math.isclose(paper["extrapolated_run_s"], 500 * paper["round_s"]["median_s"])
+    lm_out = tmp_path / "rounds-lm.json"  # the causal-LM case too (PEFT on the causal LM, labels)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--random-weights", "--smoke", "--task", "causal_lm",
+                           "--device", "cpu", "--n", "2", "--repeats", "1", "--out", str(lm_out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (case,) = json.loads(lm_out.read_text())["cases"]
+    assert case["name"] == "tiny-llama-n2" and case["status"] == "ok" and case["task"] == "causal_lm"
+    assert all(g["ok"] for g in case["guard"].values())
 
 
 def test_gpu_check_preset_fills_its_options(bench_rounds) -> None:
