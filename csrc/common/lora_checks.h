@@ -78,6 +78,13 @@ inline LoRASizes check_forward_args(const at::Tensor& x2d, const at::Tensor& lor
   return s;
 }
 
+// The forward's optional bias: [d_out] in the dtype of x2d (the kernels add it in fp32).
+inline void check_bias(const LoRASizes& s, const at::Tensor& x2d, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) {
+    check_tensor(*bias, "bias", x2d.scalar_type(), x2d.device(), {s.d_out}, "[d_out]");
+  }
+}
+
 // Checks the backward's extra arguments against the sizes of the forward problem.
 inline void check_backward_args(const LoRASizes& s, const at::Tensor& x2d, const at::Tensor& trainable,
                                 const at::Tensor& h, const std::optional<at::Tensor>& dx,

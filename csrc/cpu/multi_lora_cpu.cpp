@@ -5,10 +5,14 @@
 //
 // Forward, one item per (client c, tile of c's rows in plan order):
 //   H[pos, :r_c] = X[row] A_c[:r_c]^T            (kept in fp32, returned for the backward)
-//   out[row]    += s_c H[pos, :r_c] B_c[:, :r_c]^T
+//   out[row]     = bias + s_c H[pos, :r_c] B_c[:, :r_c]^T
 // Backward, phase 1 (same items):
 //   G[pos, :r_c] = s_c dY[row] B_c[:, :r_c]      (fp32)
-//   dx[row]     += G[pos, :r_c] A_c[:r_c]
+//   dx[row]      = G[pos, :r_c] A_c[:r_c]
+// Both expansions write every row of their output and never read what it held (the caller then
+// adds the base GEMM into it with addmm_): the items also cover the rows without adapter
+// and the rows of rank-0 clients, which get the bias (forward) or zeros (dx), so the
+// output may start as uninitialised memory.
 // Backward, phase 2, one item per (trainable client c, column block of dA_c or dB_c):
 //   dA_c[:r_c, cols] = sum over c's rows of G^T X,  dB_c[cols, :r_c] = s_c sum dY^T H.
 // An item owns its whole output block across all of the client's rows, so its squared sum
@@ -57,7 +61,8 @@ struct Routing {
   const bool* trainable;       // [N] (backward only)
 
   int64_t count(int64_t c) const { return offsets[c + 1] - offsets[c]; }
-  bool active(int64_t c) const { return count(c) > 0 && ranks[c] > 0; }
+  // Client c has rows and a LoRA term; c == num_clients (the unrouted rows) never has.
+  bool active(int64_t c) const { return c < num_clients && count(c) > 0 && ranks[c] > 0; }
 };
 
 // Adapters of the active clients in fp32 and in the layouts the micro-kernels stream:
@@ -70,7 +75,7 @@ struct PackedAdapters {
 };
 
 struct RowTile {
-  int32_t client;
+  int32_t client;  // num_clients for a tile of rows without adapter
   int32_t begin;  // positions in sorted_rows
   int32_t end;
 };
@@ -83,7 +88,8 @@ struct GradItem {
 };
 
 // Shrink then expand over one row tile. Forward: z = x, m1 = A, p = H, m2 = B^T, target =
-// out. Backward: z = dy, m1 = B^T, p = G (scaled), m2 = A, target = dx (optional).
+// out, bias32 = the bias. Backward: z = dy, m1 = B^T, p = G (scaled), m2 = A, target = dx
+// (optional), no bias.
 template <typename T>
 struct ShrinkExpand {
   const Routing* route;
@@ -95,7 +101,8 @@ struct ShrinkExpand {
   const float* m2;  // [N][r_max][n_len]
   int64_t n_len;
   bool scale_out;   // multiply the expansion by s_c (forward)
-  T* target;        // [T][n_len] or nullptr
+  const float* bias32;  // [n_len] in fp32, added to every row of target; nullptr: zeros
+  T* target;        // [T][n_len], written (never read) for every row; nullptr: shrink only
 };
 
 template <typename T>
@@ -129,10 +136,19 @@ inline void to_float(const T* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// dst = round(float(dst) + src): one rounding into the output dtype, as in the reference.
+// dst = round(delta + bias) with the sum in fp32 and one rounding into the output dtype, as
+// the Triton backend's expand does; a null delta or bias stands for zeros. dst is only written.
 template <typename T>
-inline void add_rounded(T* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(static_cast<float>(dst[i]) + src[i]);
+inline void write_rounded(T* dst, const float* delta, const float* bias, int64_t n) {
+  if (delta != nullptr && bias != nullptr) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(delta[i] + bias[i]);
+  } else if (delta != nullptr) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(delta[i]);
+  } else if (bias != nullptr) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(bias[i]);
+  } else {
+    std::fill(dst, dst + n, static_cast<T>(0.f));
+  }
 }
 
 // fp32 views of columns [col0, col0 + len) of rows `rows[0..n)` of z [*, ld]: pointers into
@@ -229,31 +245,38 @@ template <int W, typename T>
 inline void shrink_expand_tile(const ShrinkExpand<T>& op, const RowTile& tile, Scratch& s) {
   const Routing& rt = *op.route;
   const int64_t c = tile.client;
-  const int rank = rt.ranks[c];
-  const float scale = rt.scaling[c];
+  const bool lora = rt.active(c);  // else the rows only get the bias (or zeros)
   const int64_t n = tile.end - tile.begin;
   const int32_t* rows = rt.sorted_rows + tile.begin;
-  const float** z = s.zrows.data();
-  gather_rows(op.z, op.k_len, rows, n, 0, op.k_len, s.z.data(), z);
   float* p = op.p + tile.begin * rt.r_max;
-  dot_tile<W>(z, n, op.m1 + c * rt.r_max * op.k_len, op.k_len, rank, op.k_len, op.scale_p ? scale : 1.f, p,
-              rt.r_max);
+  if (lora) {
+    const float** z = s.zrows.data();
+    gather_rows(op.z, op.k_len, rows, n, 0, op.k_len, s.z.data(), z);
+    dot_tile<W>(z, n, op.m1 + c * rt.r_max * op.k_len, op.k_len, rt.ranks[c], op.k_len,
+                op.scale_p ? rt.scaling[c] : 1.f, p, rt.r_max);
+  }
   if (op.target == nullptr) return;
+  // fp32 rows start as the bias (or zeros) in place and the expansion adds onto them there;
+  // 16-bit rows accumulate in an fp32 scratch row and are stored once as round(delta + bias).
   float** dst = s.drows.data();
   for (int64_t i = 0; i < n; ++i) {
     T* row = op.target + static_cast<int64_t>(rows[i]) * op.n_len;
     if constexpr (std::is_same_v<T, float>) {
+      write_rounded(row, nullptr, op.bias32, op.n_len);
       dst[i] = row;
-    } else {
+    } else if (lora) {
       dst[i] = s.acc.data() + i * op.n_len;
       std::memset(dst[i], 0, sizeof(float) * op.n_len);
+    } else {
+      write_rounded(row, nullptr, op.bias32, op.n_len);
     }
   }
-  axpy_tile<W>(p, rt.r_max, n, rank, op.m2 + c * rt.r_max * op.n_len, op.n_len, op.n_len,
-               op.scale_out ? scale : 1.f, dst);
+  if (!lora) return;
+  axpy_tile<W>(p, rt.r_max, n, rt.ranks[c], op.m2 + c * rt.r_max * op.n_len, op.n_len, op.n_len,
+               op.scale_out ? rt.scaling[c] : 1.f, dst);
   if constexpr (!std::is_same_v<T, float>) {
     for (int64_t i = 0; i < n; ++i) {
-      add_rounded(op.target + static_cast<int64_t>(rows[i]) * op.n_len, dst[i], op.n_len);
+      write_rounded(op.target + static_cast<int64_t>(rows[i]) * op.n_len, dst[i], op.bias32, op.n_len);
     }
   }
 }
@@ -397,24 +420,35 @@ std::vector<Scratch> make_scratch(int threads, int64_t z_elems, int64_t acc_elem
   return s;
 }
 
-std::vector<RowTile> row_tiles(const Routing& rt) {
+// Tiles of the active clients' rows; with all_rows also of every other row (bucket c =
+// num_clients: positions [0, offsets[0]), the rows without adapter), so that an expansion
+// writes the whole output.
+std::vector<RowTile> row_tiles(const Routing& rt, bool all_rows) {
   std::vector<RowTile> tiles;
-  for (int64_t c = 0; c < rt.num_clients; ++c) {
-    if (!rt.active(c)) continue;
-    for (int64_t b = rt.offsets[c]; b < rt.offsets[c + 1]; b += kTileRows) {
-      const int64_t e = std::min<int64_t>(b + kTileRows, rt.offsets[c + 1]);
+  for (int64_t c = 0; c <= rt.num_clients; ++c) {
+    if (!all_rows && !rt.active(c)) continue;
+    const int64_t begin = c < rt.num_clients ? rt.offsets[c] : 0;
+    const int64_t end = c < rt.num_clients ? rt.offsets[c + 1] : rt.offsets[0];
+    for (int64_t b = begin; b < end; b += kTileRows) {
+      const int64_t e = std::min<int64_t>(b + kTileRows, end);
       tiles.push_back({static_cast<int32_t>(c), static_cast<int32_t>(b), static_cast<int32_t>(e)});
     }
   }
   return tiles;
 }
 
-double tile_work(const Routing& rt, int64_t k_len, int64_t n_len) {
+// Multiply-adds of the active rows plus, with all_rows, one store per element of the others.
+double tile_work(const Routing& rt, int64_t k_len, int64_t n_len, bool all_rows) {
   double work = 0.0;
+  int64_t plain_rows = rt.offsets[0];
   for (int64_t c = 0; c < rt.num_clients; ++c) {
-    if (rt.active(c)) work += static_cast<double>(rt.count(c)) * rt.ranks[c] * (k_len + n_len);
+    if (rt.active(c)) {
+      work += static_cast<double>(rt.count(c)) * rt.ranks[c] * (k_len + n_len);
+    } else {
+      plain_rows += rt.count(c);
+    }
   }
-  return work;
+  return all_rows ? work + static_cast<double>(plain_rows) * n_len : work;
 }
 
 template <typename T>
@@ -450,8 +484,10 @@ PackedAdapters pack_adapters(const Routing& rt, const at::Tensor& lora_a, const 
 template <typename T>
 void run_shrink_expand(const ShrinkExpand<T>& op) {
   const Routing& rt = *op.route;
-  const std::vector<RowTile> tiles = row_tiles(rt);
-  const int threads = plan_threads(static_cast<int64_t>(tiles.size()), tile_work(rt, op.k_len, op.n_len));
+  const bool all_rows = op.target != nullptr;
+  const std::vector<RowTile> tiles = row_tiles(rt, all_rows);
+  const int threads =
+      plan_threads(static_cast<int64_t>(tiles.size()), tile_work(rt, op.k_len, op.n_len, all_rows));
   const bool convert = !std::is_same_v<T, float>;
   auto scratch = make_scratch(threads, convert ? kTileRows * op.k_len : 0,
                               convert && op.target != nullptr ? kTileRows * op.n_len : 0, kTileRows);
@@ -467,21 +503,27 @@ Routing make_routing(const LoRASizes& sz, const at::Tensor& sorted_rows, const a
 }
 
 // The plan and ranks come from Python objects that a caller could build by hand; check
-// the values the kernels use as addresses (O(T + N)) before any thread starts.
+// the values the kernels use as addresses (O(T + N)) before any thread starts. The
+// expansions write each row once, at its position in sorted_rows, so sorted_rows must be
+// a permutation of [0, T) for every output row to be written.
 void check_routing_values(const Routing& rt) {
-  TORCH_CHECK_VALUE(rt.offsets[0] >= 0 && rt.offsets[rt.num_clients] <= rt.rows,
-                    "plan: expected offsets within [0, T = ", rt.rows, "], got offsets[0] = ", rt.offsets[0],
-                    " and offsets[N] = ", rt.offsets[rt.num_clients]);
+  TORCH_CHECK_VALUE(rt.offsets[0] >= 0 && rt.offsets[rt.num_clients] == rt.rows,
+                    "plan: expected offsets[0] >= 0 and offsets[N] = T = ", rt.rows, ", got offsets[0] = ",
+                    rt.offsets[0], " and offsets[N] = ", rt.offsets[rt.num_clients]);
   for (int64_t c = 0; c < rt.num_clients; ++c) {
     TORCH_CHECK_VALUE(rt.offsets[c] <= rt.offsets[c + 1], "plan: expected non-decreasing offsets, got offsets[",
                       c, "] = ", rt.offsets[c], " > offsets[", c + 1, "] = ", rt.offsets[c + 1]);
     TORCH_CHECK_VALUE(rt.ranks[c] >= 0 && rt.ranks[c] <= rt.r_max, "ranks: expected values in [0, r_max=",
                       rt.r_max, "], got ", rt.ranks[c], " for client ", c);
   }
-  for (int64_t p = rt.offsets[0]; p < rt.offsets[rt.num_clients]; ++p) {
-    TORCH_CHECK_VALUE(rt.sorted_rows[p] >= 0 && rt.sorted_rows[p] < rt.rows,
-                      "plan: expected sorted_rows in [0, T = ", rt.rows, "), got ", rt.sorted_rows[p],
+  std::vector<bool> seen(rt.rows, false);
+  for (int64_t p = 0; p < rt.rows; ++p) {
+    const int32_t row = rt.sorted_rows[p];
+    TORCH_CHECK_VALUE(row >= 0 && row < rt.rows, "plan: expected sorted_rows in [0, T = ", rt.rows, "), got ", row,
                       " at position ", p);
+    TORCH_CHECK_VALUE(!seen[row], "plan: expected sorted_rows to be a permutation of [0, T), got row ", row,
+                      " twice (at position ", p, ")");
+    seen[row] = true;
   }
 }
 
@@ -504,17 +546,21 @@ void check_cpu(const at::Tensor& x2d) {
 
 at::Tensor lora_forward(const at::Tensor& x2d, const at::Tensor& lora_a, const at::Tensor& lora_b,
                         const at::Tensor& sorted_rows, const at::Tensor& offsets, const at::Tensor& scaling,
-                        const at::Tensor& ranks, at::Tensor& out) {
+                        const at::Tensor& ranks, const std::optional<at::Tensor>& bias, at::Tensor& out) {
   check_cpu(x2d);
   const LoRASizes sz = check_forward_args(x2d, lora_a, lora_b, sorted_rows, offsets, scaling, ranks, out);
+  check_bias(sz, x2d, bias);
   const Routing rt = make_routing(sz, sorted_rows, offsets, scaling, ranks, nullptr);
   check_routing_values(rt);
   at::Tensor h = at::empty({sz.rows, sz.r_max}, x2d.options().dtype(at::kFloat));
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor bias32 = has_bias ? bias->to(at::kFloat) : at::Tensor();  // no copy for float32
   dispatch_dtype(x2d.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const PackedAdapters pk = pack_adapters<scalar_t>(rt, lora_a, lora_b);
-    const ShrinkExpand<scalar_t> op{&rt,  x2d.data_ptr<scalar_t>(), sz.d_in, pk.a32, false, h.data_ptr<float>(),
-                                    pk.bt32, sz.d_out, true, out.data_ptr<scalar_t>()};
+    const ShrinkExpand<scalar_t> op{&rt,     x2d.data_ptr<scalar_t>(), sz.d_in, pk.a32, false, h.data_ptr<float>(),
+                                    pk.bt32, sz.d_out,                 true,
+                                    has_bias ? bias32.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>()};
     run_shrink_expand(op);
   });
   return h;
@@ -545,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> lora_backward(const at::Tensor& dy2d, const a
     const PackedAdapters pk = pack_adapters<scalar_t>(rt, lora_a, lora_b);
     at::Tensor g = at::empty({sz.rows, sz.r_max}, x2d.options().dtype(at::kFloat));
     const ShrinkExpand<scalar_t> op{&rt,     dy2d.data_ptr<scalar_t>(), sz.d_out, pk.bt32, true, g.data_ptr<float>(),
-                                    pk.a32,  sz.d_in,                   false,
+                                    pk.a32,  sz.d_in,                   false,    nullptr,
                                     has_dx ? dx->data_ptr<scalar_t>() : nullptr};
     run_shrink_expand(op);
     if (!weight_grads) return;
@@ -619,14 +665,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "fedhello CPU kernels for the LoRA part of multi_lora_linear (see fedhello/kernels/extension.py)";
   m.def("lora_forward", &fedhello::cpu::lora_forward, py::arg("x2d"), py::arg("lora_a"), py::arg("lora_b"),
-        py::arg("sorted_rows"), py::arg("offsets"), py::arg("scaling"), py::arg("ranks"), py::arg("out"),
-        py::call_guard<py::gil_scoped_release>(),
-        "out[row] += s_c (x[row] A_c[:r_c]^T) B_c[:, :r_c]^T in place; returns H, fp32 [T, r_max] by plan position.");
+        py::arg("sorted_rows"), py::arg("offsets"), py::arg("scaling"), py::arg("ranks"), py::arg("bias"),
+        py::arg("out"), py::call_guard<py::gil_scoped_release>(),
+        "Writes out[row] = bias + s_c (x[row] A_c[:r_c]^T) B_c[:, :r_c]^T for every row (bias, or zeros when "
+        "bias is None, on rows without adapter); out is never read. Returns H, fp32 [T, r_max] by plan position.");
   m.def("lora_backward", &fedhello::cpu::lora_backward, py::arg("dy2d"), py::arg("x2d"), py::arg("lora_a"),
         py::arg("lora_b"), py::arg("sorted_rows"), py::arg("offsets"), py::arg("scaling"), py::arg("ranks"),
         py::arg("trainable"), py::arg("saved"), py::arg("dx"), py::arg("weight_grads"), py::arg("grad_sqnorm"),
         py::call_guard<py::gil_scoped_release>(),
-        "dx += G A_c in place (when given); returns (dA, dB), undefined (None) unless weight_grads; "
+        "Writes dx[row] = G A_c for every row, zeros on rows without adapter (when dx is given; never read); "
+        "returns (dA, dB), undefined (None) unless weight_grads; "
         "grad_sqnorm[c] += ||dA_c||^2 + ||dB_c||^2 for trainable clients.");
   m.def("simd_level", &fedhello::cpu::get_simd_level, "Instruction set the kernels run with: avx512, avx2 or baseline.");
   m.def("set_simd_level", &fedhello::cpu::set_simd_level, py::arg("name"),

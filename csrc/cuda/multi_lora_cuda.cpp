@@ -23,13 +23,14 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// The work list must be LoRAPlan.tiles(kBlockM): a list for another tile size would leave rows out.
+// The work list must be LoRAPlan.tiles(kBlockM, include_unrouted=True): a list for another tile
+// size, or without the items of the rows without adapter, would leave rows of out / dx unwritten.
 void check_cuda_args(const LoRASizes& s, const at::Tensor& x2d, const at::Tensor& tile_client,
                      const at::Tensor& tile_start) {
   TORCH_CHECK_VALUE(x2d.is_cuda(), "x2d: expected a CUDA tensor, got one on ", x2d.device());
-  const int64_t max_tiles = (s.rows + kBlockM - 1) / kBlockM + s.num_clients;
-  check_tensor(tile_client, "tile_client", at::kInt, x2d.device(), {max_tiles}, "[cdiv(T, BLOCK_M) + N]");
-  check_tensor(tile_start, "tile_start", at::kInt, x2d.device(), {max_tiles}, "[cdiv(T, BLOCK_M) + N]");
+  const int64_t max_tiles = (s.rows + kBlockM - 1) / kBlockM + s.num_clients + 1;
+  check_tensor(tile_client, "tile_client", at::kInt, x2d.device(), {max_tiles}, "[cdiv(T, BLOCK_M) + N + 1]");
+  check_tensor(tile_start, "tile_start", at::kInt, x2d.device(), {max_tiles}, "[cdiv(T, BLOCK_M) + N + 1]");
 }
 
 Routing make_routing(const LoRASizes& s, const at::Tensor& sorted_rows, const at::Tensor& offsets,
@@ -57,14 +58,17 @@ void check_launch(cudaError_t err, const char* what) {
 at::Tensor lora_forward(const at::Tensor& x2d, const at::Tensor& lora_a, const at::Tensor& lora_b,
                         const at::Tensor& sorted_rows, const at::Tensor& offsets, const at::Tensor& scaling,
                         const at::Tensor& ranks, const at::Tensor& tile_client, const at::Tensor& tile_start,
-                        at::Tensor& out) {
+                        const std::optional<at::Tensor>& bias, at::Tensor& out) {
   const LoRASizes sz = check_forward_args(x2d, lora_a, lora_b, sorted_rows, offsets, scaling, ranks, out);
+  check_bias(sz, x2d, bias);
   check_cuda_args(sz, x2d, tile_client, tile_start);
+  const bool has_bias = bias.has_value() && bias->defined();
   const c10::cuda::CUDAGuard guard(x2d.device());
   at::Tensor h = at::empty({sz.rows, sz.r_max}, x2d.options().dtype(at::kFloat));
   const Routing rt = make_routing(sz, sorted_rows, offsets, scaling, ranks, nullptr, tile_client, tile_start);
   check_launch(launch_forward(to_dtype(x2d.scalar_type()), rt, x2d.data_ptr(), lora_a.data_ptr(),
-                              lora_b.data_ptr(), h.data_ptr<float>(), out.data_ptr(),
+                              lora_b.data_ptr(), has_bias ? bias->data_ptr() : nullptr, h.data_ptr<float>(),
+                              out.data_ptr(),
                               c10::cuda::getCurrentCUDAStream().stream()),
                "forward");
   return h;
@@ -117,12 +121,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("BLOCK_M") = fedhello::cuda::kBlockM;
   m.def("lora_forward", &fedhello::cuda::lora_forward, py::arg("x2d"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("sorted_rows"), py::arg("offsets"), py::arg("scaling"), py::arg("ranks"), py::arg("tile_client"),
-        py::arg("tile_start"), py::arg("out"),
-        "out[row] += s_c (x[row] A_c[:r_c]^T) B_c[:, :r_c]^T in place; returns H, fp32 [T, r_max] by plan position.");
+        py::arg("tile_start"), py::arg("bias"), py::arg("out"),
+        "Writes out[row] = bias + s_c (x[row] A_c[:r_c]^T) B_c[:, :r_c]^T for every row (bias, or zeros when "
+        "bias is None, on rows without adapter); out is never read. Returns H, fp32 [T, r_max] by plan position.");
   m.def("lora_backward", &fedhello::cuda::lora_backward, py::arg("dy2d"), py::arg("x2d"), py::arg("lora_a"),
         py::arg("lora_b"), py::arg("sorted_rows"), py::arg("offsets"), py::arg("scaling"), py::arg("ranks"),
         py::arg("trainable"), py::arg("tile_client"), py::arg("tile_start"), py::arg("saved"), py::arg("dx"),
         py::arg("weight_grads"), py::arg("grad_sqnorm"),
-        "dx += G A_c in place (when given); returns (dA, dB), None unless weight_grads; "
+        "Writes dx[row] = G A_c for every row, zeros on rows without adapter (when dx is given; never read); "
+        "returns (dA, dB), None unless weight_grads; "
         "grad_sqnorm[c] += ||dA_c||^2 + ||dB_c||^2 for trainable clients.");
 }

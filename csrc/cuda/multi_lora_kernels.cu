@@ -2,14 +2,18 @@
 //
 // Launch grids depend only on the shapes and on the plan's fixed-size work list, never on
 // the routing values, so every launch can be captured in a CUDA graph; items past the end
-// of the list (client -1) and rank chunks past a client's rank exit at once.
+// of the list (client -1) and rank chunks past a client's rank exit at once. The list has
+// items for the rows without adapter too (client N): only the expand uses them.
 //
 // shrink   P[pos, :r_c] = s? * Z[row] M_c[:r_c]^T, one block per (row tile, 16-rank chunk).
 //          Forward H = X A_c^T; backward G = s_c dY B_c. fp16/bf16 inputs use tensor cores
 //          (WMMA 16x16x16, the operands are the inputs themselves, fp32 accumulators);
 //          fp32 inputs use fp32 FMAs.
-// expand   Out[row] += s? * P[pos, :r_c] M_c[:r_c], one block per (row tile, 64 columns).
-//          Forward out += s_c H B_c^T; backward dx += G A_c. A rank-r update of a row costs
+// expand   Out[row] = bias + s? * P[pos, :r_c] M_c[:r_c], one block per (row tile, 64 columns).
+//          Forward out = bias + s_c H B_c^T; backward dx = G A_c. Every row of Out is written
+//          once and never read (rows without adapter and rows of rank-0 clients get the bias
+//          or zeros), so Out may start uninitialised and the caller adds the base GEMM into
+//          it with addmm_. A rank-r update of a row costs
 //          r FMAs per element read and written, which is memory-bound at LoRA ranks, so it
 //          runs on fp32 FMAs and P keeps its full fp32 precision.
 // wgrad    dW_c[j, n] = s? * sum_t P[t, j] Z[t, n] over all rows of client c: one block owns
@@ -70,9 +74,10 @@ struct MatView {
   int64_t k_stride;
 };
 
-// Row indices of the current tile (-1 past the client's run), loaded by the first threads.
+// Row indices of the current tile (-1 past the end of its run: client c's, or for c == N
+// the rows without adapter, positions [0, offsets[0])), loaded by the first threads.
 __device__ __forceinline__ void load_tile_rows(const Routing& rt, int client, int start, int64_t* rows) {
-  const int end = rt.offsets[client + 1];
+  const int end = client < rt.num_clients ? rt.offsets[client + 1] : rt.offsets[0];
   if (threadIdx.x < kBlockM) {
     const int pos = start + static_cast<int>(threadIdx.x);
     rows[threadIdx.x] = pos < end ? static_cast<int64_t>(rt.sorted_rows[pos]) : -1;
@@ -88,7 +93,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
                       float* __restrict__ p, Routing rt, bool apply_scale) {
   const int item = blockIdx.x;
   const int client = rt.tile_client[item];
-  if (client < 0) return;
+  if (client < 0 || client >= rt.num_clients) return;  // unused item, or rows without adapter
   const int rank = rt.ranks[client];
   const int j0 = blockIdx.y * kRankChunk;
   if (j0 >= rank) return;
@@ -147,7 +152,7 @@ __global__ void __launch_bounds__(kShrinkThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const int item = blockIdx.x;
   const int client = rt.tile_client[item];
-  if (client < 0) return;
+  if (client < 0 || client >= rt.num_clients) return;  // unused item, or rows without adapter
   const int rank = rt.ranks[client];
   const int j0 = blockIdx.y * kRankChunk;
   if (j0 >= rank) return;
@@ -204,15 +209,16 @@ __global__ void __launch_bounds__(kShrinkThreads)
 // ---------------------------------------------------------------------------------------
 // expand
 
+// bias: [n_out] or nullptr (zeros). Items of rows without adapter (client N) run with rank 0.
 template <typename T>
 __global__ void __launch_bounds__(kExpandThreads)
-    expand_kernel(const float* __restrict__ p, const T* __restrict__ m, MatView mv, T* __restrict__ out,
-                  int64_t n_out, Routing rt, bool apply_scale) {
+    expand_kernel(const float* __restrict__ p, const T* __restrict__ m, MatView mv, const T* __restrict__ bias,
+                  T* __restrict__ out, int64_t n_out, Routing rt, bool apply_scale) {
   const int item = blockIdx.x;
   const int client = rt.tile_client[item];
   if (client < 0) return;
-  const int rank = rt.ranks[client];
-  if (rank == 0) return;
+  const bool routed = client < rt.num_clients;
+  const int rank = routed ? rt.ranks[client] : 0;  // rank 0: the loop below adds nothing
   const int start = rt.tile_start[item];
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpandCols;
 
@@ -249,16 +255,15 @@ __global__ void __launch_bounds__(kExpandThreads)
     }
     __syncthreads();
   }
-  const float scale = apply_scale ? rt.scaling[client] : 1.f;
+  const float scale = routed && apply_scale ? rt.scaling[client] : 1.f;
   const int64_t n = n0 + col;
   if (n >= n_out) return;
+  // The fp32 sum of the LoRA term and the bias, rounded once, as in the Triton backend.
+  const float b = bias != nullptr ? Elem<T>::to_float(bias[n]) : 0.f;
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int64_t row = rows[r0 + i * kRowStep];
-    if (row >= 0) {
-      T* o = out + row * n_out + n;
-      *o = Elem<T>::from_float(Elem<T>::to_float(*o) + scale * acc[i]);
-    }
+    if (row >= 0) out[row * n_out + n] = Elem<T>::from_float(scale * acc[i] + b);
   }
 }
 
@@ -465,11 +470,11 @@ void launch_shrink(const T* z, int64_t k_len, const T* m, MatView mv, float* p, 
 }
 
 template <typename T>
-void launch_expand(const float* p, const T* m, MatView mv, T* out, int64_t n_out, const Routing& rt,
-                   bool apply_scale, cudaStream_t stream) {
+void launch_expand(const float* p, const T* m, MatView mv, const T* bias, T* out, int64_t n_out,
+                   const Routing& rt, bool apply_scale, cudaStream_t stream) {
   if (n_out == 0) return;
   const dim3 grid(static_cast<unsigned>(rt.max_tiles), static_cast<unsigned>(cdiv(n_out, kExpandCols)));
-  expand_kernel<T><<<grid, kExpandThreads, 0, stream>>>(p, m, mv, out, n_out, rt, apply_scale);
+  expand_kernel<T><<<grid, kExpandThreads, 0, stream>>>(p, m, mv, bias, out, n_out, rt, apply_scale);
 }
 
 template <typename T>
@@ -495,13 +500,15 @@ void launch_wgrad(const float* p, const T* z, int64_t n_out, T* out, MatView ov,
 MatView a_view(const Routing& rt) { return MatView{rt.r_max * rt.d_in, rt.d_in, 1}; }
 MatView bt_view(const Routing& rt) { return MatView{rt.d_out * rt.r_max, 1, rt.r_max}; }
 
+// With r_max == 0 there is nothing to shrink (and a grid without rank chunks), but the
+// expand still writes every row of out and dx.
 template <typename T>
-cudaError_t forward_impl(const Routing& rt, const T* x, const T* lora_a, const T* lora_b, float* h, T* out,
-                         cudaStream_t stream) {
-  if (rt.rows == 0 || rt.r_max == 0) return cudaSuccess;
+cudaError_t forward_impl(const Routing& rt, const T* x, const T* lora_a, const T* lora_b, const T* bias, float* h,
+                         T* out, cudaStream_t stream) {
+  if (rt.rows == 0) return cudaSuccess;
   const bool tc = use_tensor_cores<T>();
-  launch_shrink<T>(x, rt.d_in, lora_a, a_view(rt), h, rt, false, tc, stream);
-  launch_expand<T>(h, lora_b, bt_view(rt), out, rt.d_out, rt, true, stream);
+  if (rt.r_max > 0) launch_shrink<T>(x, rt.d_in, lora_a, a_view(rt), h, rt, false, tc, stream);
+  launch_expand<T>(h, lora_b, bt_view(rt), bias, out, rt.d_out, rt, true, stream);
   return cudaGetLastError();
 }
 
@@ -509,11 +516,11 @@ template <typename T>
 cudaError_t backward_impl(const Routing& rt, const T* dy, const T* x, const T* lora_a, const T* lora_b,
                           const float* h, float* g, T* dx, T* d_a, T* d_b, float* workspace, float* grad_sqnorm,
                           cudaStream_t stream) {
-  if (rt.rows == 0 || rt.r_max == 0) return cudaSuccess;
+  if (rt.rows == 0) return cudaSuccess;
   const bool tc = use_tensor_cores<T>();
-  launch_shrink<T>(dy, rt.d_out, lora_b, bt_view(rt), g, rt, true, tc, stream);
-  if (dx != nullptr) launch_expand<T>(g, lora_a, a_view(rt), dx, rt.d_in, rt, false, stream);
-  if (d_a != nullptr && d_b != nullptr) {
+  if (rt.r_max > 0) launch_shrink<T>(dy, rt.d_out, lora_b, bt_view(rt), g, rt, true, tc, stream);
+  if (dx != nullptr) launch_expand<T>(g, lora_a, a_view(rt), nullptr, dx, rt.d_in, rt, false, stream);
+  if (rt.r_max > 0 && d_a != nullptr && d_b != nullptr) {
     const int64_t blocks_a = grad_blocks(rt, rt.d_in);
     const int64_t per_client = blocks_a + grad_blocks(rt, rt.d_out);
     // dA_c = G_c^T X_c (G already holds s_c); dB_c[n, j] = s_c sum_t dY[t, n] H[t, j].
@@ -553,11 +560,12 @@ cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
 }  // namespace
 
 cudaError_t launch_forward(DType dtype, const Routing& rt, const void* x, const void* lora_a, const void* lora_b,
-                           float* h, void* out, cudaStream_t stream) {
+                           const void* bias, float* h, void* out, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return forward_impl<T>(rt, static_cast<const T*>(x), static_cast<const T*>(lora_a),
-                           static_cast<const T*>(lora_b), h, static_cast<T*>(out), stream);
+                           static_cast<const T*>(lora_b), static_cast<const T*>(bias), h, static_cast<T*>(out),
+                           stream);
   });
 }
 

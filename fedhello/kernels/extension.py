@@ -11,6 +11,10 @@ module object with ``DTYPES``, ``lora_forward`` and ``lora_backward`` for ``mult
 
 Both keep the rank intermediate ``H`` and all accumulation in float32. The forward returns
 ``H`` (fp32 ``[T, r_max]``, rows in ``plan.sorted_rows`` order) for the backward to reuse.
+Like the Triton backend, the compiled kernels *write* every row of ``out`` (``bias + LoRA``,
+the bias added in fp32) and of ``dx`` (the LoRA share, zeros on rows without adapter) once,
+without reading them, so both start as ``torch.empty`` and ``multi_lora.py`` adds the base
+GEMMs into them with ``addmm_``.
 """
 
 from __future__ import annotations
@@ -52,11 +56,12 @@ class CompiledBackend(ModuleType):
         self.native = native
 
     def _tiles(self, plan: LoRAPlan) -> tuple[torch.Tensor, ...]:
-        # The CUDA kernels walk the plan's fixed-size (client, row-tile) list; the CPU ones
-        # build their own from the offsets.
+        # The CUDA kernels walk the plan's fixed-size (client, row-tile) list, with items for the
+        # rows without adapter too (the expand writes them; the other kernels skip them); the
+        # CPU ones build their own from the offsets.
         if self.device_type != "cuda":
             return ()
-        tiles = plan.tiles(self.native.BLOCK_M)
+        tiles = plan.tiles(self.native.BLOCK_M, include_unrouted=True)
         return tiles.tile_client, tiles.tile_start
 
     def lora_forward(
@@ -73,13 +78,13 @@ class CompiledBackend(ModuleType):
         Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``,
         ``bias [d_out]`` or ``None``, all contiguous in one dtype of ``DTYPES``. Returns ``(out
         [T, d_out], H)``, ``H`` float32 ``[T, r_max]`` by position in ``plan.sorted_rows``. The
-        compiled kernels add into their output, so ``out`` starts as the bias (or zeros).
+        kernels write every row of ``out`` once (LoRA term plus bias summed in fp32, rounded once; only the
+        bias, or zeros, on rows without adapter and rows of rank-0 clients), so it starts empty.
         """
-        t, d_out = x2d.shape[0], lora_b.shape[1]
-        out = x2d.new_zeros(t, d_out) if bias is None else bias.expand(t, d_out).contiguous()
+        out = torch.empty(x2d.shape[0], lora_b.shape[1], dtype=x2d.dtype, device=x2d.device)
         h = self.native.lora_forward(
             x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
-            *self._tiles(plan), out,
+            *self._tiles(plan), None if bias is None else bias.contiguous(), out,
         )
         return out, h
 
@@ -99,14 +104,15 @@ class CompiledBackend(ModuleType):
         """LoRA part of the backward pass.
 
         Returns ``dx_lora [T, d_in]`` (input dtype, ``G_c A_c[:r_c]`` with ``G_c = s_c dY_c
-        B_c[:, :r_c]`` in float32, zeros in rows without adapter; ``None`` unless ``need_dx``) and
+        B_c[:, :r_c]`` in float32, zeros in rows without adapter; written once by the kernels, so it
+        starts empty; ``None`` unless ``need_dx``) and
         ``(dA [N, r_max, d_in], dB [N, d_out, r_max])`` in the adapters' dtype, zero for frozen
         clients, clients without rows and entries beyond each rank (``None`` unless
         ``weight_grads``). ``grad_sqnorm`` (float32 ``[N]`` or ``None``) gets ``+= ||dA_c||^2 +
         ||dB_c||^2`` of each trainable client, computed from the complete fp32 gradients.
         ``saved`` is the ``H`` that ``lora_forward`` returned.
         """
-        dx = x2d.new_zeros(x2d.shape) if need_dx else None
+        dx = torch.empty_like(x2d) if need_dx else None
         d_a, d_b = self.native.lora_backward(
             dy2d, x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
             params.trainable, *self._tiles(plan), saved, dx, weight_grads, grad_sqnorm,
