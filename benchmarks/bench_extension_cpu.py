@@ -58,14 +58,11 @@ def _case(t: int, n: int, d: int, r: int, dtype: torch.dtype, seed: int = 0) -> 
 def _lora_only(impl, c: dict) -> Callable[[], object]:
     params = check_inputs(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["plan"], c["scaling"],
                           c["ranks"], c["trainable"], None)
-    n = c["lora_a"].shape[0]
-    out = torch.empty(c["x"].shape[0], c["weight"].shape[0], dtype=c["x"].dtype)
-    dx = torch.empty_like(c["x"])
-    sq = torch.zeros(n)
+    sq = torch.zeros(c["lora_a"].shape[0])
 
     def run() -> None:
-        saved = impl.lora_forward(c["x"], c["lora_a"], c["lora_b"], c["plan"], params, out)
-        impl.lora_backward(c["dy"], c["x"], c["lora_a"], c["lora_b"], c["plan"], params, saved, dx, True, sq)
+        _, saved = impl.lora_forward(c["x"], c["lora_a"], c["lora_b"], c["bias"], c["plan"], params)
+        impl.lora_backward(c["dy"], c["x"], c["lora_a"], c["lora_b"], c["plan"], params, saved, True, True, sq)
 
     return run
 
