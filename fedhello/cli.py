@@ -3,7 +3,7 @@
     fedhello run CONFIG.yaml [--set key=value ...] [--resume | --overwrite]   one federated run
                              [--time-rounds K]                  (or K rounds of it, timed and extrapolated)
     fedhello flower CONFIG.yaml --nodes N [--set key=value ...]  the same run as a Flower simulation
-    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR]
+    fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR] [--jobs K]
                                                                  several methods, one table
     fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
     fedhello doctor                                              backends, offline assets, what is missing
@@ -101,7 +101,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     from fedhello.suite import load_suite, publish, run_suite
 
     suite = load_suite(args.suite, preset=args.preset, overrides=args.set or [])
-    run_suite(suite, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
+    run_suite(suite, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite, jobs=args.jobs)
     if args.publish:
         print(f"published the table, plots and metrics to {publish(suite, args.publish)}")
     return 0
@@ -132,6 +132,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 _OVERWRITE_HELP = "delete the run already in the output folder and start over (default: refuse)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -170,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     suite.add_argument("--publish", metavar="DIR",
                        help="afterwards copy the table, plots and every run's metrics (no weights) into DIR")
     suite.add_argument("--no-progress", action="store_true", help="no progress bars")
+    suite.add_argument("--jobs", type=_positive_int, default=1, metavar="K",
+                       help="run K runs at once, each in its own process with 1/K of the CPU threads (default 1)")
     suite.set_defaults(func=_cmd_suite)
 
     plot = sub.add_parser("plot", help="plot one or more run folders")

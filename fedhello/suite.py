@@ -146,30 +146,90 @@ def _run_config(suite: Suite, setting: str, method: str, seed: int, run_dir: Pat
         raise ConfigError(f"{setting}/{method}: {err}") from err
 
 
-def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwrite: bool = False,
+              jobs: int = 1, threads_per_job: int | None = None) -> dict[str, Any]:
     """Run every (setting, method, seed) of ``suite``; write and print the summary.
 
     Run folders that already hold runs are refused (before any run starts) unless ``resume``
     (finished runs are skipped, the others continue) or ``overwrite`` (they start over).
-    """
-    from fedhello.fl.checkpoint import check_run_dir
-    from fedhello.fl.server import FederatedRun
 
+    ``jobs`` > 1 runs that many runs at once, each in its own process with ``threads_per_job``
+    intra-op threads (default: this process's threads divided among the jobs). On a CPU, small
+    models use one thread poorly, so two one-thread runs finish sooner than two two-thread runs one
+    after the other; a run's numbers depend on its thread count (float summation order), not on
+    the order the runs finish in.
+    """
+    import torch
+
+    from fedhello.fl.checkpoint import check_run_dir
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: expected an integer >= 1, got {jobs!r}")
+    if threads_per_job is None:
+        threads_per_job = max(1, torch.get_num_threads() // jobs)
+    if isinstance(threads_per_job, bool) or not isinstance(threads_per_job, int) or threads_per_job < 1:
+        raise ValueError(f"threads_per_job: expected an integer >= 1, got {threads_per_job!r}")
     runs = suite.runs()
     configs = [_run_config(suite, setting, method, seed, run_dir) for setting, method, seed, run_dir in runs]
     done = [check_run_dir(config, resume=resume, overwrite=overwrite) for config in configs]
-    for i, ((setting, method, seed, run_dir), config, checkpoint) in enumerate(zip(runs, configs, done), 1):
+    todo = []
+    for i, ((setting, method, seed, _), config, checkpoint) in enumerate(zip(runs, configs, done), 1):
+        label = f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}"
         if checkpoint is not None and checkpoint.next_round == config.rounds:
-            print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}: finished, skipped")
-            continue
-        print(f"[{i}/{len(runs)}] {setting} / {method} / seed {seed}")
-        start = time.perf_counter()
-        FederatedRun(config, progress=progress).run(resume=resume, overwrite=overwrite)
-        (run_dir / "wall_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+            print(f"{label}: finished, skipped")
+        else:
+            todo.append((label, config))
+    if jobs == 1:
+        for label, config in todo:
+            print(label)
+            _run_one(config, progress, resume, overwrite)
+    else:
+        _run_parallel(todo, jobs, threads_per_job, resume, overwrite)
     summary = summarize(suite)
     print(render_table(summary))
     print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/accuracy.png")
     return summary
+
+
+def _run_one(config, progress: bool, resume: bool, overwrite: bool) -> float:
+    """One run, then its ``wall_time.json``; returns its wall time in seconds."""
+    from fedhello.fl.server import FederatedRun
+
+    start = time.perf_counter()
+    FederatedRun(config, progress=progress).run(resume=resume, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    (Path(config.output_dir) / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: bool, overwrite: bool) -> None:
+    """Runs ``todo`` ``jobs`` at a time in spawned processes (no progress bars: they would interleave).
+
+    The first failure stops the runs not yet started and is raised once the running ones end;
+    runs that finished stay finished (``--resume`` continues the rest)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    print(f"{len(todo)} run(s), {jobs} at a time, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")  # a forked torch may deadlock in its thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_run_one, config, False, resume, overwrite): label for label, config in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise RuntimeError(f"{futures[future]} failed: {future.exception()}") from future.exception()
+                print(f"{futures[future]}: done in {future.result():.0f} s")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -98,3 +98,34 @@ def test_unknown_preset_and_missing_file(tmp_path):
         load_suite(_suite_file(tmp_path), preset="gpu")
     with pytest.raises(ConfigError, match="^suite"):
         load_suite(tmp_path / "missing.yaml")
+
+
+def test_parallel_jobs_give_the_runs_of_one_job(tmp_path, capsys):
+    """--jobs 2: the same runs, metrics and table as one job at the same thread count."""
+    import torch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_suite(load_suite(_suite_file(one)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    summary = run_suite(load_suite(_suite_file(two)), progress=False, jobs=2, threads_per_job=1)
+    out = capsys.readouterr().out
+    assert "4 run(s), 2 at a time, 1 thread(s) each" in out and out.count(": done in ") == 4
+    for setting in ("iid", "dir0.5"):
+        for method in ("Full", "GD Bottleneck"):
+            def records(root):
+                lines = (root / "out" / setting / method / "seed-0" / "metrics.jsonl").read_text().splitlines()
+                drop = ("wall_time", "time_local", "time_aggregate", "time_eval")
+                return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
+            assert records(two) == records(one), (setting, method)
+    assert summary["table"]["iid"]["Full"]["seeds"] == 1
+
+
+@pytest.mark.parametrize("jobs, threads", [(0, None), (1.5, None), (True, None), (2, 0)])
+def test_bad_jobs_are_refused(tmp_path, jobs, threads):
+    with pytest.raises(ValueError, match="jobs" if threads is None else "threads_per_job"):
+        run_suite(load_suite(_suite_file(tmp_path)), progress=False, jobs=jobs, threads_per_job=threads)
