@@ -192,14 +192,28 @@ def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwri
 
 
 def _run_one(config, progress: bool, resume: bool, overwrite: bool) -> float:
-    """One run, then its ``wall_time.json``; returns its wall time in seconds."""
+    """One run, then its ``wall_time.json``; returns its wall time in seconds.
+
+    A run resumed from a checkpoint counts this invocation plus the recorded wall times of the
+    rounds it kept (the earlier invocation's set-up and initial evaluation are not recorded)."""
     from fedhello.fl.server import FederatedRun
 
+    earlier = _kept_rounds_seconds(Path(config.output_dir)) if resume else 0.0
     start = time.perf_counter()
     FederatedRun(config, progress=progress).run(resume=resume, overwrite=overwrite)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + earlier
     (Path(config.output_dir) / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
+
+
+def _kept_rounds_seconds(run_dir: Path) -> float:
+    """Sum of the round wall times a resume keeps: rounds before the checkpoint's ``next_round``."""
+    checkpoint, metrics = run_dir / "checkpoint.json", run_dir / "metrics.jsonl"
+    if not (checkpoint.exists() and metrics.exists()):
+        return 0.0
+    next_round = json.loads(checkpoint.read_text())["next_round"]
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return float(sum(r["wall_time"] for r in records if r["round"] < next_round))
 
 
 def _init_worker(threads: int) -> None:

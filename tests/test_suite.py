@@ -129,3 +129,37 @@ def test_parallel_jobs_give_the_runs_of_one_job(tmp_path, capsys):
 def test_bad_jobs_are_refused(tmp_path, jobs, threads):
     with pytest.raises(ValueError, match="jobs" if threads is None else "threads_per_job"):
         run_suite(load_suite(_suite_file(tmp_path)), progress=False, jobs=jobs, threads_per_job=threads)
+
+
+def test_resumed_run_keeps_the_wall_time_of_its_earlier_rounds(tmp_path, monkeypatch):
+    """A run killed after a checkpoint and resumed reports the kept rounds' time plus the resumed part."""
+    from types import SimpleNamespace
+
+    import fedhello.suite as suite_module
+    from fedhello.fl.server import FederatedRun
+
+    suite = load_suite(_suite_file(tmp_path, settings={"iid": {"data": {"partition": {"kind": "iid"}}}},
+                                   methods={"Full": {"strategy": {"name": "full", "options": {}}}}))
+    (setting, method, seed, run_dir), = suite.runs()
+    config = suite_module._run_config(suite, setting, method, seed, run_dir)
+
+    play = FederatedRun._round
+
+    def killed_in_round_2(self, rnd):
+        if rnd == 1:
+            raise KeyboardInterrupt
+        return play(self, rnd)
+
+    monkeypatch.setattr(FederatedRun, "_round", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        suite_module._run_one(config, progress=False, resume=False, overwrite=False)
+    assert not (run_dir / "wall_time.json").exists()
+    (kept,) = [json.loads(line)["wall_time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    monkeypatch.setattr(FederatedRun, "_round", play)
+    ticks = iter([100.0, 107.5])  # this invocation: 7.5 s on a fake clock read only by the suite
+    monkeypatch.setattr(suite_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    seconds = suite_module._run_one(config, progress=False, resume=True, overwrite=False)
+    assert seconds == pytest.approx(kept + 7.5) and kept > 0
+    assert json.loads((run_dir / "wall_time.json").read_text()) == {"seconds": seconds}
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
