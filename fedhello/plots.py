@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
@@ -91,7 +92,7 @@ def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Seque
     colors = plt.get_cmap("tab10").colors
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
         ax.plot(*curve(run_dir), marker="o", markersize=3, label=label, color=colors[i % 10], linestyle="-" if i < 10 else "--")
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("held-out perplexity" if lm else "test accuracy (%)")
     if lm:
         title = title.replace("Test accuracy", "Held-out perplexity")
@@ -124,7 +125,7 @@ def _num_blocks(records: Sequence[dict[str, Any]]) -> int:
 
 def _draw_allocation(ax, records: Sequence[dict[str, Any]]):
     mat = allocation_matrix(records, _num_blocks(records))
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("block")
     # Column j is round j + 1, as in the accuracy and Fisher plots (round 0: the untrained model).
     extent = (0.5, mat.shape[1] + 0.5, -0.5, mat.shape[0] - 0.5)
@@ -182,7 +183,7 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     for b in range(scores.shape[1]):
         ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}", marker=marker)
     ax.set_yscale("log")
-    ax.set_xlabel("round")
+    _round_axis(ax)
     ax.set_ylabel("Fisher score (mean squared gradient norm)")
     ax.set_title(title or f"Fisher scores per block ({run_label(run_dir)})")
     if scores.shape[1] <= 12:
@@ -203,6 +204,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     except ValueError:
         pass  # strategies without Fisher scores have no such plot
     return paths
+
+
+def _round_axis(ax) -> None:
+    """x axis in rounds: whole numbers only (short runs would otherwise get ticks at 0.5)."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig, out: str | Path) -> Path:

@@ -187,7 +187,9 @@ def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwri
         _run_parallel(todo, jobs, threads_per_job, resume, overwrite)
     summary = summarize(suite)
     print(render_table(summary))
-    print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/accuracy.png")
+    curve = "perplexity" if any(row["metric"] == "perplexity" for rows in summary["table"].values()
+                                for row in rows.values()) else "accuracy"
+    print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/{curve}.png")
     return summary
 
 
@@ -282,6 +284,17 @@ def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, 
     return runs
 
 
+def _client_perplexity(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> dict[str, Any]:
+    """Per-client held-out perplexity of the final global model: the mean over clients and the
+    worst client, each as (mean, std) over seeds, and the same two for the untrained model."""
+    final = [recs[-1]["test_client_perplexity"] for _, recs, _ in runs]
+    untrained = [json.loads((d / "initial_eval.json").read_text())["client_perplexity"] for d, _, _ in runs]
+    return {"client_mean": _mean_std([float(np.mean(c)) for c in final]),
+            "client_worst": _mean_std([float(np.max(c)) for c in final]),
+            "untrained_client_mean": _mean_std([float(np.mean(c)) for c in untrained]),
+            "untrained_client_worst": _mean_std([float(np.max(c)) for c in untrained])}
+
+
 def _read_json(path: Path, key: str) -> float:
     return json.loads(path.read_text())[key] if path.exists() else float("nan")
 
@@ -320,6 +333,8 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
                 "seeds": len(runs),
             }
+            if lm:  # the personalisation view: the global model on each client's own mix of topics
+                table[setting][method].update(_client_perplexity(runs))
             method_dirs.append((method, runs[0][0]))
         if not method_dirs:
             continue
@@ -348,14 +363,15 @@ def summarize(suite: Suite) -> dict[str, Any]:
 
 
 # What a published suite keeps of each run: its small text records (no checkpoints).
-_PUBLISHED_RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "initial_eval.json", "wall_time.json")
+_PUBLISHED_RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "initial_eval.json", "wall_time.json",
+                        "completions.jsonl")
 
 
 def publish(suite: Suite, dest: str | Path) -> Path:
     """Copy a summarized suite's table, plots and every run's metrics (no weights) into ``dest``.
 
     ``dest`` gets ``results.md``, ``summary.json``, ``<setting>/*.png`` and
-    ``<setting>/<method>/seed-<s>/{config.yaml, metrics.jsonl, ...}``: small files meant to be
+    ``<setting>/<method>/seed-<s>/{config.yaml, metrics.jsonl, completions.jsonl, ...}``: small files meant to be
     committed beside a report so that every number in it can be checked.
     """
     dest = Path(dest)
@@ -420,5 +436,29 @@ def render_table(summary: dict[str, Any]) -> str:
                          + f" | {np.nanmean(walls):.0f} s | {np.nanmean(uploads):.2f} MB |")
         lines.append("| *untrained model* | " + " | ".join(untrained) + " | – | – |")
         parts.append("\n".join(lines))
+    if lm:
+        parts.append(_render_client_table(table, settings, methods, pm))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)
+
+
+def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str) -> str:
+    """Causal LM suites: each client's held-out perplexity under the final global model, as the
+    mean over clients and the worst client (each a mean over seeds), per setting."""
+    def pair(mean: tuple[float, float], worst: tuple[float, float]) -> str:
+        spread = f" ± {mean[1]:.2f}" if pm else ""
+        return f"{mean[0]:.2f}{spread} / {worst[0]:.2f}"
+
+    lines = ["| method | " + " | ".join(f"{s}: clients' perplexity, mean{pm} / worst client" for s in settings) + " |",
+             "|" + "---|" * (len(settings) + 1)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(
+            "–" if table[s].get(m) is None else pair(table[s][m]["client_mean"], table[s][m]["client_worst"])
+            for s in settings) + " |")
+    untrained = []
+    for s in settings:
+        rows = list(table[s].values())
+        untrained.append(pair(tuple(np.mean([r["untrained_client_mean"] for r in rows], axis=0)),
+                              tuple(np.mean([r["untrained_client_worst"] for r in rows], axis=0))) if rows else "–")
+    lines.append("| *untrained model* | " + " | ".join(untrained) + " |")
+    return "\n".join(lines)

@@ -351,15 +351,24 @@ def test_suite_summary_reports_perplexity_for_causal_lm_runs(tmp_path):
     for seed, curve in ((0, [30.0, 20.0, 25.0]), (1, [28.0, 18.0, 22.0])):
         run = tmp_path / "dir0.3-tiers111" / "Full" / f"seed-{seed}"
         run.mkdir(parents=True)
-        (run / "initial_eval.json").write_text(json.dumps({"loss": 4.0, "perplexity": 50.0 + seed}))
+        (run / "initial_eval.json").write_text(json.dumps({"loss": 4.0, "perplexity": 50.0 + seed,
+                                                           "client_perplexity": [40.0, 60.0 + 2 * seed]}))
         (run / "wall_time.json").write_text(json.dumps({"seconds": 60.0}))
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({"round": i, "test_perplexity": p, "test_loss": math.log(p), "bytes_up": 10, "participants": [],
-                        "allocation": {}}) + "\n" for i, p in enumerate(curve)))
+                        "allocation": {}, "test_client_perplexity": [p - 5.0, p + 5.0 + seed, p]}) + "\n"
+            for i, p in enumerate(curve)))
     row = summarize(suite)["table"]["dir0.3-tiers111"]["Full"]
     assert row["metric"] == "perplexity" and row["final"][0] == pytest.approx(23.5)
     assert row["best"][0] == pytest.approx(19.0) and row["untrained"][0] == pytest.approx(50.5)
-    assert "perplexity (lower is better)" in render_table(summarize(suite))
+    # Final evaluation, per client: seed 0 [20, 30, 25] (mean 25, worst 30), seed 1 [17, 28, 22] (mean 67/3, worst 28).
+    assert row["client_mean"][0] == pytest.approx((25.0 + 67 / 3) / 2)
+    assert row["client_worst"][0] == pytest.approx(29.0)
+    assert row["untrained_client_mean"][0] == pytest.approx(50.5)
+    assert row["untrained_client_worst"][0] == pytest.approx(61.0)
+    table = render_table(summarize(suite))
+    assert "perplexity (lower is better)" in table
+    assert "| Full | 23.67 ± 1.89 / 29.00 |" in table and "| *untrained model* | 50.50 ± 0.71 / 61.00 |" in table
     assert (tmp_path / "dir0.3-tiers111" / "perplexity.png").is_file()
 
 
