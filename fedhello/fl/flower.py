@@ -276,9 +276,10 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
     def play_round(rnd: int) -> dict[str, Any]:
         record = strategy.play_round(grid, rnd)
         # One line per round (a progress bar does not survive Flower's log streaming).
-        accuracy = record.get("test_accuracy")
+        accuracy, perplexity = record.get("test_accuracy"), record.get("test_perplexity")
         print(f"round {rnd + 1}/{config.rounds}: train loss {record['train_loss']:.4f}"
               + ("" if accuracy is None else f", test accuracy {100 * accuracy:.2f}%")
+              + ("" if perplexity is None else f", held-out perplexity {perplexity:.3f}")
               + f", {len(record['participants'])} participants", flush=True)
         return record
 

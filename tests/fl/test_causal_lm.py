@@ -22,24 +22,9 @@ from fedhello.nn import export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import IGNORE_INDEX, row_losses, row_terms
 
+from tests.nn.tiny import tiny_causal_lm
+
 VOCAB, SEQ = 96, 12
-
-
-def _tiny_lm(vocab: int = VOCAB, tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, max_position_embeddings=64, pad_token_id=2, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=tie)).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedhello.models import load_tokenizer
-
-    return load_tokenizer("smollm2")
 
 
 # ---------------------------------------------------------------- loss masking
@@ -120,7 +105,7 @@ def _lm_tasks(num_blocks: int, sizes: list[int], gen: torch.Generator) -> list[L
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "down_proj"]])
 def test_causal_lm_batched_equals_sequential(targets):
     gen = torch.Generator().manual_seed(0)
-    backbone = _tiny_lm(tie=targets[-1] != "down_proj")
+    backbone = tiny_causal_lm(VOCAB, tie=targets[-1] != "down_proj")
     tasks = _lm_tasks(2, [5, 3, 7, 4], gen)
     cfg = LocalTrainingConfig(epochs=1, batch_size=3, optimizer="adamw", lr=1e-2)
     batched = inject_multi_lora(copy.deepcopy(backbone), targets, num_clients=4, rank=4, alpha=8,
@@ -147,7 +132,7 @@ def test_peft_export_loads_in_causal_lm_and_generates_the_same(tmp_path):
     from transformers import AutoModelForCausalLM
 
     base_dir = tmp_path / "base"
-    _tiny_lm(tie=False).save_pretrained(base_dir)
+    tiny_causal_lm(VOCAB, tie=False).save_pretrained(base_dir)
     from fedhello.models import load_backbone
 
     model = inject_multi_lora(load_backbone(str(base_dir), task="causal-lm"), ["q_proj", "v_proj", "up_proj"],
@@ -183,7 +168,7 @@ def test_peft_export_loads_in_causal_lm_and_generates_the_same(tmp_path):
 
 # ---------------------------------------------------------------- evaluation
 def test_evaluate_lm_perplexity_and_groups():
-    model = inject_multi_lora(_tiny_lm(), ["q_proj", "v_proj"], num_clients=1, rank=2, head_modules=None,
+    model = inject_multi_lora(tiny_causal_lm(VOCAB), ["q_proj", "v_proj"], num_clients=1, rank=2, head_modules=None,
                               backend="torch")
     gen = torch.Generator().manual_seed(3)
     tasks = _lm_tasks(2, [6], gen)
@@ -241,20 +226,6 @@ def test_missing_instruction_column_and_empty_response(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_lm_files(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A tiny LLaMA causal LM folder (with the SmolLM2 tokenizer) and a CSV of two topics' news."""
-    root = tmp_path_factory.mktemp("tiny-lm")
-    model_dir = root / "model"
-    _tiny_lm(vocab=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    topics = {"sport": "The team won the match in the final minute.", "tech": "The new chip runs code faster."}
-    data = root / "news.csv"
-    lines = ["text,topic"] + [f"\"{text} Story {i}.\",{topic}" for i in range(12) for topic, text in topics.items()]
-    data.write_text("\n".join(lines) + "\n")
-    return model_dir, data
-
-
 def test_proxy_fisher_scores_of_a_causal_lm(tiny_lm_files, tmp_path):
     from fedhello.fl.server import FederatedRun
 

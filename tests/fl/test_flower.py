@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from fedhello.cli import main as cli_main
 from fedhello.config import RunConfig, load_config
-from fedhello.fl.flower import FedHelloStrategy, _processes_with_env, run_on_grid, simulate, split_tasks, train_group
+from fedhello.fl.flower import (FedHelloStrategy, _processes_with_env, client_app, run_on_grid, simulate, split_tasks,
+                                train_group)
 from fedhello.fl.server import FederatedRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -375,3 +376,35 @@ def test_processes_are_found_by_an_inherited_variable():
         child.kill()
         child.wait()
     assert _processes_with_env("FEDHELLO_TEST_MARKER", marker) == []
+
+
+def test_causal_lm_on_flower_nodes_matches_fedhello_run(tiny_lm_files, tmp_path, monkeypatch, capsys):
+    """task: causal_lm through the Flower server loop and the real ClientApp on two in-process
+    nodes: the same global adapters, decisions and held-out perplexity as ``fedhello run``."""
+    for attr in ("_task_id", "_run_id", "_node_id"):  # what Flower's runtime sets before a ServerApp runs
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    model_dir, data = tiny_lm_files
+
+    def config(out: Path) -> RunConfig:
+        return RunConfig.from_dict({
+            "seed": 1, "task": "causal_lm", "model": {"name": str(model_dir), "rank": 4, "alpha": 8},
+            "data": {"path": str(data), "text_column": "text", "label_column": "topic", "max_length": 16,
+                     "num_clients": 4, "test_fraction": 0.25, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+            "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}},
+            "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]},
+            "rounds": 2, "cohort_size": 3, "local": {"steps": 2, "batch_size": 4, "lr": 0.05},
+            "engine": {"device": "cpu"}, "eval_every": 1, "checkpoint_every": 1, "output_dir": str(out)})
+
+    FederatedRun(config(tmp_path / "single"), progress=False).run()
+    grid = _InProcessGrid([11, 22], client_app, dead=set())
+    records = run_on_grid(grid, config(tmp_path / "flower"))
+    printed = capsys.readouterr().out
+    assert "round 2/2: train loss" in printed and "held-out perplexity" in printed
+    got_state, want_state = (load_file(str(tmp_path / d / "checkpoint.safetensors")) for d in ("flower", "single"))
+    assert _max_rel(got_state, want_state) < TOL
+    for g, w in zip(records, _records(tmp_path / "single"), strict=True):
+        for key in ("cohort", "participants", "allocation", "bytes_up"):
+            assert g[key] == w[key], key
+        assert g["test_perplexity"] == pytest.approx(w["test_perplexity"], rel=TOL)
+        assert g["test_client_perplexity"] == pytest.approx(w["test_client_perplexity"], rel=TOL)
+    assert (tmp_path / "flower" / "peft_adapter").is_dir()

@@ -142,3 +142,14 @@ def peft_grads(peft_model) -> dict[str, torch.Tensor]:
             head, _, tensor = name.partition(".modules_to_save.default.")
             out[f"{head}.{tensor}"] = param.grad
     return out
+
+
+def tiny_causal_lm(vocab: int, tie: bool = True) -> nn.Module:
+    """A random 2-block LLaMA causal LM (hidden 32, pad 2, bos 1, eos 2), the same for every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, pad_token_id=2, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tie)).eval()
