@@ -121,7 +121,8 @@ class DataConfig:
     """Data source, held-out splits and client partition.
 
     Attributes:
-        name: ``bbc_news``, ``fashion_mnist``, a Hub id, or None for local files.
+        name: ``bbc_news``, ``fashion_mnist``, ``bbc_headlines`` (``task: causal_lm``: BBC News
+            as story -> headline instructions), a Hub id, or None for local files.
         path: local file or folder (or the folder of a built-in set).
         split: split to read; ``test_split``: read the test set from this split instead of
             holding out ``test_fraction`` (then ``test_fraction`` is not used).
@@ -324,8 +325,8 @@ class RunConfig:
     def _validate_data(self) -> None:
         d = self.data
         if not d.name and not d.path:
-            raise ConfigError("data.name: expected a built-in name (bbc_news, fashion_mnist), a Hub id, or a local "
-                              "data.path; got neither")
+            raise ConfigError("data.name: expected a built-in name (bbc_news, bbc_headlines, fashion_mnist), a Hub id, "
+                              "or a local data.path; got neither")
         if d.path is not None:
             local = Path(os.path.expanduser(d.path))
             if not local.exists():
@@ -364,6 +365,9 @@ class RunConfig:
                 if getattr(d, name) not in (None, False):
                     raise ConfigError(f"data.{name}: only used with task: causal_lm (instruction data), "
                                       f"got {getattr(d, name)!r} with task: classification")
+            if d.name == "bbc_headlines":
+                raise ConfigError("data.name: bbc_headlines is story -> headline instruction data for "
+                                  "task: causal_lm; for topic classification use bbc_news")
             return
         if d.image_column is not None or d.name == "fashion_mnist":
             field_name = "image_column" if d.image_column is not None else "name"
@@ -378,6 +382,12 @@ class RunConfig:
                               f"text_column {d.text_column!r} with prompt_column {d.prompt_column!r}")
         if d.max_chunks is not None:
             _int_at_least("data.max_chunks", d.max_chunks, 1)
+        if d.name == "bbc_headlines":
+            for name in ("text_column", "prompt_column", "response_column", "label_column"):
+                if getattr(d, name) is not None:
+                    raise ConfigError(f"data.{name}: bbc_headlines has fixed columns (prompt, response, label: the "
+                                      f"topic); leave it unset, got {getattr(d, name)!r}")
+            return
         if d.chat_template and d.prompt_column is None:
             raise ConfigError("data.chat_template: formats instruction prompts; set data.prompt_column and "
                               "data.response_column")

@@ -65,9 +65,11 @@ def test_online_hub_that_lacks_the_repo(monkeypatch):
 
 
 def test_builtin_data_sets_check_their_splits_and_files(tmp_path):
-    assert set(BUILTIN_DATASETS) == {"bbc_news", "fashion_mnist"}
+    assert set(BUILTIN_DATASETS) == {"bbc_news", "bbc_headlines", "fashion_mnist"}
     with pytest.raises(UserError, match=r"^data\.split: bbc_news has the splits \('train',\), got 'test'"):
         check_data_source(DataConfig(name="bbc_news", split="test"))
+    with pytest.raises(UserError, match=r"^data\.test_split: bbc_headlines has the splits \('train',\)"):
+        check_data_source(DataConfig(name="bbc_headlines", test_split="test"))
     with pytest.raises(UserError, match=r"^data\.test_split: fashion_mnist"):
         check_data_source(DataConfig(name="fashion_mnist", path=str(tmp_path), test_split="validation"))
     with pytest.raises(UserError, match=r"^data\.name: fashion_mnist: 4 of its IDX files"):

@@ -4,7 +4,9 @@
 ``text`` column (plain text) or ``prompt`` + ``response`` columns (instructions), and a
 ``ClassLabel`` ``label`` column that only shapes the clients' partition (BBC News topics, or a
 local file's label column; a single class ``all`` when there is none, where ``dirichlet``
-partitions then skew the clients' quantities only). ``lm_tensors`` turns rows into fixed-length
+partitions then skew the clients' quantities only). ``bbc_headlines`` is BBC News as
+instructions: the first ``HEADLINE_STORY_WORDS`` words of each story after an instruction, and
+its headline as the response. ``lm_tensors`` turns rows into fixed-length
 model inputs with ``labels [n, S]``: the token ids the loss covers, ``-100`` elsewhere (padding,
 and for instructions the prompt), the convention of ``transformers``' causal-LM losses.
 """
@@ -27,8 +29,34 @@ if TYPE_CHECKING:
 
     from fedhello.config import DataConfig
 
-__all__ = ["IGNORE_INDEX", "load_lm_dataset", "lm_tensors", "instruction_rows", "text_rows"]
+__all__ = ["IGNORE_INDEX", "HEADLINE_INSTRUCTION", "HEADLINE_STORY_WORDS", "bbc_headlines", "load_lm_dataset",
+           "lm_tensors", "instruction_rows", "text_rows"]
 
+HEADLINE_INSTRUCTION = "Write the headline of this BBC News story."
+HEADLINE_STORY_WORDS = 32  # about 50 SmolLM2 tokens: with the chat template and a headline, within 128
+
+
+def bbc_headlines(news: "datasets.Dataset") -> "datasets.Dataset":
+    """BBC News articles (``text``: the headline, a blank line, the story) as instructions.
+
+    Returns:
+        columns ``prompt`` (``HEADLINE_INSTRUCTION``, a blank line, the story's first
+        ``HEADLINE_STORY_WORDS`` words), ``response`` (the headline) and ``label`` (the topic).
+    """
+    import datasets
+
+    prompts, responses = [], []
+    for i, text in enumerate(news["text"]):
+        headline, _, story = text.strip().partition("\n")
+        if not headline.strip() or not story.strip():
+            raise ValueError(f"data.name: bbc_headlines needs a headline line and a story; article {i} has "
+                             f"{'no story' if headline.strip() else 'no headline'}")
+        prompts.append(f"{HEADLINE_INSTRUCTION}\n\n{' '.join(story.split()[:HEADLINE_STORY_WORDS])}")
+        responses.append(headline.strip())
+    features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string"),
+                                  "label": news.features["label"]})
+    return datasets.Dataset.from_dict({"prompt": prompts, "response": responses, "label": list(news["label"])},
+                                      features=features)
 
 
 def _raw_dataset(config: "DataConfig", split: str) -> "datasets.Dataset":
@@ -63,11 +91,11 @@ def load_lm_dataset(config: "DataConfig", split: str | None = None) -> "datasets
     import datasets
 
     split = split or config.split
-    if config.name in ("bbc_news",):
-        ds = load_labelled_dataset(config.name, config.path, split=split)
+    if config.name in ("bbc_news", "bbc_headlines"):
+        ds = load_labelled_dataset("bbc_news", config.path, split=split)
         if config.prompt_column is not None:
-            raise ValueError("data.prompt_column: bbc_news is plain text (text, label); no prompt/response columns")
-        return ds
+            raise ValueError(f"data.prompt_column: {config.name} has fixed columns; leave data.prompt_column unset")
+        return bbc_headlines(ds) if config.name == "bbc_headlines" else ds
     raw = _raw_dataset(config, split)
     columns = raw.column_names
     if config.prompt_column is not None:

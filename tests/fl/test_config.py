@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -137,3 +139,13 @@ def test_file_errors(tmp_path):
     raw["data"]["name"] = "some/hub-set"
     with pytest.raises(ConfigError, match=r"^data\.path"):
         RunConfig.from_dict(raw)
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_run_config_is_valid(name):
+    """Each run config in configs/ passes validation (sources are checked where they are used)."""
+    config = load_config(CONFIGS / name)
+    assert config.rounds >= 1 and config.model.name
