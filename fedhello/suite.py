@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -219,9 +220,20 @@ def _kept_rounds_seconds(run_dir: Path) -> float:
 
 
 def _init_worker(threads: int) -> None:
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    # A suite that is killed must not leave its runs going: they would go on writing their folders,
+    # beside the runs of the next suite started on them. Each worker ends when its parent is gone.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: bool, overwrite: bool) -> None:

@@ -163,3 +163,44 @@ def test_resumed_run_keeps_the_wall_time_of_its_earlier_rounds(tmp_path, monkeyp
     assert seconds == pytest.approx(kept + 7.5) and kept > 0
     assert json.loads((run_dir / "wall_time.json").read_text()) == {"seconds": seconds}
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_killed_suite_leaves_no_run_going(tmp_path):
+    """SIGKILL to `fedhello suite --jobs 2` while its runs play: the worker processes end too (else
+    they would go on writing their run folders beside the next suite's runs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedhello.fl.flower import _processes_with_env
+
+    path = _suite_file(tmp_path)
+    raw = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**raw, "rounds": 400, "eval_every": 400}))
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FEDHELLO_TEST_MARKER": marker,
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "fedhello", "suite", path, "--jobs", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = list((tmp_path / "out").rglob("metrics.jsonl"))
+        while len([m for m in metrics if m.stat().st_size]) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the suite ended before its runs played a round"
+            time.sleep(0.5)
+            metrics = list((tmp_path / "out").rglob("metrics.jsonl"))
+        workers = _processes_with_env("FEDHELLO_TEST_MARKER", marker)
+        assert len(workers) >= 3, workers  # the suite, its 2 workers (and multiprocessing's tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _processes_with_env("FEDHELLO_TEST_MARKER", marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_with_env("FEDHELLO_TEST_MARKER", marker)
+    finally:
+        for pid in _processes_with_env("FEDHELLO_TEST_MARKER", marker):
+            os.kill(pid, signal.SIGKILL)

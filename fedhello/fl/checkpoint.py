@@ -17,16 +17,21 @@ temporary name, flushed to disk and renamed into place, weights first. A kill be
 renames leaves the new weights beside the old ``checkpoint.json`` and the complete new
 ``checkpoint.json.tmp``; ``read_checkpoint`` finishes that rename. Any other inconsistency is a
 ``CheckpointError`` naming the file and what is wrong.
+
+One process at a time writes a run folder: ``hold_run_dir`` takes an exclusive lock on its
+``LOCK_FILE`` for as long as the run plays (released by the kernel if the process dies), and a
+second process that tries to run there gets a ``RunFolderError`` naming the holder's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
@@ -38,8 +43,10 @@ __all__ = [
     "RunFolderError",
     "CheckpointError",
     "Checkpoint",
+    "LOCK_FILE",
     "check_run_dir",
     "clear_run_dir",
+    "hold_run_dir",
     "config_changes",
     "save_checkpoint",
     "read_checkpoint",
@@ -47,6 +54,7 @@ __all__ = [
 
 WEIGHTS_FILE = "checkpoint.safetensors"
 META_FILE = "checkpoint.json"
+LOCK_FILE = ".fedhello.lock"  # not a run file: it stays, unlocked, when its run ends
 # Every file a run writes into its folder that a later run would replace (plots are redrawn).
 RUN_FILES = ("config.yaml", "initial_eval.json", "metrics.jsonl", "metrics.csv", WEIGHTS_FILE, META_FILE,
              "completions.jsonl")
@@ -145,6 +153,35 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
                              f"in {out}; expected >= {checkpoint.next_round}")
     _check_metrics(out / "metrics.jsonl", checkpoint.next_round)
     return checkpoint
+
+
+@contextlib.contextmanager
+def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Create ``out`` if needed and hold its ``LOCK_FILE`` exclusively until the block ends.
+
+    Raises:
+        RunFolderError: another process holds it (a run, a suite job or a Flower server playing
+            rounds into the same folder), naming that process's pid.
+    """
+    import fcntl  # POSIX; fedhello runs on Linux
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise RunFolderError(f"output_dir: {out} is being written by another process (pid {holder}); "
+                                 f"wait for it to end or stop it, or choose another output_dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield out
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:

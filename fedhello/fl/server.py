@@ -51,7 +51,8 @@ from fedhello.config import RunConfig, derive_seed, save_config
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.allocation import AllocationContext, make_strategy
-from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, clear_run_dir, save_checkpoint
+from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
+                                   save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
@@ -267,12 +268,19 @@ class FederatedRun:
 
         A folder that already holds a run is refused (``RunFolderError``) unless ``resume``
         (continue from its checkpoint; the config may change only in
-        ``fedhello.fl.checkpoint.RESUME_ALLOWED``) or ``overwrite`` (delete its files, start over).
+        ``fedhello.fl.checkpoint.RESUME_ALLOWED``) or ``overwrite`` (delete its files, start over),
+        and so is a folder another process is running in (``hold_run_dir``).
 
         ``play_round(rnd)`` plays one round and returns its record; the default trains the
         participants on this process's engine. ``fedhello.fl.flower`` passes one that trains
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
+        check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
+        with hold_run_dir(self.out):  # then, as its only writer, decide again and play
+            return self._run(resume, play_round, overwrite)
+
+    def _run(self, resume: bool, play_round: Callable[[int], dict[str, Any]] | None,
+             overwrite: bool) -> list[dict[str, Any]]:
         checkpoint = check_run_dir(self.config, resume=resume, overwrite=overwrite)
         if overwrite and clear_run_dir(self.out):
             print(f"--overwrite: deleted the earlier run in {self.out}; starting from round 1", flush=True)

@@ -21,6 +21,7 @@ from fedhello.fl.checkpoint import (
     check_run_dir,
     clear_run_dir,
     config_changes,
+    hold_run_dir,
     read_checkpoint,
     save_checkpoint,
 )
@@ -214,3 +215,20 @@ def test_find_nonfinite_names_client_loss_blocks_and_head():
     assert found[2].describe() == "blocks [1]"
     assert found[3].to_record() == {"client": 7, "loss": False, "blocks": [0], "head": True}
     assert find_nonfinite(results[:1], blocks) == {}
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    """The lock refuses a second holder (naming the first's pid), is free again after the block,
+    and its file is not a run file: a folder holding only it holds no run, and --overwrite keeps it."""
+    out = tmp_path / "new" / "run"
+    with hold_run_dir(out) as held:
+        assert held == out and (out / ckpt.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(RunFolderError, match=rf"^output_dir: {out} is being written by another process "
+                                                 rf"\(pid {os.getpid()}\)"):
+            with hold_run_dir(out):
+                pass
+    with hold_run_dir(out):
+        pass
+    assert check_run_dir(_config(out)) is None and clear_run_dir(out) == []
+    assert (out / ckpt.LOCK_FILE).exists() and ckpt.LOCK_FILE not in ckpt.RUN_FILES
+

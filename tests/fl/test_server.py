@@ -198,6 +198,22 @@ def test_cli_refuses_a_folder_holding_a_run(finished_run, tmp_path):
     assert _snapshot(out) == before
 
 
+def test_cli_refuses_a_folder_another_process_runs_in(finished_run, tmp_path):
+    """A second writer of a run folder (here: this test process holds the lock) is refused with
+    one line naming the holder, even with --resume, and nothing changes."""
+    from fedhello.fl.checkpoint import hold_run_dir
+
+    config, out = _copy_run(finished_run, tmp_path)
+    with hold_run_dir(out):
+        before = _snapshot(out)
+        proc = _cli_subprocess("run", str(config), "--no-progress", "--resume", "--set", "rounds=3")
+        _one_line_error(proc, f"output_dir: {out} is being written by another process (pid {os.getpid()})")
+        assert _snapshot(out) == before
+    proc = _cli_subprocess("run", str(config), "--no-progress", "--resume", "--set", "rounds=3")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["round"] for r in _read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
 def test_cli_overwrite_starts_over(finished_run, tmp_path, capsys):
     config, out = _copy_run(finished_run, tmp_path)
     assert cli_main(["run", str(config), "--no-progress", "--overwrite", "--set", "rounds=1"]) == 0
