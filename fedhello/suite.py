@@ -244,7 +244,7 @@ def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: 
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    print(f"{len(todo)} run(s), {jobs} at a time, {threads} thread(s) each")
+    print(f"{len(todo)} run(s), {jobs} at a time, {threads} thread(s) each", flush=True)
     context = multiprocessing.get_context("spawn")  # a forked torch may deadlock in its thread pools
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                              initargs=(threads,)) as pool:
@@ -257,7 +257,7 @@ def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: 
                     for other in pending:
                         other.cancel()
                     raise RuntimeError(f"{futures[future]} failed: {future.exception()}") from future.exception()
-                print(f"{futures[future]}: done in {future.result():.0f} s")
+                print(f"{futures[future]}: done in {future.result():.0f} s", flush=True)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
