@@ -338,7 +338,7 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tiny_lm_files, tokenizer, c
 
 
 # ---------------------------------------------------------------- configs
-def test_smollm2_lm_config_and_suite_resolve():
+def test_causal_lm_configs_and_suites_resolve():
     from fedhello.config import load_config
     from fedhello.suite import _run_config, load_suite
 
@@ -351,6 +351,12 @@ def test_smollm2_lm_config_and_suite_resolve():
         configs = [_run_config(suite, s, m, seed, d) for s, m, seed, d in suite.runs()]
         assert len(configs) == runs and all(c.task == "causal_lm" for c in configs)
         assert {"Full", "Fed-HeLLo", "RGD Bottleneck", "FedRA", "HetLoRA", "Exclusive", "Straggler"} == set(suite.methods)
+    headlines = load_config(root / "smollm2-headlines.yaml")
+    assert (headlines.task, headlines.data.name, headlines.data.chat_template) == ("causal_lm", "bbc_headlines", True)
+    for preset, runs in ((None, 7 * 3), ("gpu", 2 * 7 * 3)):
+        suite = load_suite(root / "suites" / "smollm2-headlines.yaml", preset=preset)
+        assert len(suite.runs()) == runs
+        assert all(_run_config(suite, *run).data.name == "bbc_headlines" for run in suite.runs())
 
 
 def test_suite_summary_reports_perplexity_for_causal_lm_runs(tmp_path):
