@@ -188,8 +188,7 @@ def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwri
         _run_parallel(todo, jobs, threads_per_job, resume, overwrite)
     summary = summarize(suite)
     print(render_table(summary))
-    curve = "perplexity" if any(row["metric"] == "perplexity" for rows in summary["table"].values()
-                                for row in rows.values()) else "accuracy"
+    curve = "perplexity" if _scores_perplexity(summary) else "accuracy"
     print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/{curve}.png")
     return summary
 
@@ -411,6 +410,11 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name).strip("-").lower()
 
 
+def _scores_perplexity(summary: dict[str, Any]) -> bool:
+    """Whether a summary scores causal LM runs (held-out perplexity) rather than accuracy."""
+    return any(row.get("metric") == "perplexity" for rows in summary["table"].values() for row in rows.values())
+
+
 def render_table(summary: dict[str, Any]) -> str:
     """Markdown tables: rows = methods, columns = settings; first the final (best) test accuracy,
     then the mean of the last three evaluations, each with a last row for the untrained model and
@@ -422,7 +426,7 @@ def render_table(summary: dict[str, Any]) -> str:
     n_seeds = len(summary["seeds"])
     pm = " ± std" if n_seeds > 1 else ""
 
-    lm = any(row.get("metric") == "perplexity" for s in settings for row in table[s].values())
+    lm = _scores_perplexity(summary)
     unit = "perplexity (lower is better)" if lm else "%"
 
     def cell(row: dict[str, Any], stat: str) -> str:
