@@ -1,6 +1,6 @@
 """Lazy package exports (PEP 562), so importing one light submodule does not import its heavy siblings.
 
-``fedhello.config`` validates a run config with ``fedhello.fl.allocation`` and the data-set
+``fedhello.config`` validates a run config with ``fedhello.fl.strategies`` and the data-set
 names; if the package ``__init__`` modules imported every submodule eagerly, checking a config
 would import torch and datasets first (seconds) before saying that a field is wrong.
 """

@@ -14,7 +14,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
                   num_clients, test_fraction, proxy_fraction,
                   partition: {kind, alpha, classes_per_client, min_size}}
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
-    strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.allocation
+    strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
     aggregation: {weighting: samples, rank_normalize: all}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
@@ -41,7 +41,7 @@ import yaml
 # under a second, before the CLI imports the training stack.
 from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
 from fedhello.errors import UserError
-from fedhello.fl.allocation import AllocationContext, available_strategies, make_strategy
+from fedhello.fl.strategies import AllocationContext, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 

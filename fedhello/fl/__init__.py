@@ -2,7 +2,7 @@
 
 The engine (``fedhello.fl.engine``) and the optimizers (``fedhello.fl.optim``) are imported
 from their modules directly: they need the model layer, these building blocks do not.
-Names load on first use, so ``fedhello.fl.allocation`` alone (what config validation needs)
+Names load on first use, so ``fedhello.fl.strategies`` alone (what config validation needs)
 does not import torch or datasets.
 """
 
@@ -13,7 +13,7 @@ _EXPORTS = {
                     "aggregation"),
     **dict.fromkeys(["PATTERNS", "Allocation", "AllocationContext", "AllocationStrategy", "available_strategies",
                      "gd_blocks", "make_strategy", "register_strategy", "rgd_probabilities", "sample_blocks",
-                     "strategy_options"], "allocation"),
+                     "strategy_options"], "strategies"),
     **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
     **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
 }

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from fedhello.config import RunConfig, derive_seed, save_config
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
-from fedhello.fl.allocation import AllocationContext, make_strategy
+from fedhello.fl.strategies import AllocationContext, make_strategy
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype

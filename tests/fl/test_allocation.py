@@ -8,8 +8,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from fedhello.fl import allocation
-from fedhello.fl.allocation import (
+from fedhello.fl import strategies as allocation
+from fedhello.fl.strategies import (
     Allocation,
     AllocationContext,
     AllocationStrategy,

@@ -14,7 +14,7 @@ import torch
 from fedhello.config import ConfigError, RunConfig
 from fedhello.fl.aggregation import (ClientUpdate, aggregate_layerwise, aggregate_rank_padded, client_norm_weights,
                                      lora_factor_pairs, lora_rank_dims)
-from fedhello.fl.allocation import AllocationContext, make_strategy, strided_blocks
+from fedhello.fl.strategies import AllocationContext, make_strategy, strided_blocks
 from fedhello.nn import export_peft, inject_multi_lora
 from tests.nn.tiny import ARCHS, make_batch, make_model, randomize_banks, select
 

@@ -1,4 +1,4 @@
-"""Allocation strategies, one module per family (re-exported by ``fedhello.fl.allocation``).
+"""Allocation strategies (heterogeneous LoRA allocation: which blocks each client trains), one module per family.
 
 * ``base``: ``Allocation``, ``AllocationContext``, ``AllocationStrategy`` and the registry;
 * ``patterns``: geometric block sets (GD), strided sets and RGD probabilities;
