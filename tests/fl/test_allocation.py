@@ -8,7 +8,6 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from fedhello.fl import strategies as allocation
 from fedhello.fl.strategies import (
     Allocation,
     AllocationContext,
@@ -16,6 +15,7 @@ from fedhello.fl.strategies import (
     available_strategies,
     gd_blocks,
     make_strategy,
+    pattern_order,
     register_strategy,
     rgd_probabilities,
     sample_blocks,
@@ -48,7 +48,7 @@ def test_triangle_and_inverted_triangle_sets():
     assert gd_blocks("triangle", 12, 6).tolist() == [0, 1, 2, 3, 4, 5]
     assert gd_blocks("inverted_triangle", 12, 6).tolist() == [6, 7, 8, 9, 10, 11]
     # Odd depth: the bottleneck order alternates ends and meets in the middle.
-    assert allocation.pattern_order("bottleneck", 5).tolist() == [0, 4, 1, 3, 2]
+    assert pattern_order("bottleneck", 5).tolist() == [0, 4, 1, 3, 2]
 
 
 def test_gd_uniform_windows_spread_evenly():
