@@ -35,6 +35,9 @@ def test_smoke_runs_every_step_and_writes_at_most_eight_files(tmp_path) -> None:
     assert [s for s in ("env", "ceilings", "headline", "graph", "variants", "gpu_tests") if steps[s]["status"] != "ok"] == []
     assert steps["rounds"]["status"] == "skipped" and steps["variants_n1"]["status"] == "skipped"
     assert doc["graph"]["status"] == "skipped"  # CUDA graphs need CUDA
+    # The background build of the CUDA extension ran and stopped at once on a CPU torch, saying why.
+    assert steps["ext_build"]["status"] == "failed" and steps["ext_build"]["rc"] == 1
+    assert "is a CPU build" in (out / "gpu_check.log").read_text()
     assert doc["ceilings"]["copy"]["bytes_per_s"] > 0
     summary = doc["summary"]
     assert summary["headline_case"] == "n2-t64-d32-r8-uniform-fp32"
