@@ -7,6 +7,8 @@ and the actual value, so that a bad call fails here and never inside a kernel.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -121,7 +123,7 @@ def check_inputs(
     _same_device("lora_a", lora_a, device)
     _same_device("lora_b", lora_b, device)
 
-    rows = x.numel() // d_in if d_in else 0
+    rows = math.prod(x.shape[:-1])
     if plan.num_rows != rows:
         raise ValueError(f"plan: expected num_rows = {rows} (rows of x), got {plan.num_rows}")
     if plan.num_clients != n:
@@ -130,9 +132,12 @@ def check_inputs(
 
     if isinstance(scaling, bool):
         raise TypeError("scaling: expected a float or a float tensor [N], got bool")
-    if isinstance(scaling, (int, float)):
+    if isinstance(scaling, numbers.Real):
         scale_t = torch.full((n,), float(scaling), dtype=torch.float32, device=device)
     else:
+        if isinstance(scaling, torch.Tensor) and scaling.requires_grad:
+            raise ValueError("scaling: expected constant scales (no gradient flows to them), got a tensor "
+                             "that requires grad; pass scaling.detach()")
         scale_t = _per_client("scaling", scaling, n, device)
         if not scale_t.dtype.is_floating_point:
             raise TypeError(f"scaling: expected a floating dtype, got {scale_t.dtype}")
@@ -189,7 +194,7 @@ def _check_ranks(ranks: torch.Tensor, r_max: int) -> None:
 
 def _check_dropout(p: object, seeds: object, n: int, device: torch.device) -> torch.Tensor | None:
     """Validate ``dropout_p``/``dropout_seeds``; return int64 ``[N]`` seeds on ``device`` (or None)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(p).__name__}")
     if not 0.0 <= float(p) < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {p}")

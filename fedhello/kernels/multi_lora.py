@@ -36,8 +36,12 @@ def _extension(device_type: str) -> ModuleType | None:
     return extension.backend(device_type)
 
 
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
-    """Map a backend name to the module that implements the LoRA part on ``device``."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
+    """Map a backend name to the module that implements the LoRA part on ``device``.
+
+    ``"auto"`` picks the fastest backend for ``device`` that takes ``dtype`` (when given): float64
+    inputs go to the torch backend, the only one that takes them.
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend: expected one of {BACKENDS}, got {type(name).__name__}")
     if name not in BACKENDS:
@@ -66,13 +70,13 @@ def resolve_backend(name: str, device: torch.device) -> ModuleType:
             )
         return ext
     # auto
-    if device.type == "cuda":
-        if triton_available():
-            from . import triton_lora
+    if device.type == "cuda" and triton_available():
+        from . import triton_lora
 
-            return triton_lora
-        return _extension("cuda") or reference
-    return _extension(device.type) or reference
+        impl = triton_lora
+    else:
+        impl = _extension(device.type) or reference
+    return impl if dtype is None or dtype in impl.DTYPES else reference
 
 
 def _unfused_dropout(x2d: torch.Tensor, plan: LoRAPlan, params: ClientParams) -> tuple[torch.Tensor, ClientParams]:
@@ -96,8 +100,7 @@ class _MultiLoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, backend):
-        d_in = weight.shape[1]
-        x2d = x.reshape(-1, d_in).contiguous()
+        x2d = x.reshape(plan.num_rows, weight.shape[1]).contiguous()
         lora_a = lora_a.contiguous()
         lora_b = lora_b.contiguous()
         keep = None
@@ -117,7 +120,7 @@ class _MultiLoRALinearFn(torch.autograd.Function):
         x2d, weight, lora_a, lora_b, saved, keep = ctx.saved_tensors
         x_lora = x2d if keep is None else x2d * keep
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        dy2d = dy.reshape(-1, weight.shape[0]).contiguous()
+        dy2d = dy.reshape(ctx.plan.num_rows, weight.shape[0]).contiguous()
         dx, d_a, d_b = ctx.backend.lora_backward(
             dy2d, x_lora, lora_a, lora_b, ctx.plan, ctx.params, saved, need_x,
             need_a or need_lb, ctx.grad_sqnorm,
@@ -130,6 +133,21 @@ class _MultiLoRALinearFn(torch.autograd.Function):
         d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
         return (dx, d_w, d_bias, d_a if need_a else None, d_b if need_lb else None,
                 None, None, None, None)
+
+
+class _MultiLoRALinearOnceFn(_MultiLoRALinearFn):
+    """The same function for the kernel backends, whose backward is not itself differentiable: a
+    backward that records a graph (``create_graph=True``, e.g. a gradient penalty) raises instead of
+    returning gradients that silently lack their dependence on the adapters. The torch backend's
+    backward is made of differentiable torch ops and keeps ``_MultiLoRALinearFn``."""
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError(
+                f"multi_lora_linear: the {ctx.backend.__name__.rsplit('.', 1)[-1]} backend's backward is not "
+                "differentiable (create_graph=True); backend='torch' supports higher-order gradients")
+        return _MultiLoRALinearFn.backward(ctx, dy)
 
 
 def multi_lora_linear(
@@ -183,8 +201,9 @@ def multi_lora_linear(
     params: ClientParams = check_inputs(
         x, weight, bias, lora_a, lora_b, plan, scaling, ranks, trainable, grad_sqnorm, dropout_p, dropout_seeds
     )
-    impl = resolve_backend(backend, x.device)
+    impl = resolve_backend(backend, x.device, x.dtype)
     if x.dtype not in impl.DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in impl.DTYPES)
         raise TypeError(f"x: backend {backend!r} supports dtypes {names}, got {x.dtype}")
-    return _MultiLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, impl)
+    fn = _MultiLoRALinearFn if impl is reference else _MultiLoRALinearOnceFn
+    return fn.apply(x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, impl)

@@ -214,8 +214,8 @@ def _triton_backend_on_cpu() -> Iterator[bool]:
 
     original = multi_lora.resolve_backend
 
-    def resolve(name: str, device: torch.device) -> ModuleType:
-        return triton_lora if name == "triton" else original(name, device)
+    def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
+        return triton_lora if name == "triton" else original(name, device, dtype)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(multi_lora, "resolve_backend", resolve))

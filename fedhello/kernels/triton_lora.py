@@ -167,7 +167,8 @@ def _shrink_kernel(
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
     if DROPOUT:
         acc *= inv_keep
-    tl.store(h_ptr + split * split_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], acc,
+    # 64-bit: split_stride (= T * R_PAD) times the split index passes 2^31 at large T.
+    tl.store(h_ptr + split.to(tl.int64) * split_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], acc,
              mask=row_mask[:, None])
 
 
@@ -186,8 +187,11 @@ def _sum_splits_kernel(
     r = tl.arange(0, R_PAD)
     offs = pos[:, None].to(tl.int64) * R_PAD + r[None, :]
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # The pointers step one split at a time: s * split_stride in 32 bits would wrap at large T.
+    parts = part_ptr + offs
     for s in range(0, SPLITS):  # fixed order: deterministic
-        acc += tl.load(part_ptr + s * split_stride + offs, mask=row_mask[:, None], other=0.0)
+        acc += tl.load(parts, mask=row_mask[:, None], other=0.0)
+        parts += split_stride
     if APPLY_SCALE:
         acc *= tl.load(scaling_ptr + client)
     tl.store(out_ptr + offs, acc, mask=row_mask[:, None])
@@ -292,7 +296,7 @@ def _weight_grad_kernel(
         if FUSE_G:
             qg = q.to(tl.float32) if UPCAST else q
             g = tl.dot(qg, b, input_precision=PRECISION)
-            tl.store(gpart_ptr + pid_n * gpart_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], g,
+            tl.store(gpart_ptr + pid_n.to(tl.int64) * gpart_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], g,
                      mask=row_mask[:, None])
         if train:
             if DROPOUT:
@@ -498,7 +502,7 @@ def lora_forward(
     h = _shrink(call, x2d, lora_a)
     # The bias is added in fp32; read as fp32 it is a 4-byte load per thread, where a half-precision
     # bias in the accumulator's layout would be one scalar 2-byte load per thread.
-    bias32 = bias.to(torch.float32) if bias is not None else None
+    bias32 = bias.to(torch.float32).contiguous() if bias is not None else None  # the kernel reads it unit-stride
     # B_c seen as M_c[r, n] = B[c, n, r].
     out = _expand(call, h, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), bias32,
                   lora_b.shape[1], x2d.dtype, apply_scale=True, dropout=False)

@@ -31,6 +31,8 @@ from .routing import RoutingContext
 
 __all__ = ["RANK_SCALINGS", "MultiLoRALinear", "check_ranks", "check_settings"]
 
+_FLOAT32_BUFFERS = ("scaling", "grad_sqnorm")
+
 
 def check_ranks(ranks: Sequence[int] | torch.Tensor | None, num_clients: int, max_rank: int) -> list[int]:
     """Per-client ranks as a list of N ints in ``[1, max_rank]`` (``None``: every client at ``max_rank``).
@@ -70,7 +72,10 @@ class MultiLoRALinear(nn.Module):
         alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]``.
         dropout: LoRA dropout probability on the adapter input (training mode only, fused into the
             kernels, never on the base path); each client's masks come from its own stream in
-            ``context``, so they do not depend on the other clients in the batch.
+            ``context``, so they do not depend on the other clients in the batch. Activation
+            checkpointing (``torch.utils.checkpoint``, transformers' ``gradient_checkpointing_enable``)
+            works with dropout 0 and the backward run inside ``route()``; with dropout > 0 its
+            recomputation raises (it would draw new masks).
         backend: ``multi_lora_linear`` backend ("auto", "triton", "torch", "cpu", "cuda").
         context: the routing shared with the other layers of a model; a private one by default
             (route standalone use with ``layer.context.route(ids)``).
@@ -153,15 +158,50 @@ class MultiLoRALinear(nn.Module):
         else:
             self.scaling.copy_(self.alpha / self.ranks.to(torch.float32))
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
+        """``.to(...)``, ``.cuda()``, ``.half()`` and the like move ``scaling`` and ``grad_sqnorm`` to the
+        new device but keep them float32: the kernels take them in float32 whatever the compute dtype
+        (and a cast would round ``alpha / rank``)."""
+        kept = {name: self._buffers[name] for name in _FLOAT32_BUFFERS}
+        self._buffers.update(dict.fromkeys(kept))  # None: nn.Module._apply skips them
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+        for name, buf in kept.items():
+            moved = fn(buf)
+            self._buffers[name] = moved if moved.dtype == torch.float32 else buf.to(moved.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Like nn.Linear under autocast: every operand in autocast's dtype; the kernels then run
+            # with autocast off (they pick their own fp32 accumulation).
+            dtype = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(x.to(dtype), cast_base=True)
+        return self._forward(x, cast_base=False)
+
+    def _forward(self, x: torch.Tensor, cast_base: bool) -> torch.Tensor:
         plan = self.context.plan_for(x, self.name)
         weight = self.base.weight.t() if self.conv1d else self.base.weight
         bias = self.base.bias
+        if cast_base:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
         lora_a = self.lora_a if self.lora_a.dtype == x.dtype else self.lora_a.to(x.dtype)
         lora_b = self.lora_b if self.lora_b.dtype == x.dtype else self.lora_b.to(x.dtype)
         # LoRA dropout happens inside the kernels, on the adapters' input only; each client's
         # masks come from its own counter-based stream in the routing context.
         dropping = self.training and self.dropout > 0
+        if dropping and torch._C._current_graph_task_id() != -1:
+            # A forward inside a backward is activation checkpointing's recomputation: the streams
+            # would hand it new masks, and the gradient would belong to another forward.
+            raise RuntimeError(
+                f"{self.name}: recomputed inside a backward pass (activation checkpointing) with LoRA "
+                f"dropout {self.dropout}; the recomputation would draw new dropout masks. Use dropout 0 "
+                "with activation checkpointing, or turn checkpointing off")
         return multi_lora_linear(
             x, weight, bias, lora_a, lora_b, plan, self.scaling,
             ranks=self.ranks, trainable=self.trainable, grad_sqnorm=self.grad_sqnorm, backend=self.backend,

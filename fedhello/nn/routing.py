@@ -143,7 +143,8 @@ class RoutingContext:
         """
         if self._client_ids is None:
             raise RuntimeError(
-                f"{where}: no routing is set; run the forward inside `with model.route(client_ids):`"
+                f"{where}: no routing is set; run the forward inside `with model.route(client_ids):` "
+                "(with activation checkpointing, the backward too: it runs the forward again)"
             )
         rows = x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] else 0
         ids = self._client_ids

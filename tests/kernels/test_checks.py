@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +47,8 @@ BAD_CALLS = [
     (dict(scaling=torch.ones(2)), ValueError, "scaling"),
     (dict(scaling=torch.ones(3, dtype=torch.long)), TypeError, "scaling"),
     (dict(scaling="1"), TypeError, "scaling"),
+    (dict(scaling=torch.ones(3, requires_grad=True)), ValueError, "scaling"),
+    (dict(dropout_p=np.float32(1.0), dropout_seeds=[1, 2, 3]), ValueError, "dropout_p"),
     (dict(ranks=[1, 2, 5]), ValueError, "ranks"),
     (dict(ranks=[1, -1, 2]), ValueError, "ranks"),
     (dict(ranks=[1, 2]), ValueError, "ranks"),
@@ -77,6 +80,15 @@ def test_message_states_expected_and_actual():
         _call(x=torch.randn(10, 9))
     with pytest.raises(ValueError, match=r"ranks: expected values in \[0, r_max=4\], got min 1 and max 5"):
         _call(ranks=[1, 2, 5])
+
+
+def test_numpy_scalars_are_accepted_like_floats():
+    kw = _good()
+    want = multi_lora_linear(**{**kw, "scaling": 0.5})
+    got = multi_lora_linear(**{**kw, "scaling": np.float32(0.5)})
+    assert torch.equal(got, want)
+    dropped = multi_lora_linear(**{**kw, "dropout_p": np.float64(0.25), "dropout_seeds": [1, 2, 3]})
+    assert dropped.shape == want.shape
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -228,6 +228,84 @@ def test_empty_batch(backend):
     assert (a.grad == 0).all() and (b.grad == 0).all() and (sq == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_with_any_strides(backend, layout):
+    """A bias view with a non-unit stride (a column of a matrix) or a stride of 0 (an expanded
+    scalar) gives the same result as its contiguous copy (the Triton kernel reads it unit-stride)."""
+    inp = _make_inputs("shuffled_odd", torch.float32, seed=11)
+    n, d_out = inp["lora_a"].shape[0], inp["weight"].shape[0]
+    bias = torch.randn(d_out, 3, device=DEVICE)[:, 1] if layout == "strided" else torch.tensor(0.5, device=DEVICE).expand(d_out)
+    assert not bias.is_contiguous()
+    plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
+    ys = [multi_lora_linear(inp["x"], inp["weight"], b, inp["lora_a"], inp["lora_b"], plan, inp["scaling"].to(DEVICE),
+                            ranks=inp["ranks"].to(DEVICE), backend=backend) for b in (bias, bias.contiguous())]
+    assert torch.equal(ys[0], ys[1])
+    ref = reference_fp64(inp["x"], inp["weight"], bias.contiguous(), inp["lora_a"], inp["lora_b"], inp["ids"],
+                         inp["scaling"], inp["ranks"], inp["trainable"], inp["dy"])
+    assert _rel_err(ys[0], ref.y) < TOL.get((backend, torch.float32), HALF_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d_in, d_out", [(8, 0), (0, 5), (0, 0)])
+def test_zero_width_features(backend, d_in, d_out):
+    """d_in = 0 or d_out = 0: y is the bias, every gradient is empty or zero (no crash, no NaN)."""
+    x = torch.randn(4, d_in, device=DEVICE, requires_grad=True)
+    a = torch.randn(2, 3, d_in, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, d_out, 3, device=DEVICE, requires_grad=True)
+    bias = torch.randn(d_out, device=DEVICE)
+    sq = torch.zeros(2, device=DEVICE)
+    plan = LoRAPlan.build(torch.tensor([0, 1, 0, -1], device=DEVICE), 2)
+    y = multi_lora_linear(x, torch.randn(d_out, d_in, device=DEVICE), bias, a, b, plan, 1.0, grad_sqnorm=sq,
+                          backend=backend)
+    y.backward(torch.randn_like(y))
+    assert y.shape == (4, d_out) and torch.equal(y, bias.expand(4, d_out))
+    assert x.grad.shape == x.shape and (x.grad == 0).all()
+    assert (a.grad == 0).all() and (b.grad == 0).all() and (sq == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_gradients(backend):
+    """A gradient penalty (create_graph=True through dx): the torch backend differentiates its
+    backward again and matches the dense formula; the kernel backends refuse, naming the way out,
+    instead of returning a penalty gradient without its dependence on the adapters."""
+    gen = torch.Generator().manual_seed(3)
+    t, n, d_in, d_out, r = 6, 2, 7, 5, 3
+    ids = torch.tensor([0, 1, 0, -1, 1, 0])
+    x = torch.randn(t, d_in, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(d_out, d_in, generator=gen).to(DEVICE)
+    a = torch.randn(n, r, d_in, generator=gen).to(DEVICE).requires_grad_()
+    b = torch.randn(n, d_out, r, generator=gen).to(DEVICE).requires_grad_()
+    dy = torch.randn(t, d_out, generator=gen).to(DEVICE)
+    y = multi_lora_linear(x, w, None, a, b, LoRAPlan.build(ids.to(DEVICE), n), 2.0, backend=backend)
+    if backend != "torch":
+        with pytest.raises(RuntimeError, match="not differentiable.*backend='torch'"):
+            torch.autograd.grad((y * dy).sum(), x, create_graph=True)
+        return
+    (gx,) = torch.autograd.grad((y * dy).sum(), x, create_graph=True)
+    got = torch.autograd.grad(gx.square().sum(), (a, b))
+    routed = (ids >= 0).to(DEVICE)
+    c = ids.clamp(min=0).to(DEVICE)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    lora = torch.einsum("tr,tor->to", torch.einsum("td,trd->tr", x2, a2[c]), b2[c]) * 2.0 * routed[:, None]
+    (gx2,) = torch.autograd.grad(((x2 @ w.t() + lora) * dy).sum(), x2, create_graph=True)
+    want = torch.autograd.grad(gx2.square().sum(), (a2, b2))
+    for g, e in zip(got, want):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_takes_float64_to_the_torch_backend():
+    inp = _make_inputs("shuffled_odd", torch.float64, seed=5)
+    n = inp["lora_a"].shape[0]
+    plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
+    ys = [multi_lora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"], plan,
+                            inp["scaling"].to(DEVICE), ranks=inp["ranks"].to(DEVICE), backend=name)
+          for name in ("auto", "torch")]
+    assert ys[0].dtype == torch.float64 and torch.equal(ys[0], ys[1])
+
+
+# ------------------------------------------------------------------------------- v2 paths
 # ------------------------------------------------------------------------------- v2 paths
 def _triton_run(inp, plan, n):
     x = inp["x"].clone().requires_grad_()

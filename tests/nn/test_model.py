@@ -317,3 +317,73 @@ def test_dropout_runs_no_second_base_gemm(backend):
             layer(x).sum().backward()
         counts[p] = mode.count
     assert counts[0.0] == counts[0.3] == 2
+
+
+def _layer(dropout: float = 0.0) -> MultiLoRALinear:
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8), 2, rank=3, alpha=16.0, dropout=dropout, backend="torch")
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("cast", ["to", "half", "double"])
+def test_module_casts_keep_the_per_client_buffers_float32(cast):
+    layer = _layer()
+    layer.grad_sqnorm.fill_(0.125)
+    dtype = {"to": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    layer = layer.to(dtype) if cast == "to" else getattr(layer, cast)()
+    assert layer.lora_a.dtype == dtype and layer.base.weight.dtype == dtype
+    assert layer.scaling.dtype == torch.float32 and torch.equal(layer.scaling, torch.full((2,), 16.0 / 3))
+    assert layer.grad_sqnorm.dtype == torch.float32 and (layer.grad_sqnorm == 0.125).all()
+    assert list(dict(layer.named_buffers())) == ["ranks", "scaling", "trainable", "grad_sqnorm"]
+    with layer.context.route(torch.tensor([0, 1, 0])):
+        y = layer(torch.randn(3, 16, dtype=dtype))
+    assert y.dtype == dtype
+
+
+def test_autocast_computes_in_its_dtype_like_nn_linear():
+    layer = _layer()
+    x = torch.randn(5, 16)
+    ids = torch.tensor([0, 1, -1, 1, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16), layer.context.route(ids):
+        y = layer(x)
+        plain = layer.base(x)
+    assert y.dtype == plain.dtype == torch.bfloat16
+    # The same computation done by hand in bfloat16, outside autocast.
+    bf = _layer().to(torch.bfloat16)
+    with bf.context.route(ids):
+        want = bf(x.to(torch.bfloat16))
+    torch.testing.assert_close(y, want)
+    y.float().sum().backward()
+    assert layer.lora_a.grad is not None and layer.lora_a.grad.dtype == torch.float32
+
+
+def test_activation_checkpointing_without_dropout_matches_plain_training():
+    from torch.utils.checkpoint import checkpoint
+
+    x, ids = torch.randn(4, 16), torch.tensor([0, 1, 0, 1])
+    grads = []
+    for use_checkpoint in (False, True):
+        layer = _layer().train()
+        with layer.context.route(ids):
+            y = checkpoint(layer, x, use_reentrant=False) if use_checkpoint else layer(x)
+            y.square().sum().backward()
+        grads.append((layer.lora_a.grad, layer.lora_b.grad))
+    for plain, ckpt in zip(*grads):
+        assert torch.equal(plain, ckpt)
+
+
+def test_activation_checkpointing_with_dropout_refuses_to_recompute():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _layer(dropout=0.5).train()
+    with layer.context.route(torch.tensor([0, 1, 0, 1])):
+        y = checkpoint(layer, torch.randn(4, 16), use_reentrant=False)
+        with pytest.raises(RuntimeError, match="activation checkpointing.*dropout 0"):
+            y.sum().backward()
+    layer = _layer().train()
+    with layer.context.route(torch.tensor([0, 1, 0, 1])):
+        y = checkpoint(layer, torch.randn(4, 16), use_reentrant=False)
+    with pytest.raises(RuntimeError, match="no routing is set.*activation checkpointing"):
+        y.sum().backward()
