@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "time_rounds", None) is not None:
         return _time_rounds(config, args.time_rounds, progress=not args.no_progress)
     # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
-    from fedhello.fl.checkpoint import check_run_dir, clear_run_dir
+    from fedhello.fl.checkpoint import check_run_dir
 
     check_run_dir(config, resume=args.resume, overwrite=args.overwrite)
     # The training stack (seconds to import) only once the config and its names are known good.
@@ -51,10 +51,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.command == "flower":
         from fedhello.fl.flower import simulate
 
-        if args.overwrite:
-            clear_run_dir(config.output_dir)
-        records = simulate(config, args.nodes, resume=args.resume, timeout=args.round_timeout,
-                           num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        records = simulate(config, args.nodes, resume=args.resume, overwrite=args.overwrite,
+                           timeout=args.round_timeout, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     else:
         records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume, overwrite=args.overwrite)
     evaluated = [r for r in records if r.get("test_accuracy") is not None]

@@ -66,6 +66,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhello.config import RunConfig, load_config, save_config
 from fedhello.errors import UserError
+from fedhello.fl.checkpoint import clear_run_dir, hold_run_dir
 from fedhello.fl.engine import LocalResult, LocalTask
 from fedhello.fl.server import FederatedRun, RoundPlan
 
@@ -412,15 +413,17 @@ def _wait_until_healthy(superlink: subprocess.Popen, port: int, log: Path) -> No
     raise RuntimeError(f"the Flower SuperLink did not start within {_STARTUP_TIMEOUT:.0f} s; see {log}")
 
 
-def simulate(config: RunConfig, nodes: int, *, resume: bool = False, timeout: float | None = None,
-             num_cpus: int = 1, num_gpus: float = 0.0) -> list[dict[str, Any]]:
+def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: bool = False,
+             timeout: float | None = None, num_cpus: int = 1, num_gpus: float = 0.0) -> list[dict[str, Any]]:
     """Run ``config`` as a local Flower simulation (Ray backend) with ``nodes`` virtual nodes.
 
     ``flwr run`` of ``flower-app/`` against a private SuperLink in simulation mode (see the
     module doc); its log, with one line per round, goes to this process's stdout. Each node is
     a Ray actor with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1.0: one node per GPU) running
     ``client_app``. Returns every round's metrics record; the run folder is the one ``fedhello
-    run`` writes. No Flower or Ray process outlives the call.
+    run`` writes. No Flower or Ray process outlives the call. ``overwrite`` deletes the run already
+    in ``config.output_dir`` once the arguments are checked, under the folder's lock (refused while
+    another process writes there).
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
@@ -436,6 +439,9 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, timeout: fl
     if not (APP_DIR / "pyproject.toml").is_file():
         raise UserError(f"fedhello flower: the Flower app folder {APP_DIR} is missing (it ships with a source "
                         f"checkout of fedhello; use fedhello run, or flwr run with your own app folder)")
+    if overwrite:
+        with hold_run_dir(config.output_dir):
+            clear_run_dir(config.output_dir)
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory(prefix="fedhello-flower-") as tmp:
         home, port = Path(tmp) / "flwr-home", _free_port()

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from fedhello.cli import main as cli_main
 from fedhello.config import RunConfig, load_config
+from fedhello.fl.checkpoint import hold_run_dir
 from fedhello.fl.flower import (FedHelloStrategy, _processes_with_env, client_app, run_on_grid, simulate, split_tasks,
                                 train_group)
 from fedhello.fl.server import FederatedRun
@@ -365,6 +366,23 @@ def test_flower_cli_and_app_errors(tiny_model, tmp_path, capsys):
         simulate(load_config(config), nodes=2, timeout=-1.0)
     with pytest.raises(ValueError, match="^num_cpus: expected a whole number"):
         simulate(load_config(config), nodes=2, num_cpus=0.5)
+
+
+def test_flower_overwrite_deletes_nothing_before_its_checks_or_while_another_process_writes(
+        tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = _write_config(tiny_model, tmp_path / "run.yaml", out)
+    out.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "initial_eval.json"):
+        (out / name).write_text("kept\n")
+    # A bad argument: refused with every file of the run in place.
+    assert cli_main(["flower", str(config), "--nodes", "0", "--overwrite"]) == 2
+    assert "nodes: expected an int >= 1" in capsys.readouterr().err
+    # Another writer holds the folder (a second open file description: as another process would).
+    with hold_run_dir(out):
+        assert cli_main(["flower", str(config), "--nodes", "1", "--overwrite"]) == 2
+    assert "is being written by another process" in capsys.readouterr().err
+    assert all((out / name).read_text() == "kept\n" for name in ("config.yaml", "metrics.jsonl", "initial_eval.json"))
 
 
 def test_processes_are_found_by_an_inherited_variable():
