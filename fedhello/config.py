@@ -355,7 +355,7 @@ class RunConfig:
         _choice("data.partition.kind", p.kind, PARTITION_KINDS)
         _positive("data.partition.alpha", p.alpha)
         _int_at_least("data.partition.classes_per_client", p.classes_per_client, 1)
-        _int_at_least("data.partition.min_size", p.min_size, 0)
+        _int_at_least("data.partition.min_size", p.min_size, 1)  # a client without samples cannot train
 
     def _validate_task_data(self) -> None:
         """Fields that only one task uses must not be set for the other."""
@@ -396,21 +396,30 @@ class RunConfig:
         s = self.strategy
         if s.name not in available_strategies():
             raise ConfigError(f"strategy.name: unknown strategy {s.name!r}; expected one of {available_strategies()}")
-        # The model's depth L is not known before it loads; options are checked against a
-        # 12-block stand-in (no option's validity depends on L, only on the tier fractions).
-        probe_blocks = 12
-        context = AllocationContext(probe_blocks, tiers.capacities(probe_blocks), lora_rank=self.model.rank)
+        # The model's depth L is not known before it loads. Options are checked on a 12-block
+        # stand-in; a complaint about the tiers' capacities (which round with L) only stops the
+        # config when no depth in PROBE_MIN_BLOCKS..PROBE_MAX_BLOCKS would do (at one block every
+        # tier is full, so that depth proves nothing); otherwise it waits for the real L
+        # (``make_run_strategy`` once the model has loaded).
         try:
-            strategy = make_strategy(s.name, context, s.options)
-        except (TypeError, ValueError) as err:
-            message = str(err)
-            for inner, outer in (("tier_capacities:", "tiers.fractions:"), ("lora_rank:", "model.rank:")):
-                if message.startswith(inner):
-                    raise ConfigError(outer + message[len(inner):]) from None
-            raise ConfigError(f"strategy.options.{message}") from None
+            strategy = make_run_strategy(self, 12, tiers.capacities(12))
+        except ConfigError as err:
+            if not str(err).startswith("tiers.fractions:"):
+                raise
+            strategy = next((found for blocks in range(PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS + 1)
+                             if (found := _strategy_or_none(self, blocks, tiers.capacities(blocks))) is not None), None)
+            if strategy is None:
+                raise ConfigError(f"{err}; no model depth from {PROBE_MIN_BLOCKS} to {PROBE_MAX_BLOCKS} blocks "
+                                  f"gives one") from None
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
+        sizes = tiers.tier_sizes(self.data.num_clients)
+        if (sizes == 0).any():
+            empty = int(np.flatnonzero(sizes == 0)[0])
+            raise ConfigError(f"tiers.shares: with data.num_clients = {self.data.num_clients}, tier {empty} "
+                              f"(fraction {float(tiers.fractions[empty]):g}) gets no client (clients per tier "
+                              f"{sizes.tolist()}); use more clients or closer shares")
 
     def _validate_local(self) -> None:
         lc = self.local
@@ -424,6 +433,30 @@ class RunConfig:
             raise ConfigError(f"local.weight_decay: expected >= 0, got {lc.weight_decay}")
         if not 0 <= lc.momentum < 1:
             raise ConfigError(f"local.momentum: expected a number in [0, 1), got {lc.momentum}")
+
+
+PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS = 2, 64
+
+
+def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]):  # noqa: ANN201
+    """``config``'s allocation strategy for a model of ``num_blocks`` blocks whose tiers have
+    ``tier_capacities``; a bad option or tier setting raises ``ConfigError`` naming the config field."""
+    context = AllocationContext(num_blocks, tier_capacities, lora_rank=config.model.rank)
+    try:
+        return make_strategy(config.strategy.name, context, config.strategy.options)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for inner, outer in (("tier_capacities:", "tiers.fractions:"), ("lora_rank:", "model.rank:")):
+            if message.startswith(inner):
+                raise ConfigError(outer + message[len(inner):]) from None
+        raise ConfigError(f"strategy.options.{message}") from None
+
+
+def _strategy_or_none(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]):  # noqa: ANN202
+    try:
+        return make_run_strategy(config, num_blocks, tier_capacities)
+    except ConfigError:
+        return None
 
 
 def _int_at_least(name: str, value: int, low: int) -> None:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 
+from fedhello.errors import UserError
+
 from .lm import load_lm_dataset
 from .partition import partition_labels
 from .sources import label_names, load_labelled_dataset
@@ -88,4 +90,9 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
                                   classes_per_client=p.classes_per_client, min_size=p.min_size,
                                   seed=derive_seed(seed, "partition"))
+    empty = [c for c, part in enumerate(partitions) if len(part) == 0]
+    if empty:  # caught here, not when the client is first sampled (perhaps many rounds in)
+        raise UserError(f"data.partition: {len(empty)} of {config.num_clients} clients get no training sample "
+                          f"(first: client {empty[0]}, {p.kind} partition of {len(train_idx)} samples); use fewer "
+                          f"clients, more samples or another partition")
     return FederatedData(train, test, proxy, partitions, label_names(full))

@@ -221,7 +221,12 @@ def _standardize(ds: datasets.Dataset, text_column: str | None, image_column: st
     if source != target:
         ds = ds.rename_column(source, target)
     if not isinstance(ds.features[label_column], datasets.ClassLabel):
-        values = np.asarray(ds[label_column])
+        raw = ds[label_column]
+        missing = [i for i, v in enumerate(raw) if v is None or (isinstance(v, float) and v != v)]
+        if missing:
+            raise ValueError(f"label_column: {len(missing)} of {len(raw)} rows have no {label_column!r} value "
+                             f"(first: row {missing[0]}); fill them in or drop those rows")
+        values = np.asarray(raw)
         classes = np.unique(values)
         ids = np.searchsorted(classes, values).astype(np.int64)
         ds = ds.remove_columns(label_column).add_column(

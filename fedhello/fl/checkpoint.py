@@ -115,6 +115,8 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite: expected at most one (continue the run, or start it over)")
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"output_dir: {out} is a file, expected a folder (or a path to create one at)")
     found = _holds_run(out)
     if not found or overwrite:
         return None

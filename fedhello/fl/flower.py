@@ -186,7 +186,7 @@ class FedHelloStrategy(Strategy):
         self._plan, self._sent = None, {}
         metrics = {k: float(v) for k, v in record.items()
                    if k in ("train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity")
-                   and not math.isnan(v)}
+                   and v is not None and not math.isnan(v)}
         metrics["participants"] = len(results)
         return ArrayRecord(self.run.global_state), MetricRecord(metrics)
 
@@ -278,7 +278,8 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
         record = strategy.play_round(grid, rnd)
         # One line per round (a progress bar does not survive Flower's log streaming).
         accuracy, perplexity = record.get("test_accuracy"), record.get("test_perplexity")
-        print(f"round {rnd + 1}/{config.rounds}: train loss {record['train_loss']:.4f}"
+        loss = record["train_loss"]
+        print(f"round {rnd + 1}/{config.rounds}: train loss " + ("-" if loss is None else f"{loss:.4f}")
               + ("" if accuracy is None else f", test accuracy {100 * accuracy:.2f}%")
               + ("" if perplexity is None else f", held-out perplexity {perplexity:.3f}")
               + f", {len(record['participants'])} participants", flush=True)

@@ -47,10 +47,10 @@ from safetensors.torch import load as load_safetensors
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from fedhello.config import RunConfig, derive_seed, save_config
+from fedhello.config import RunConfig, derive_seed, make_run_strategy, save_config
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
+from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
-from fedhello.fl.strategies import AllocationContext, make_strategy
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
@@ -74,9 +74,22 @@ PEFT_FOLDER = "peft_adapter"
 
 
 def _device(name: str) -> torch.device:
+    """``engine.device`` as a usable torch device (``auto``: the GPU when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"engine.device: {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
+                            "GPU; use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"engine.device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    elif device.type != "cpu":
+        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
 
 
 @torch.no_grad()
@@ -154,6 +167,10 @@ class FederatedRun:
         else:
             backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
                                      seed=derive_seed(cfg.seed, "head"))
+        positions = getattr(backbone.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and cfg.data.max_length > positions:
+            raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
+                            f"(max_position_embeddings), got {cfg.data.max_length}")
         self.client_data = self._lm_tensors() if self.causal_lm else self._tensors(backbone)
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
@@ -173,8 +190,8 @@ class FederatedRun:
         self.num_blocks = self.model.num_blocks
         self.tiers = cfg.capacity_tiers()
         self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
-        context = AllocationContext(self.num_blocks, self.capacities.tier_capacities, lora_rank=cfg.model.rank)
-        self.strategy = make_strategy(cfg.strategy.name, context, cfg.strategy.options)
+        # The config was checked before L was known: tier settings are checked again for this model.
+        self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities)
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
@@ -300,6 +317,8 @@ class FederatedRun:
         elif resume and metrics_path.exists():
             print(f"resume: {self.out} has no checkpoint yet (stopped before the first one); "
                   "starting again from round 1", flush=True)
+        elif resume:  # a mistyped output_dir shows up here, not as a silent new run
+            print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
         _write_jsonl(metrics_path, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
@@ -318,9 +337,11 @@ class FederatedRun:
                 self._save_checkpoint(rnd + 1)
             times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
             if "test_accuracy" in record:
-                times.update(acc=f"{record['test_accuracy']:.3f}", loss=f"{record['train_loss']:.3f}")
+                times.update(acc=f"{record['test_accuracy']:.3f}")
             if "test_perplexity" in record:
-                times.update(ppl=f"{record['test_perplexity']:.2f}", loss=f"{record['train_loss']:.3f}")
+                times.update(ppl=f"{record['test_perplexity']:.2f}")
+            if record["train_loss"] is not None and len(times) > 3:
+                times.update(train_loss=f"{record['train_loss']:.3f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
         if self.causal_lm:
@@ -365,6 +386,9 @@ class FederatedRun:
         t_local = time.perf_counter()  # everything before this call: planning and local training
         sent = results
         results, dropped = self._drop_nonfinite(rnd, results)
+        if not plan.members:
+            tqdm.write(f"warning: round {rnd + 1}: no client of the cohort {cohort.tolist()} trains a block "
+                       f"(strategy {cfg.strategy.name!r}); the global model stays as it was", file=sys.stderr)
         self._aggregate(results)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
@@ -380,10 +404,14 @@ class FederatedRun:
             "cohort": cohort.tolist(),
             "participants": [res.client for res in results],
             "allocation": {str(res.client): res.trainable_blocks.nonzero().flatten().tolist() for res in results},
-            "ranks": None if alloc.ranks is None else [int(alloc.ranks[i]) for i in plan.members],
+            # By client, like "allocation": a client dropped this round (failed, non-finite) has none.
+            "ranks": None if alloc.ranks is None else {
+                str(int(cohort[i])): int(alloc.ranks[i]) for i in plan.members
+                if int(cohort[i]) in {res.client for res in results}},
             "probabilities": _as_list(alloc.probabilities),
             "fisher_scores": _as_list(self.strategy.fisher_scores),
-            "train_loss": float(np.mean([r.loss for r in results])) if results else math.nan,
+            # None (JSON null) when nobody trained: NaN is not JSON.
+            "train_loss": float(np.mean([r.loss for r in results])) if results else None,
             "bytes_down": down,
             "bytes_up": up,
             "nonfinite_dropped": dropped,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from fedhello.config import DataConfig, PartitionConfig
-from fedhello.data import load_bbc_news, prepare_federated_data
+from fedhello.data import federated, load_bbc_news, prepare_federated_data
+from fedhello.errors import UserError
 
 
 def test_prepare_bbc_news_for_a_run():
@@ -34,3 +36,16 @@ def test_subsample_and_test_split():
     config = DataConfig(name="bbc_news", max_samples=500, num_clients=5, test_fraction=0.1)
     data = prepare_federated_data(config, seed=1)
     assert len(data.train) + len(data.test) == 500 and len(data.test) == 50 and data.proxy is None
+
+
+def test_a_client_without_samples_is_refused_at_setup(monkeypatch):
+    real = federated.partition_labels
+
+    def one_empty(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        return [parts[0][:0], np.concatenate([parts[0], parts[1]]), *parts[2:]]
+
+    monkeypatch.setattr(federated, "partition_labels", one_empty)
+    config = DataConfig(name="bbc_news", max_samples=300, num_clients=4, test_fraction=0.2)
+    with pytest.raises(UserError, match=r"^data\.partition: 1 of 4 clients get no training sample \(first: client 0"):
+        prepare_federated_data(config, seed=0)

@@ -100,3 +100,10 @@ def test_source_errors(tmp_path):
     csv.write_text("text,y\na,1\n")
     with pytest.raises(ValueError, match="^label_column"):
         load_local(csv)
+
+
+def test_local_csv_with_missing_labels_names_the_rows(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\ngood,pos\nbad,\nfine,pos\n")
+    with pytest.raises(ValueError, match=r"^label_column: 1 of 3 rows have no 'label' value \(first: row 1\)"):
+        load_local(path)

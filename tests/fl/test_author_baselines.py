@@ -173,7 +173,8 @@ def test_hetlora_run_with_norm_weighting_and_either_scale(tmp_path, rank_scaling
     raw["aggregation"] = {"weighting": "norm"}
     run = FederatedRun(RunConfig.from_dict(raw), progress=False)
     (record,) = run.run()
-    assert record["ranks"] and min(record["ranks"]) < 4 and math.isfinite(record["test_accuracy"])
+    assert set(record["ranks"]) == {str(c) for c in record["participants"]}  # by client, as "allocation"
+    assert min(record["ranks"].values()) < 4 and math.isfinite(record["test_accuracy"])
     layer = run.model.lora_modules[0][1]
     run.model.set_ranks([2] * run.model.num_clients)
     expected = 8.0 / (4 if rank_scaling == "max" else 2)  # alpha 8, r_max 4

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhello.config import ConfigError, RunConfig, apply_overrides, derive_seed, load_config, save_config
+from fedhello.config import ConfigError, RunConfig, apply_overrides, derive_seed, load_config, make_run_strategy, save_config
 
 BASE = {
     "seed": 3,
@@ -104,6 +104,7 @@ def _with(path: str, value) -> dict:
     ("engine.kind", "threads", "engine.kind"),
     ("aggregation.weighting", "batches", "aggregation.weighting"),
     ("eval_every", 0, "eval_every"),
+    ("data.partition.min_size", 0, "data.partition.min_size"),
     ("checkpoint_every", -1, "checkpoint_every"),
 ])
 def test_each_config_error_names_its_field(path, value, field):
@@ -115,8 +116,21 @@ def test_each_config_error_names_its_field(path, value, field):
 
 def test_strategy_dependent_errors():
     raw = _with("strategy", {"name": "exclusive"})
-    raw["tiers"] = {"fractions": [0.5, 0.75], "shares": [1, 1]}
-    with pytest.raises(ConfigError, match=r"^tiers\.fractions: exclusive needs a full-capacity tier"):
+    raw["tiers"] = {"fractions": [0.25, 0.5], "shares": [1, 1]}  # no tier is full at any depth
+    with pytest.raises(ConfigError, match=r"^tiers\.fractions: exclusive needs a full-capacity tier.*no model depth"):
+        RunConfig.from_dict(raw)
+    # 0.92 of a block count rounds to all of them for L <= 6 (MiniLM) but not for L = 12: the
+    # config is valid, the check waits for the model's depth.
+    raw["tiers"] = {"fractions": [0.5, 0.92], "shares": [1, 1]}
+    config = RunConfig.from_dict(raw)
+    tiers = config.capacity_tiers()
+    assert make_run_strategy(config, 6, tiers.capacities(6)).name == "exclusive"
+    with pytest.raises(ConfigError, match=r"^tiers\.fractions: exclusive .*got capacities \(6, 11\) of L = 12"):
+        make_run_strategy(config, 12, tiers.capacities(12))
+    # Tier sizes do not depend on the model: a tier without a client is refused at once.
+    raw["tiers"] = {"fractions": [0.5, 1], "shares": [20, 1]}
+    raw["data"]["num_clients"] = 6
+    with pytest.raises(ConfigError, match=r"^tiers\.shares: with data\.num_clients = 6, tier 1 .*gets no client"):
         RunConfig.from_dict(raw)
     raw = _with("strategy", {"name": "fim", "options": {"fisher_source": "proxy"}})
     with pytest.raises(ConfigError, match=r"^data\.proxy_fraction"):

@@ -362,3 +362,51 @@ def test_cli_stops_when_a_whole_round_is_nonfinite(finished_run, tmp_path):
     _one_line_error(proc, "round 3: every participant's update is non-finite",
                     f"the last good checkpoint (after round 2) in {out} is kept")
     assert {n: v for n, v in _snapshot(out).items() if n in kept} == kept
+
+
+# ------------------------------------------------------------ first-minute errors, odd rounds
+@pytest.mark.parametrize("device, needle", [("gpu", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                                            ("cuda:0", "sees no CUDA GPU")])
+def test_cli_rejects_an_unusable_device_in_one_line(tmp_path, device, needle):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path / "out", {"name": "full", "options": {}})))
+    _one_line_error(_cli_subprocess("run", str(config), "--set", f"engine.device={device}"), "engine.device:", needle)
+
+
+def test_cli_rejects_max_length_beyond_the_models_positions(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path / "out", {"name": "full", "options": {}})))
+    _one_line_error(_cli_subprocess("run", str(config), "--set", "data.max_length=1000"),
+                    "data.max_length:", "at most 512 tokens")
+
+
+def test_cli_rejects_an_output_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("not a run\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_raw(target, {"name": "full", "options": {}})))
+    assert cli_main(["run", str(config)]) == 2
+    assert "output_dir:" in capsys.readouterr().err and target.read_text() == "not a run\n"
+
+
+def test_resume_into_an_empty_folder_says_it_starts_a_new_run(tmp_path, capsys):
+    raw = _raw(tmp_path / "typo", {"name": "full", "options": {}}, rounds=1)
+    raw["local"]["steps"] = 1
+    FederatedRun(RunConfig.from_dict(raw), progress=False).run(resume=True)
+    assert f"resume: no run in {tmp_path / 'typo'} yet; starting a new one" in capsys.readouterr().out
+
+
+def test_a_round_where_nobody_trains_is_valid_json_and_warned(tmp_path, capsys):
+    # Exclusive with one full-capacity client of six: cohorts of three often lack it.
+    raw = _raw(tmp_path / "excl", {"name": "exclusive", "options": {}}, rounds=6)
+    raw["tiers"] = {"fractions": [0.5, 1], "shares": [5, 1]}
+    raw["local"]["steps"] = 1
+    records = FederatedRun(RunConfig.from_dict(raw), progress=False).run()
+    idle = [r for r in records if not r["participants"]]
+    assert idle, "expected a round without the full-capacity client (seeded cohorts)"
+    assert all(r["train_loss"] is None and r["ranks"] is None for r in idle)
+    lines = (tmp_path / "excl" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines)
+    assert f"warning: round {idle[0]['round'] + 1}: no client of the cohort" in capsys.readouterr().err

@@ -31,8 +31,8 @@ class ExclusiveStrategy(AllocationStrategy):
     def __init__(self, context: AllocationContext) -> None:
         super().__init__(context)
         if context.num_blocks not in context.tier_capacities:
-            raise ValueError(f"tier_capacities: exclusive needs a full-capacity tier (k = L = {context.num_blocks}), "
-                             f"got {context.tier_capacities}")
+            raise ValueError(f"tier_capacities: exclusive needs a full-capacity tier (a fraction that rounds to all "
+                             f"L blocks), got capacities {context.tier_capacities} of L = {context.num_blocks}")
 
     def _allocate(self, round_idx: int, cohort: np.ndarray, capacities: np.ndarray,
                   rng: np.random.Generator) -> Allocation:
