@@ -764,7 +764,10 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
         record["impls"].update(_time_impls(fits, sets, record["guard"], opts))
         record["bytes_model"] = case_bytes(case, torch.bincount(routings[0], minlength=case.n).tolist())
         if opts.profile:
-            record.update(measure_extras(fits, sets[0], case, record["bytes_model"], opts))
+            try:
+                record.update(measure_extras(fits, sets[0], case, record["bytes_model"], opts))
+            except Exception as err:  # noqa: BLE001 - the profiler (CUPTI) may fail where timing works
+                record["extras_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     except torch.cuda.OutOfMemoryError:
         return {**record, "status": "skipped", "note": "out of memory building inputs or checking"}
     finally:

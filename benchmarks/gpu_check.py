@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -75,9 +76,14 @@ def cmd_env(args: argparse.Namespace) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from torch.utils import cpp_extension
+
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
            "cuda": torch.version.cuda, "device": "cpu",
-           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), "smoke": args.smoke}
+           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), "smoke": args.smoke,
+           # What the ext_build step needs: nvcc (CUDA_HOME), a host C++ compiler and ninja.
+           "toolchain": {"cuda_home": cpp_extension.CUDA_HOME, "cxx": shutil.which(os.environ.get("CXX", "c++")),
+                         "ninja": cpp_extension.is_ninja_available()}}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=f"{props.major}.{props.minor}",
@@ -223,10 +229,13 @@ def _pytest_line(path: Path) -> str | None:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return None
+    # Only pytest's own closing line ("=== 3 passed, 1 skipped in 9.87s ===" or, with -q, without the
+    # rules): a run killed by its timeout has none, and a traceback line must not stand in for it.
     for line in reversed(lines):
-        if re.search(r"\b(passed|failed|error|no tests ran|tests? collected)\b", line):
+        if re.search(r"\b(passed|failed|errors?|deselected|skipped|no tests ran|tests? collected)\b.* in "
+                     r"[\d.]+s\b", line):
             return line.strip(" =")
-    return None
+    return "no pytest summary line (killed by its timeout?)" if lines else None
 
 
 def _lora_ms(case: dict, impl: str = "triton") -> float | None:

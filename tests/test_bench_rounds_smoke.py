@@ -256,6 +256,6 @@ def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None
 def test_gpu_check_preset_fills_its_options(bench_rounds) -> None:
     args = bench_rounds.build_parser().parse_args(["--random-weights", "--preset", "gpu-check", "--repeats", "2"])
     bench_rounds.apply_preset(args)
-    assert args.models == ["minilm", "smollm2"] and args.n == [1, 8, 32, 100]
+    assert args.models == ["smollm2", "minilm"] and args.n == [32, 100, 8, 1]  # in order of value
     assert args.parallel == "auto" and args.dtype == "auto" and args.paper_rounds == 3
     assert args.repeats == 2  # what the command line gives wins

@@ -77,3 +77,17 @@ def test_summary_derives_the_goals(tmp_path) -> None:
     assert s["pytest"] == "12 passed, 1 failed in 30.0s" and s["graph"] == "ok" and s["rounds"] == "ok"
     text = gpu_check.format_summary({"steps": {"x": {"status": "timeout", "rc": 124, "seconds": 9}}}, s)
     assert "K3_fused_norm_cost_frac_of_bwd" in text and "step x: timeout (rc 124, 9 s)" in text
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("....\n=========== 200 passed, 3 skipped, 12 deselected in 95.11s (0:01:35) ===========\n",
+     "200 passed, 3 skipped, 12 deselected in 95.11s (0:01:35)"),
+    ("collected\n540 tests collected in 3.21s\n", "540 tests collected in 3.21s"),
+    # Killed by its timeout mid-run: the last lines are a failure's traceback, not a summary.
+    ("..F.\nE   AssertionError: error 0.3 passed the tolerance\n", "no pytest summary line (killed by its timeout?)"),
+    ("", None),
+])
+def test_pytest_line_is_only_the_closing_summary(tmp_path, text, expected) -> None:
+    log = tmp_path / "pytest.log"
+    log.write_text(text)
+    assert gpu_check._pytest_line(log) == expected

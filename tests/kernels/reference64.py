@@ -26,9 +26,11 @@ def reference_fp64(x, weight, bias, lora_a, lora_b, client_ids, scaling, ranks, 
 
     ``scaling [N]`` float, ``ranks [N]`` int, ``trainable [N]`` bool, ``dy`` like the output;
     ``dropout_scale``: optional ``[rows, d_in]`` factors (0 or ``1/(1-p)``) on the adapters' input.
-    Frozen clients' gradients are zeroed afterwards, as the contract says.
+    Frozen clients' gradients are zeroed afterwards, as the contract says. Inputs may sit on any
+    device (a GPU run passes CUDA activations with CPU routing); the reference computes on the CPU.
     """
-    f64 = dict(dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device="cpu")
+    client_ids, scaling, ranks, trainable = (t.detach().cpu() for t in (client_ids, scaling, ranks, trainable))
     x = x.detach().to(**f64).requires_grad_()
     a = lora_a.detach().to(**f64).requires_grad_()
     b = lora_b.detach().to(**f64).requires_grad_()

@@ -84,6 +84,7 @@ def test_message_states_expected_and_actual():
 
 def test_numpy_scalars_are_accepted_like_floats():
     kw = _good()
+    kw["backend"] = "torch"  # argument handling only: no compiled backend to build on first use
     want = multi_lora_linear(**{**kw, "scaling": 0.5})
     got = multi_lora_linear(**{**kw, "scaling": np.float32(0.5)})
     assert torch.equal(got, want)
@@ -99,6 +100,9 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_float64_is_rejected_by_triton():
     kw = _good(dtype=torch.float64)
+    if torch.cuda.is_available():  # the GPU path: no interpreter, so the tensors must be on the GPU
+        kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        kw["plan"] = LoRAPlan.build(kw["plan"].client_ids.cuda(), 3)
     with pytest.raises(TypeError, match="x: backend 'triton' supports dtypes"):
         multi_lora_linear(**kw, backend="triton")
 

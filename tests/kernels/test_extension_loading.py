@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def not_prebuilt(monkeypatch, tmp_path):
     monkeypatch.setattr(extension, "_errors", {})
     monkeypatch.setenv("FEDHELLO_CACHE", str(tmp_path))
     monkeypatch.delenv("FEDHELLO_BUILD_EXT", raising=False)
+    # Any existing executable passes the "is there a C++ compiler" check: the builds are faked.
+    monkeypatch.setenv("CXX", sys.executable)
     return tmp_path
 
 
