@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedhello {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fedhello {args.command}: interrupted", file=sys.stderr)
+        hint = ("; what was checkpointed is kept: the same command with --resume continues from it"
+                if args.command in ("run", "flower", "suite") else "")
+        print(f"fedhello {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -336,11 +336,12 @@ class FederatedRun:
             if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
             times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
+            evaluated = "test_accuracy" in record or "test_perplexity" in record
             if "test_accuracy" in record:
                 times.update(acc=f"{record['test_accuracy']:.3f}")
             if "test_perplexity" in record:
                 times.update(ppl=f"{record['test_perplexity']:.2f}")
-            if record["train_loss"] is not None and len(times) > 3:
+            if evaluated and record["train_loss"] is not None:
                 times.update(train_loss=f"{record['train_loss']:.3f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
