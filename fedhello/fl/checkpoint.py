@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -139,7 +140,7 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     # that run computed with (a new field's default keeps the old behaviour).
     defaults = _flatten(yaml.safe_load(yaml.safe_dump(type(config)().to_dict(), sort_keys=False)))
     saved_flat = _flatten(old)
-    changed = [c for c in config_changes(old, new) if c[0] not in RESUME_ALLOWED
+    changed = [c for c in config_changes(_alike(old), _alike(new)) if c[0] not in RESUME_ALLOWED
                and not (c[0] not in saved_flat and c[0] in defaults and defaults[c[0]] == c[2])]
     if changed:
         fields = "; ".join(f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in changed)
@@ -197,6 +198,27 @@ def clear_run_dir(out: str | os.PathLike) -> list[Path]:
     for path in removed:
         path.unlink()
     return removed
+
+
+def _alike(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping with equal settings written alike, so that resume compares meanings: tier
+    fractions as floats (``"3/4"`` = ``0.75``), strategy options with their defaults filled in (an
+    option stated at its default = the option left out)."""
+    out = dict(raw)
+    tiers = out.get("tiers")
+    if isinstance(tiers, Mapping) and isinstance(tiers.get("fractions"), list):
+        try:
+            out["tiers"] = {**tiers, "fractions": [float(Fraction(str(f))) for f in tiers["fractions"]]}
+        except (ValueError, ZeroDivisionError):
+            pass  # not a valid fraction: left as written (the config check names it)
+    strategy = out.get("strategy")
+    if isinstance(strategy, Mapping) and isinstance(strategy.get("options") or {}, Mapping):
+        from fedhello.fl.strategies import available_strategies, strategy_options
+
+        if strategy.get("name") in available_strategies():
+            defaults = yaml.safe_load(yaml.safe_dump(strategy_options(strategy["name"])))  # as YAML reads them
+            out["strategy"] = {**strategy, "options": {**defaults, **(strategy.get("options") or {})}}
+    return out
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -232,3 +232,21 @@ def test_one_writer_per_run_folder(tmp_path):
     assert check_run_dir(_config(out)) is None and clear_run_dir(out) == []
     assert (out / ckpt.LOCK_FILE).exists() and ckpt.LOCK_FILE not in ckpt.RUN_FILES
 
+
+
+def test_resume_compares_what_settings_mean_not_how_they_are_written(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = {"tiers": {"fractions": ["1/2", "3/4", 1], "shares": [1, 1, 1]},
+             "strategy": {"name": "fedhello", "options": {"warmup": 2}}}
+    save_config(_config(out, **saved), out / "config.yaml")
+    (out / "metrics.jsonl").write_text("")
+    same = {"tiers": {"fractions": [0.5, 0.75, 1.0], "shares": [1, 1, 1]},
+            "strategy": {"name": "fedhello", "options": {"warmup": 2, "schedule": "codesign"}}}  # the default
+    assert check_run_dir(_config(out, **same), resume=True) is None  # accepted (no checkpoint yet)
+    other = {**same, "strategy": {"name": "fedhello", "options": {"warmup": 2, "schedule": "fork"}}}
+    with pytest.raises(RunFolderError, match=r"strategy\.options\.schedule: 'codesign' -> 'fork'"):
+        check_run_dir(_config(out, **other), resume=True)
+    with pytest.raises(RunFolderError, match=r"tiers\.fractions: .*0\.5.*0\.25"):
+        check_run_dir(_config(out, **{**same, "tiers": {"fractions": [0.25, 0.75, 1.0], "shares": [1, 1, 1]}}),
+                      resume=True)
