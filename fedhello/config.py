@@ -414,12 +414,6 @@ class RunConfig:
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
-        sizes = tiers.tier_sizes(self.data.num_clients)
-        if (sizes == 0).any():
-            empty = int(np.flatnonzero(sizes == 0)[0])
-            raise ConfigError(f"tiers.shares: with data.num_clients = {self.data.num_clients}, tier {empty} "
-                              f"(fraction {float(tiers.fractions[empty]):g}) gets no client (clients per tier "
-                              f"{sizes.tolist()}); use more clients or closer shares")
 
     def _validate_local(self) -> None:
         lc = self.local

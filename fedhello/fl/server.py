@@ -192,6 +192,10 @@ class FederatedRun:
         self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
         # The config was checked before L was known: tier settings are checked again for this model.
         self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities)
+        try:  # e.g. Exclusive with no client in a full-capacity tier would never train anyone
+            self.strategy.check_population(self.capacities.capacity)
+        except ValueError as err:
+            raise UserError("tiers.shares:" + str(err).removeprefix("population:")) from None
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))

@@ -127,11 +127,6 @@ def test_strategy_dependent_errors():
     assert make_run_strategy(config, 6, tiers.capacities(6)).name == "exclusive"
     with pytest.raises(ConfigError, match=r"^tiers\.fractions: exclusive .*got capacities \(6, 11\) of L = 12"):
         make_run_strategy(config, 12, tiers.capacities(12))
-    # Tier sizes do not depend on the model: a tier without a client is refused at once.
-    raw["tiers"] = {"fractions": [0.5, 1], "shares": [20, 1]}
-    raw["data"]["num_clients"] = 6
-    with pytest.raises(ConfigError, match=r"^tiers\.shares: with data\.num_clients = 6, tier 1 .*gets no client"):
-        RunConfig.from_dict(raw)
     raw = _with("strategy", {"name": "fim", "options": {"fisher_source": "proxy"}})
     with pytest.raises(ConfigError, match=r"^data\.proxy_fraction"):
         RunConfig.from_dict(raw)

@@ -410,3 +410,10 @@ def test_a_round_where_nobody_trains_is_valid_json_and_warned(tmp_path, capsys):
     lines = (tmp_path / "excl" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines)
     assert f"warning: round {idle[0]['round'] + 1}: no client of the cohort" in capsys.readouterr().err
+
+
+def test_exclusive_without_a_full_capacity_client_is_refused_before_round_one(tmp_path):
+    raw = _raw(tmp_path / "none", {"name": "exclusive", "options": {}}, rounds=2)
+    raw["tiers"] = {"fractions": [0.5, 0.75, 1], "shares": [10, 10, 1]}  # 6 clients: the full tier gets none
+    with pytest.raises(ValueError, match=r"^tiers\.shares: exclusive trains only full-capacity clients .*none of the 6"):
+        FederatedRun(RunConfig.from_dict(raw), progress=False)

@@ -185,6 +185,10 @@ class AllocationStrategy(ABC):
                   rng: np.random.Generator) -> Allocation:
         """``allocate`` after argument checks (int64 arrays)."""
 
+    def check_population(self, capacities: np.ndarray) -> None:
+        """Raise ``ValueError`` (message starting ``population:``) when no round could train anyone
+        with this population's capacities ``k_c`` (int ``[num_clients]``). Every strategy can by default."""
+
     def observe_fisher(self, round_idx: int, scores: np.ndarray, trained: np.ndarray) -> None:
         """Client-reported Fisher norms of a finished round: float ``[L, n]`` (per local step)
         and the bool ``[L, n]`` mask of what each client trained. Ignored by default."""

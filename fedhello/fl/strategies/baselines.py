@@ -34,6 +34,12 @@ class ExclusiveStrategy(AllocationStrategy):
             raise ValueError(f"tier_capacities: exclusive needs a full-capacity tier (a fraction that rounds to all "
                              f"L blocks), got capacities {context.tier_capacities} of L = {context.num_blocks}")
 
+    def check_population(self, capacities: np.ndarray) -> None:
+        if not (np.asarray(capacities) == self.num_blocks).any():
+            raise ValueError(f"population: exclusive trains only full-capacity clients (k = L = {self.num_blocks}), "
+                             f"and none of the {len(capacities)} clients is in a full-capacity tier; use more "
+                             f"clients or a larger share for that tier")
+
     def _allocate(self, round_idx: int, cohort: np.ndarray, capacities: np.ndarray,
                   rng: np.random.Generator) -> Allocation:
         participating = capacities == self.num_blocks
