@@ -368,6 +368,11 @@ class RunConfig:
             if d.name == "bbc_headlines":
                 raise ConfigError("data.name: bbc_headlines is story -> headline instruction data for "
                                   "task: causal_lm; for topic classification use bbc_news")
+            if d.name in ("bbc_news", "fashion_mnist"):
+                for name in ("text_column", "image_column", "label_column"):
+                    if getattr(d, name) is not None:
+                        raise ConfigError(f"data.{name}: {d.name} has fixed columns (they apply to data.path and "
+                                          f"Hub data sets); leave it unset, got {getattr(d, name)!r}")
             return
         if d.image_column is not None or d.name == "fashion_mnist":
             field_name = "image_column" if d.image_column is not None else "name"

@@ -105,6 +105,7 @@ def _with(path: str, value) -> dict:
     ("aggregation.weighting", "batches", "aggregation.weighting"),
     ("eval_every", 0, "eval_every"),
     ("data.partition.min_size", 0, "data.partition.min_size"),
+    ("data.text_column", "body", "data.text_column"),
     ("checkpoint_every", -1, "checkpoint_every"),
 ])
 def test_each_config_error_names_its_field(path, value, field):
