@@ -30,6 +30,13 @@ OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Pure-Python wheels carried in .whl/ (benchmarks/README.md: pytest-xdist and execnet) import as zips.
+for wheel in .whl/*.whl; do
+  [ -e "$wheel" ] && PYTHONPATH="$PYTHONPATH:$PWD/$wheel"
+done
+# With pytest-xdist the GPU tests compile their Triton kernels on 8 processes instead of one.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 RESERVE=20  # kept back for the summary
 START=$SECONDS
@@ -48,7 +55,8 @@ else
   SIZES=(--n 32 --t 8k --d 4096 --r 16 --dtype bf16 --warmup 3 --min-reps 10 --max-reps 100 --target-ms 200)
   SMOKE_FLAG=()
 fi
-echo "[gpu_check] OUT=$OUT smoke=$SMOKE budget=${BUDGET}s python=$($PY -c 'import sys; print(sys.version.split()[0])')"
+echo "[gpu_check] OUT=$OUT smoke=$SMOKE budget=${BUDGET}s python=$($PY -c 'import sys; print(sys.version.split()[0])')" \
+  "pytest workers: ${XDIST[*]:-one process (no pytest-xdist)}"
 
 record_step() {  # name rc seconds [why-skipped]
   timeout 30 "$PY" benchmarks/gpu_check.py step --out "$SUMMARY" --name "$1" --rc "$2" --seconds "$3" \
@@ -118,7 +126,7 @@ else
   # the round benchmark, then the routing variants. The sm_90 compile gate and the nvcc compile
   # check run on CPU in CI (ext_build compiles the CUDA sources here).
   ext_build_step 60
-  run_step gpu_tests 150 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider -m "not slow" \
+  run_step gpu_tests 150 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${XDIST[@]}" \
     --durations=10 --ignore=tests/kernels/test_sm90_static.py --ignore=tests/kernels/test_cuda_compile.py \
     tests/kernels > "$OUT/pytest.log" 2>&1
   run_step rounds 120 "$PY" benchmarks/bench_rounds.py --random-weights --preset gpu-check --out "$OUT/rounds.json"
