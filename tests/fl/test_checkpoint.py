@@ -151,7 +151,7 @@ def test_resume_allows_only_fields_that_keep_the_run(tmp_path):
                               engine={"eval_batch_size": 8}), resume=True)
     text = str(err.value)
     for field in ("seed: 3 -> 1", "model.rank: 8 -> 4", "local.lr: 0.0005 -> 0.1",
-                  "strategy.options.warmup: <absent> -> 2", "engine.eval_batch_size: 64 -> 8"):
+                  "strategy.options.warmup: 50 -> 2", "engine.eval_batch_size: 64 -> 8"):
         assert field in text, field
     assert "rounds" in text and str(out / "config.yaml") in text
     with pytest.raises(RunFolderError, match="^rounds: 1 is below the 2 rounds already done"):
