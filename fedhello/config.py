@@ -181,7 +181,10 @@ class StrategyConfig:
 @dataclass
 class AggregationConfig:
     """Aggregation weights (``samples``, ``uniform`` or ``norm``: each client by the Frobenius norm of
-    its update ``B_c A_c``, as HetLoRA) and HetLoRA's rank normalisation."""
+    its update ``B_c A_c``, as HetLoRA) and how HetLoRA's ranks are padded (``rank_normalize``:
+    ``factors`` is HetLoRA's own zero-padding of the factors; ``all``, the default the published
+    results used, pads the deltas; ``covering`` averages each rank slice over the clients that
+    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``)."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"

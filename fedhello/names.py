@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = ["PARTITION_KINDS", "RANK_NORMALIZATIONS", "RANK_SCALINGS", "WEIGHTINGS"]
 
 WEIGHTINGS = ("samples", "uniform", "norm")
-RANK_NORMALIZATIONS = ("all", "covering")
+RANK_NORMALIZATIONS = ("all", "covering", "factors")
 PARTITION_KINDS = ("iid", "dirichlet", "pathological")
 # LoRA scale of client c: alpha / r_c ("client", as PEFT) or alpha / r_max for every client ("max").
 RANK_SCALINGS = ("client", "max")

@@ -11,10 +11,13 @@ Frobenius norm of the client's adapters after local training (``client_norm_weig
 no client trained keeps its value; head tensors are averaged over all participants. Deltas of
 blocks a client did not train are ignored even if present, so an engine may send full states.
 
-``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Each
-client's delta of a LoRA factor is zero-padded to the global rank before averaging; with
-``normalize="all"`` (HetLoRA's zero-padding) row i of ``A`` is divided by the weight of all
-contributors, with ``"covering"`` only by that of the clients whose rank covers row i.
+``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Three ways
+to average rank slice i (row i of ``A``) over clients of different ranks: ``"factors"`` pads the
+clients' *factors* with zeros, as HetLoRA (Cho et al., 2024) does: slice i becomes the weighted
+sum of the covering clients' factors over the weight of all contributors, so a slice that few
+clients train shrinks (HetLoRA's self-pruning); ``"all"`` pads their *deltas* with zeros (an
+uncovering client counts as keeping the global value: the covering clients' change, scaled by
+their share of the weight); ``"covering"`` averages slice i over the covering clients only.
 """
 
 from __future__ import annotations
@@ -250,15 +253,17 @@ def lora_rank_dims(names: Iterable[str]) -> dict[str, int]:
 def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                           tensor_blocks: Mapping[str, int | None], rank_dims: Mapping[str, int], *,
                           weighting: str = "samples", normalize: str = "all") -> dict[str, torch.Tensor]:
-    """HetLoRA aggregation: LoRA factor deltas zero-padded to the global rank, then averaged.
+    """HetLoRA aggregation: clients of different ranks averaged rank slice by rank slice.
 
     Args:
         global_state, updates, tensor_blocks, weighting: as for ``aggregate_layerwise``.
         rank_dims: ``name -> rank dimension`` of each LoRA factor (see ``lora_rank_dims``);
             other tensors are averaged as in ``aggregate_layerwise``.
-        normalize: ``"all"``: divide every rank slice by the weight of all contributors (the
-            padded zeros count, as in HetLoRA); ``"covering"``: divide slice i by the weight of
-            the contributors whose rank exceeds i (slices nobody covers keep their value).
+        normalize: with ``W`` the weight of all contributors and ``W_i`` that of those whose rank
+            exceeds i: ``"factors"``: slice i = ``(W_i g_i + sum_cov w d_i) / W`` (the factors
+            zero-padded, HetLoRA's own rule: uncovered weight pulls the slice towards zero);
+            ``"all"``: ``g_i + sum_cov w d_i / W`` (the deltas zero-padded); ``"covering"``:
+            ``g_i + sum_cov w d_i / W_i`` (slices nobody covers keep their value).
 
     A client's factor delta is either cut to its rank (size ``rank`` along the rank dimension)
     or full-size, in which case slices at or beyond ``ClientUpdate.rank`` are ignored.
@@ -296,11 +301,15 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
             acc.narrow(dim, 0, rank).add_(d.narrow(dim, 0, rank).to(device=g.device, dtype=acc.dtype),
                                           alpha=weights[i])
             cover[:rank] += weights[i]
+        shape = [1] * g.dim()
+        shape[dim] = full
+        total = sum(weights[i] for i in chosen)
+        if normalize == "factors":  # sum_cov w (g + d) / W: the uncovered weight's zeros count
+            new[name] = ((g.to(acc.dtype) * (cover / total).view(shape)) + acc / total).to(g.dtype)
+            continue
         if normalize == "all":
-            acc /= sum(weights[i] for i in chosen)
+            acc /= total
         else:
-            shape = [1] * g.dim()
-            shape[dim] = full
             acc /= cover.clamp_min(torch.finfo(acc.dtype).tiny).view(shape)
         new[name] = (g.to(acc.dtype) + acc).to(g.dtype)
     return {name: new[name] for name in global_state}

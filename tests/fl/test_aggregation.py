@@ -114,6 +114,21 @@ def test_rank_padded_zero_padding_hand_computed():
     assert list(new) == list(g)
 
 
+def test_rank_padded_modes_differ_on_rows_few_clients_cover():
+    """Global factors at 1; a rank-2 client (weight 1, delta 2) and a rank-4 client (weight 3, delta
+    4). Rows 0-1 are covered by both, rows 2-3 by the rank-4 client only."""
+    g = {"l.lora_A": torch.ones(4, 3)}
+    blocks, dims = {"l.lora_A": 0}, {"l.lora_A": 0}
+    updates = [ClientUpdate({"l.lora_A": torch.full((2, 3), 2.0)}, num_samples=1, trained_blocks={0}, rank=2),
+               ClientUpdate({"l.lora_A": torch.full((4, 3), 4.0)}, num_samples=3, trained_blocks={0}, rank=4)]
+    rows = {mode: aggregate_rank_padded(g, updates, blocks, dims, normalize=mode)["l.lora_A"][:, 0].tolist()
+            for mode in ("factors", "all", "covering")}
+    # factors (HetLoRA): (1*3 + 3*5)/4 = 4.5, then the rank-2 client's zero pulls rows 2-3: 3*5/4.
+    assert rows["factors"] == [4.5, 4.5, 3.75, 3.75]
+    assert rows["all"] == [4.5, 4.5, 4.0, 4.0]        # 1 + 3*4/4: the rank-2 client "keeps" 1
+    assert rows["covering"] == [4.5, 4.5, 5.0, 5.0]   # 1 + 3*4/3
+
+
 def test_rank_padded_shape_errors():
     g = {"l.lora_A": torch.zeros(4, 3)}
     bad = ClientUpdate({"l.lora_A": torch.zeros(3, 3)}, 1, {0}, rank=2)
