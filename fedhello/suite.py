@@ -214,8 +214,9 @@ def _kept_rounds_seconds(run_dir: Path) -> float:
     if not (checkpoint.exists() and metrics.exists()):
         return 0.0
     next_round = json.loads(checkpoint.read_text())["next_round"]
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return float(sum(r["wall_time"] for r in records if r["round"] < next_round))
+    from fedhello.fl.checkpoint import read_jsonl
+
+    return float(sum(r["wall_time"] for r in read_jsonl(metrics) if r["round"] < next_round))
 
 
 def _init_worker(threads: int) -> None:

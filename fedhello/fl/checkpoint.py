@@ -254,6 +254,20 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, (str, _Missing)) else json.dumps(value)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``completions.jsonl``), ``[]`` when it is
+    missing; an unreadable last line (a run killed while appending it) is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        return records + [json.loads(lines[-1])] if lines else records
+    except json.JSONDecodeError:
+        return records
+
+
 def _check_metrics(path: Path, next_round: int) -> None:
     """``metrics.jsonl`` must hold one record for each of the rounds the checkpoint has done.
 

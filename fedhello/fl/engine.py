@@ -358,10 +358,14 @@ class ClientParallelEngine:
             logits = model(**step.inputs).logits
         per_row = row_losses(logits, step.labels)
         weighted = per_row / step.row_count  # each client's mean: the sum is sum_c mean_loss_c
-        weighted.sum().backward()
+        total = weighted.sum()
+        # Nothing to train in this wave (e.g. causal-LM clients, which have no head, allotted no
+        # block): the loss is still recorded, there is just no backward (a host-side flag, no sync).
+        if total.requires_grad:
+            total.backward()
+            optimizer.step(step.masks)
+            optimizer.zero_grad()
         loss_sum.index_add_(0, step.client_ids, weighted.detach().double())
-        optimizer.step(step.masks)
-        optimizer.zero_grad()
 
     def _prepare(self, schedules: list[_Schedule], trainable: torch.Tensor, bank_blocks: list[int],
                  num_heads: int) -> list[_Step]:

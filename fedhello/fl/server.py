@@ -52,7 +52,7 @@ from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
-                                   save_checkpoint)
+                                   read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
@@ -310,10 +310,10 @@ class FederatedRun:
         records: list[dict[str, Any]] = []
         if checkpoint is not None:
             self._restore(checkpoint)
-            records = [r for r in _read_jsonl(metrics_path) if r["round"] < self.start_round]
+            records = [r for r in read_jsonl(metrics_path) if r["round"] < self.start_round]
             completions = self.out / "completions.jsonl"
             if completions.exists():  # completions written after the checkpoint are written again
-                _write_jsonl(completions, [c for c in _read_jsonl(completions) if c["round"] <= self.start_round])
+                _write_jsonl(completions, [c for c in read_jsonl(completions) if c["round"] <= self.start_round])
             left = "nothing left to play" if self.start_round >= self.config.rounds else \
                 f"continuing with round {self.start_round + 1}"
             print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
@@ -565,18 +565,6 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file; an unreadable last line (a kill while appending) is left out."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
-    try:
-        return records + [json.loads(lines[-1])] if lines else records
-    except json.JSONDecodeError:
-        return records
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -250,3 +250,22 @@ def test_resume_compares_what_settings_mean_not_how_they_are_written(tmp_path):
     with pytest.raises(RunFolderError, match=r"tiers\.fractions: .*0\.5.*0\.25"):
         check_run_dir(_config(out, **{**same, "tiers": {"fractions": [0.25, 0.75, 1.0], "shares": [1, 1, 1]}}),
                       resume=True)
+
+
+def test_read_jsonl_leaves_out_a_half_written_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert ckpt.read_jsonl(path) == []
+    path.write_text('{"round": 0, "wall_time": 1.5}\n{"round": 1, "wall_time": 2.0}\n{"round": 2, "wal')
+    assert [r["round"] for r in ckpt.read_jsonl(path)] == [0, 1]
+    path.write_text('{"round": 0}\nnot json\n{"round": 2}\n')
+    with pytest.raises(json.JSONDecodeError):  # damage before the last line is not a kill: refused
+        ckpt.read_jsonl(path)
+
+
+def test_suite_resume_counts_kept_rounds_of_a_run_killed_mid_write(tmp_path):
+    from fedhello.suite import _kept_rounds_seconds
+
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0, "wall_time": 1.5}\n{"round": 1, "wall_time": 2.0}\n'
+                                            '{"round": 2, "wal')
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"next_round": 2}))
+    assert _kept_rounds_seconds(tmp_path) == 3.5

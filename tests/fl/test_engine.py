@@ -355,3 +355,35 @@ def test_auto_waves_follow_the_token_budget(monkeypatch):
     assert [r.client for r in got] == [t.client for t in tasks]
     with pytest.raises(ValueError, match="parallel: expected 'auto' or an int"):
         ClientParallelEngine(model, cfg, parallel="max")
+
+
+def test_causal_lm_client_allotted_no_block_trains_nothing_in_either_engine():
+    """A causal LM has no head: a client with no block has nothing to train. Both engines record its
+    loss and return the global state (before: the sequential engine, or a wave of such clients,
+    failed in backward), and the other clients are unaffected."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=SEQ)).eval()
+    gen = torch.Generator().manual_seed(6)
+    tasks = _tasks(2, [6, 5], gen)
+    tasks[1].trainable_blocks.zero_()
+    for task in tasks:
+        task.data["labels"] = task.data["input_ids"].where(task.data["attention_mask"].bool(), -100)
+    cfg = LocalTrainingConfig(steps=2, batch_size=4, lr=1e-2)
+    results = {}
+    for name, slots, engine in (("batched", 2, ClientParallelEngine), ("sequential", 1, SequentialEngine),
+                                ("alone", 2, ClientParallelEngine)):
+        model = inject_multi_lora(copy.deepcopy(lm), ["q_proj", "v_proj"], num_clients=slots, rank=4, alpha=8,
+                                  head_modules=None, backend="torch", seed=3)
+        global_state = model.client_state(0)
+        run = tasks[1:] if name == "alone" else tasks
+        results[name] = (engine(model, cfg).train(global_state, run), global_state)
+    for name, (res, global_state) in results.items():
+        idle = res[-1]
+        assert math.isfinite(idle.loss) and (idle.fisher == 0).all(), name
+        assert all(torch.equal(idle.state[k], global_state[k]) for k in global_state), name
+    for g, w in zip(results["batched"][0], results["sequential"][0]):
+        assert all(_max_rel(g.state[k], w.state[k]) < 1e-4 for k in w.state)
+        assert abs(g.loss - w.loss) < 1e-4 * max(1.0, abs(w.loss))
