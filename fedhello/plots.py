@@ -59,8 +59,12 @@ def accuracy_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
 
 
 def is_causal_lm_run(run_dir: str | Path) -> bool:
-    """Whether a run folder holds a ``task: causal_lm`` run (its evaluations report perplexity)."""
-    return any(r.get("test_perplexity") is not None for r in read_metrics(run_dir))
+    """Whether a run folder holds a ``task: causal_lm`` run (its evaluations report perplexity; before
+    the first one, its evaluation of the untrained model does)."""
+    if any(r.get("test_perplexity") is not None for r in read_metrics(run_dir)):
+        return True
+    initial = Path(run_dir) / "initial_eval.json"
+    return initial.is_file() and "perplexity" in json.loads(initial.read_text())
 
 
 def perplexity_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
@@ -115,7 +119,11 @@ def allocation_matrix(records: Sequence[dict[str, Any]], num_blocks: int) -> np.
 
 
 def _num_blocks(records: Sequence[dict[str, Any]]) -> int:
+    """The model's block count L: recorded by runs since it was added, else read off the Fisher scores
+    or probabilities, else (older runs of strategies with neither) the highest trained block + 1."""
     for r in records:
+        if r.get("num_blocks") is not None:
+            return int(r["num_blocks"])
         if r.get("fisher_scores") is not None:
             return len(r["fisher_scores"])
         if r.get("probabilities") is not None:

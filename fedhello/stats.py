@@ -28,6 +28,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedhello.fl.checkpoint import read_jsonl
+
 __all__ = ["METRICS", "PairedDifference", "run_metric", "seed_values", "paired_difference", "compare",
            "render_markdown", "main"]
 
@@ -45,7 +47,7 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)
     accuracy = [100.0 * r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
     perplexity = [r["test_perplexity"] for r in records if r.get("test_perplexity") is not None]
     values, best = (accuracy, max) if accuracy or not perplexity else (perplexity, min)
@@ -59,14 +61,19 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
 
 
 def seed_values(folder: str | Path, setting: str, method: str, metric: str) -> dict[int, float]:
-    """``seed -> metric`` of every ``<folder>/<setting>/<method>/seed-<s>`` run with a metrics file."""
+    """``seed -> metric`` of every ``<folder>/<setting>/<method>/seed-<s>`` run with an evaluated round
+    (a run stopped before its first evaluation has no value and is left out, as the suite table does)."""
     base = Path(folder) / setting / method
     values = {}
     for run in sorted(base.glob("seed-*")):
         suffix = run.name.removeprefix("seed-")
-        if suffix.isdigit() and (run / "metrics.jsonl").is_file():
+        if suffix.isdigit() and (run / "metrics.jsonl").is_file() and _evaluated(run / "metrics.jsonl"):
             values[int(suffix)] = run_metric(run, metric)
     return values
+
+
+def _evaluated(path: Path) -> bool:
+    return any(r.get("test_accuracy") is not None or r.get("test_perplexity") is not None for r in read_jsonl(path))
 
 
 @dataclass(frozen=True)

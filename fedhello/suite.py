@@ -432,7 +432,10 @@ def render_table(summary: dict[str, Any]) -> str:
 
     def cell(row: dict[str, Any], stat: str) -> str:
         mean, std = row[stat]
-        text = f"{mean:.2f}" + (f" ± {std:.2f}" if n_seeds > 1 else "")
+        have = row.get("seeds", n_seeds)  # seeds with an evaluated run; fewer when some failed or are running
+        text = f"{mean:.2f}"
+        if n_seeds > 1:
+            text += (f" ± {std:.2f}" if have > 1 else " ± –") + (f" (n={have})" if have < n_seeds else "")
         return text + (f" ({row['best'][0]:.2f})" if stat == "final" else "")
 
     untrained = []

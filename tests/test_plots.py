@@ -110,3 +110,24 @@ def test_help_is_plain_text(command, capsys):
         main([*command, "--help"])
     out = capsys.readouterr().out
     assert "usage: fedhello" in out and "`" not in out
+
+
+def test_causal_lm_run_before_its_first_evaluation_plots(tmp_path):
+    run = tmp_path / "lm"
+    run.mkdir()
+    (run / "initial_eval.json").write_text(json.dumps({"loss": 4.8, "perplexity": 128.4}))
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "allocation": {"0": [0, 1]}, "probabilities": None,
+                                                   "fisher_scores": None, "train_loss": 4.1, "bytes_up": 1,
+                                                   "wall_time": 1.0, "num_blocks": 4}) + "\n")
+    paths = plot_run(run, tmp_path / "plots")
+    assert any(p.name == "perplexity.png" for p in paths) and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_allocation_rows_cover_blocks_nobody_trained():
+    """A strategy without Fisher scores or probabilities (Straggler): the recorded block count, not
+    the highest trained block, sets the rows, so the untrained blocks show as empty rows."""
+    from fedhello.plots import _num_blocks
+
+    records = [{"round": 0, "allocation": {"0": [0, 1]}, "fisher_scores": None, "probabilities": None,
+                "num_blocks": 4}]
+    assert _num_blocks(records) == 4 and allocation_matrix(records, 4)[2:].sum() == 0

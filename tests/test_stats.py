@@ -84,3 +84,12 @@ def test_run_metrics_of_a_causal_lm_run_are_perplexities(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run_metric(run, "final") == 33.0 and run_metric(run, "best") == 30.0  # best: the lowest
     assert run_metric(run, "last3") == pytest.approx(103 / 3)
+
+
+def test_a_seed_stopped_before_its_first_evaluation_is_left_out(suite):
+    run = suite / "skew" / "B" / "seed-3"  # killed during its first round: metrics, no evaluation
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "train_loss": None}) + "\n")
+    assert sorted(seed_values(suite, "skew", "B", "final")) == [0, 1, 2]
+    (pair,) = compare(suite, "A", ["B"], "final")
+    assert list(pair.seeds) == [0, 1, 2]

@@ -204,3 +204,18 @@ def test_killed_suite_leaves_no_run_going(tmp_path):
     finally:
         for pid in _processes_with_env("FEDHELLO_TEST_MARKER", marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_table_cells_say_how_many_seeds_they_hold():
+    from fedhello.suite import render_table
+
+    def row(seeds: int, mean: float) -> dict:
+        return {"final": (mean, 1.0 if seeds > 1 else 0.0), "best": (mean + 1, 0.0), "last3": (mean, 0.5),
+                "untrained": (20.0, 0.0), "metric": "accuracy", "wall_time_s": 10.0, "upload_mb_per_round": 1.0,
+                "seeds": seeds}
+
+    summary = {"table": {"s": {"A": row(3, 80.0), "B": row(2, 70.0), "C": row(1, 60.0)}}, "seeds": [0, 1, 2], "device": "cpu", "torch": "2.13.0"}
+    text = render_table(summary)
+    assert "| A | 80.00 ± 1.00 (81.00) |" in text
+    assert "| B | 70.00 ± 1.00 (n=2) (71.00) |" in text
+    assert "| C | 60.00 ± – (n=1) (61.00) |" in text

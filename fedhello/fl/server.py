@@ -408,6 +408,7 @@ class FederatedRun:
             "round": rnd,
             "cohort": cohort.tolist(),
             "participants": [res.client for res in results],
+            "num_blocks": self.num_blocks,
             "allocation": {str(res.client): res.trainable_blocks.nonzero().flatten().tolist() for res in results},
             # By client, like "allocation": a client dropped this round (failed, non-finite) has none.
             "ranks": None if alloc.ranks is None else {
