@@ -175,7 +175,9 @@ class MultiLoRAModel(nn.Module):
         if mode and not self.backbone_train_mode:
             for module in self.backbone.modules():
                 if not isinstance(module, (MultiLoRALinear, ClientHeadBank)):
-                    module.training = False
+                    # Layers with transformers' gradient checkpointing on stay in training mode: they
+                    # checkpoint only then. Their dropout modules are children, switched off here.
+                    module.training = getattr(module, "gradient_checkpointing", False) is True
             for _, module in self._lora + self._heads:
                 module.base.training = False
         return self

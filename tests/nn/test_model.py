@@ -387,3 +387,30 @@ def test_activation_checkpointing_with_dropout_refuses_to_recompute():
         y = checkpoint(layer, torch.randn(4, 16), use_reentrant=False)
     with pytest.raises(RuntimeError, match="no routing is set.*activation checkpointing"):
         y.sum().backward()
+
+
+def test_transformers_gradient_checkpointing_really_checkpoints_in_train_mode():
+    """model.train() keeps the backbone's dropout off but must leave transformers' checkpointed layers
+    in training mode (they only checkpoint then); gradients equal those of a plain backward."""
+    from .tiny import tiny_causal_lm
+
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone = tiny_causal_lm(64)
+        if checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = inject_multi_lora(backbone, ["q_proj", "v_proj"], 2, rank=4, head_modules=None, backend="torch")
+        randomize_banks(model)
+        model.train()
+        layer = backbone.model.layers[0].self_attn  # inside the checkpointed forward
+        count = [0]
+        layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        with model.route(torch.tensor([0, 1])):
+            model(input_ids=ids, labels=ids).loss.backward()
+        calls.append(count[0])
+        grads.append([p.grad.clone() for _, _, p in model.lora_banks()])
+    assert calls == [1, 2]  # the checkpointed layer ran again in the backward (before the fix: [1, 1])
+    for plain, ckpt in zip(*grads):
+        torch.testing.assert_close(plain, ckpt)
