@@ -165,7 +165,9 @@ class FederatedRun:
         if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
             backbone = load_backbone(cfg.model.name, task="causal-lm")
         else:
+            images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
             backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
+                                     task="image-classification" if images else "sequence-classification",
                                      seed=derive_seed(cfg.seed, "head"))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:

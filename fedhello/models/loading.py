@@ -55,8 +55,11 @@ def resolve_backbone(name_or_path: str | Path) -> str:
     if not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"name_or_path: expected a hub name or a path, got {type(name_or_path).__name__}")
     text = str(name_or_path)
+    local = os.path.expanduser(text)  # "~/models/x" as check_backbone_name accepts it
+    if Path(local).exists():
+        return local
     alias = _ALIASES.get(text.lower())
-    if alias is None or Path(text).exists():
+    if alias is None:
         return text
     locate, hub_fallback = alias
     try:
@@ -203,6 +206,9 @@ def load_backbone(
         if task not in ("sequence-classification", "image-classification"):
             raise ValueError(f"num_labels: only for classification tasks, got task {task!r}")
         kwargs["num_labels"] = num_labels
+        # A checkpoint with a head of another size (an ImageNet ViT, a fine-tuned classifier) gets a
+        # new head of num_labels classes, reported by _report_loading, instead of a load error.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     path = resolve_backbone(name_or_path)
     verbosity, bar_was_on = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()

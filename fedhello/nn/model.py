@@ -41,7 +41,7 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_TARGET_MODULES = {
     "bert": ["query", "value"],
     "mpnet": ["q", "v"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 names (4.x: query, value)
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }

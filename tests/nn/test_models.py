@@ -98,3 +98,12 @@ def test_load_backbone_argument_errors(tmp_path):
         load_backbone(tmp_path, task="causal-lm", num_labels=2)
     with pytest.raises(TypeError, match="name_or_path: expected a hub name or a path"):
         load_backbone(3)
+
+
+def test_load_backbone_expands_a_home_path(tmp_path, monkeypatch):
+    make_model("bert").save_pretrained(str(tmp_path / "m"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_backbone("~/m", num_labels=5)  # another head size: a new head, no load error
+    assert type(loaded).__name__ == "BertForSequenceClassification" and loaded.classifier.out_features == 5
