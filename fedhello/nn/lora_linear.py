@@ -227,8 +227,8 @@ def check_settings(num_clients: int, rank: int, alpha: float, dropout: float, ba
         raise ValueError(f"rank: expected >= 1, got {rank}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha: expected a float, got {type(alpha).__name__}")
-    if not alpha > 0:
-        raise ValueError(f"alpha: expected > 0, got {alpha}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha: expected a finite number > 0, got {alpha}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise TypeError(f"dropout: expected a float, got {type(dropout).__name__}")
     if not 0.0 <= dropout < 1.0:

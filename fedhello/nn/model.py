@@ -103,6 +103,16 @@ class MultiLoRAModel(nn.Module):
                 raise
             return getattr(self._modules["backbone"], name)
 
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Refused: the backbone's target layers are wrapped (their weights sit under ``...base``) and
+        the banks hold N clients, so transformers would write a checkpoint that reloads with random
+        target weights. One client's adapters: ``fedhello.nn.export_peft``."""
+        raise RuntimeError("save_pretrained: a MultiLoRAModel holds N clients' adapters around wrapped layers; "
+                           "save one client with fedhello.nn.export_peft(model, client, folder) (a PEFT adapter "
+                           "folder for the original backbone)")
+
+    push_to_hub = save_pretrained
+
     # ------------------------------------------------------------------ structure
     @property
     def num_clients(self) -> int:
@@ -484,6 +494,11 @@ def inject_multi_lora(
         raise ValueError(f"target_modules: {target_modules!r} only matches head modules {head_roots}")
     for name in targets:
         module = model.get_submodule(name)
+        if "experts" in name.split("."):
+            # An expert sees only the tokens its router sends it, as a 2-D gather: rows no longer
+            # line up with samples, so a per-sample client id cannot be applied to them.
+            raise ValueError(f"target_modules: {name!r} is inside a mixture-of-experts layer; per-client "
+                             "adapters on experts are not supported (target the attention projections)")
         if not is_linear_like(module):
             raise ValueError(
                 f"target_modules: {name!r} is a {type(module).__name__}; expected nn.Linear or transformers "

@@ -70,9 +70,19 @@ def export_peft(
         tensors[_PREFIX + key] = state[key].contiguous().cpu()
 
     layers = [layer for _, layer in model.lora_modules]
+    scale = model.scale_of(rank)
+    if client is not None:
+        # The scale the slot's forward really uses (its buffers, e.g. loaded by load_state_dict),
+        # which must be one number across layers for PEFT's single lora_alpha.
+        scales = {float(layer.scaling[model.check_client(client)]) for layer in layers}
+        if len(scales) != 1:
+            raise ValueError(f"client: slot {client} has different LoRA scales across layers {sorted(scales)}; "
+                             "a PEFT config holds one lora_alpha")
+        (scale,) = scales
     config = LoraConfig(
+        task_type=_task_type(model.backbone),
         r=rank,
-        lora_alpha=model.scale_of(rank) * rank,  # PEFT scales by lora_alpha / r
+        lora_alpha=scale * rank,  # PEFT scales by lora_alpha / r
         lora_dropout=model.dropout,
         target_modules=[name for name, _ in model.lora_modules],
         modules_to_save=[name for name, _ in model.head_modules] or None,
@@ -85,6 +95,21 @@ def export_peft(
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder
+
+
+# PEFT task types by the backbone's transformers class suffix (AutoPeftModel needs one to pick
+# its class); image classifiers and others get none (PeftModel loads them all the same).
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def _task_type(backbone: torch.nn.Module) -> str | None:
+    name = type(backbone).__name__
+    for suffix, task in _TASK_TYPES:
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
 
 
 def _read_config(folder: Path, max_rank: int) -> tuple[int, float]:

@@ -34,6 +34,25 @@ def test_targets_must_be_linear_layers_inside_blocks():
         inject_multi_lora(make_model("bert"), ["pooler.dense"], 3)
 
 
+def test_mixture_of_experts_targets_are_refused():
+    """An expert sees a 2-D gather of the tokens routed to it: rows no longer map to samples."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(4, 4)
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"target_modules: 'layers\.0\.experts\.0' is inside a mixture-of-experts"):
+        inject_multi_lora(Model(), "layers\\.\\d\\.(q|experts\\.\\d)", 2, head_modules=None)
+    assert inject_multi_lora(Model(), ["q"], 2, head_modules=None).num_blocks == 2
+
+
 def test_head_modules_must_be_linear():
     with pytest.raises(ValueError, match="head_modules: expected an nn.Linear or a module of nn.Linear layers, "
                                          "got 'bert.embeddings' \\(BertEmbeddings\\) with no nn.Linear inside"):
@@ -51,7 +70,8 @@ def test_head_modules_must_be_linear():
         ({"ranks": [4, 4]}, ValueError, r"ranks: expected one rank per client \(3\), got 2"),
         ({"ranks": [4, 5, 1]}, ValueError, r"ranks: expected values in \[1, rank=4\] \(rank is r_max\), got 5"),
         ({"ranks": [4.0, 4, 4]}, TypeError, "ranks: expected a list of ints"),
-        ({"alpha": -1.0}, ValueError, "alpha: expected > 0, got -1.0"),
+        ({"alpha": -1.0}, ValueError, "alpha: expected a finite number > 0, got -1.0"),
+        ({"alpha": float("inf")}, ValueError, "alpha: expected a finite number > 0, got inf"),
         ({"dropout": 1.0}, ValueError, r"dropout: expected a probability in \[0, 1\), got 1.0"),
         ({"backend": "gpu"}, ValueError, "backend: expected one of"),
     ],

@@ -147,3 +147,45 @@ def test_import_rejects_non_lora_and_missing_checkpoints(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(ValueError, match="path: use_dora=True"):
         import_peft(model, 0, tmp_path)
+
+
+def test_export_uses_the_scale_the_slot_computes_with_and_names_the_task(tmp_path):
+    """After load_state_dict the banks' scales are HetLoRA's fixed alpha / r_max while the new
+    model's rank_scaling attribute says "client": the export follows the buffers, and carries a
+    task type, so AutoPeftModelForCausalLM loads it and matches the slot."""
+    from peft import AutoPeftModelForCausalLM
+
+    from .tiny import tiny_causal_lm
+
+    pristine = tiny_causal_lm(64)
+    batch = {"input_ids": torch.randint(3, 64, (4, 6), generator=torch.Generator().manual_seed(0))}
+    source = inject_multi_lora(copy.deepcopy(pristine), ["q_proj", "v_proj"], 3, rank=4, alpha=8.0,
+                               backend="torch", head_modules=None)
+    randomize_banks(source)
+    source.set_ranks([4, 2, 3])
+    source.set_rank_scaling("max")
+    model = inject_multi_lora(copy.deepcopy(pristine), ["q_proj", "v_proj"], 3, rank=4, alpha=8.0,
+                              backend="torch", head_modules=None)
+    model.load_state_dict(source.state_dict())
+    with torch.no_grad(), model.route(torch.tensor([1, 1, 1, 1])):
+        ours = model(**batch).logits
+    folder = export_peft(model, 1, tmp_path / "client1")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["r"] == 2 and config["lora_alpha"] == pytest.approx(4.0)
+    pristine.save_pretrained(str(tmp_path / "base"))
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        theirs = peft_model(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_save_pretrained_of_the_multi_client_model_points_to_export_peft(tmp_path):
+    model = inject_multi_lora(make_model("bert"), ["query", "value"], 2, rank=2, backend="torch")
+    with pytest.raises(RuntimeError, match="save_pretrained: .*export_peft"):
+        model.save_pretrained(str(tmp_path))
+    with pytest.raises(RuntimeError, match="export_peft"):
+        model.push_to_hub("someone/model")
