@@ -33,6 +33,8 @@ def evaluate_lm(model: MultiLoRAModel, data: dict[str, torch.Tensor], batch_size
         ``{"loss", "perplexity", "tokens", "group_loss": {group: loss}}`` (group losses only
         when ``data`` has ``group``).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

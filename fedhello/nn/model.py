@@ -20,6 +20,7 @@ A client's state is a plain dict: ``"<module>.lora_a"`` ``[r_max, d_in]``,
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -329,12 +330,16 @@ class MultiLoRAModel(nn.Module):
         return banks
 
     def check_client(self, client: int, arg: str = "client") -> int:
-        """``client`` if it is a valid slot index; TypeError/ValueError naming ``arg`` otherwise."""
-        if isinstance(client, bool) or not isinstance(client, int):
+        """``client`` as an ``int`` if it is a valid slot index (a Python or numpy integer, or a 0-d
+        integer tensor); TypeError/ValueError naming ``arg`` otherwise."""
+        if isinstance(client, torch.Tensor) and client.dim() == 0 and not client.is_floating_point() \
+                and client.dtype != torch.bool:
+            client = int(client)
+        if isinstance(client, bool) or not isinstance(client, numbers.Integral):
             raise TypeError(f"{arg}: expected an int slot in [0, {self.num_clients}), got {type(client).__name__}")
         if not 0 <= client < self.num_clients:
             raise ValueError(f"{arg}: expected a slot in [0, {self.num_clients}), got {client}")
-        return client
+        return int(client)
 
     def client_state(self, client: int) -> dict[str, torch.Tensor]:
         """One client's adapters and heads as a state dict of detached float32 copies (no slot dim)."""
@@ -378,6 +383,9 @@ class MultiLoRAModel(nn.Module):
         """Copy one state dict (e.g. the global adapters) into every slot of ``clients``."""
         if isinstance(clients, torch.Tensor):
             clients = clients.flatten().tolist()
+        if not isinstance(clients, Iterable) or isinstance(clients, (str, bytes)):
+            raise TypeError(f"clients: expected a list of slots (ints in [0, {self.num_clients})), got "
+                            f"{type(clients).__name__}")
         slots = [self.check_client(c, "clients") for c in clients]
         banks = self.check_state(state, strict=True)
         if not slots:

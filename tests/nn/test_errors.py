@@ -143,3 +143,25 @@ def test_wrapping_the_wrong_module_types():
         MultiLoRALinear(nn.LayerNorm(4), 2)
     with pytest.raises(TypeError, match="base: expected an nn.Linear head, got Conv2d"):
         ClientHeadBank(nn.Conv2d(1, 1, 1), 2)
+
+
+def test_slot_arguments_take_any_integer_and_name_themselves():
+    import numpy as np
+
+    model = _bert()
+    state = model.client_state(np.int64(1))
+    assert model.client_state(torch.tensor(1)).keys() == state.keys()
+    model.broadcast_state(state, [np.int64(0), 2])
+    with pytest.raises(TypeError, match=r"^clients: expected a list of slots"):
+        model.broadcast_state(state, 2)
+    with pytest.raises(TypeError, match=r"^client: expected an int slot"):
+        model.client_state(1.0)
+    with pytest.raises(ValueError, match=r"^client: expected a slot in \[0, 3\), got 3"):
+        model.client_state(np.int32(3))
+
+
+def test_evaluate_lm_batch_size_is_checked():
+    from fedhello.nn.lm_eval import evaluate_lm
+
+    with pytest.raises(ValueError, match=r"^batch_size: expected an int >= 1, got 0"):
+        evaluate_lm(_bert(), {"labels": torch.zeros(2, 3, dtype=torch.long)}, batch_size=0)
