@@ -269,7 +269,7 @@ class ClientParallelEngine:
             return self.parallel
         if self._memory_wave is not None:
             return self._memory_wave
-        tokens = max(_tokens_per_sample(t) for t in tasks) * self.cfg.batch_size
+        tokens = max(_tokens_per_sample(t, self.model.backbone.config) for t in tasks) * self.cfg.batch_size
         return wave_size_for_tokens(tokens, self.token_budget, self.model.num_clients)
 
     def train(self, global_state: dict[str, torch.Tensor], tasks: list[LocalTask]) -> list[LocalResult]:
@@ -413,10 +413,17 @@ def _to(value: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     return value.to(device)
 
 
-def _tokens_per_sample(task: LocalTask) -> int:
-    """Positions one sample of the task feeds the backbone (``input_ids`` per row, else the first input)."""
+def _tokens_per_sample(task: LocalTask, config: object = None) -> int:
+    """Positions one sample of the task feeds the backbone: ``input_ids`` per row; for images the
+    patches of a ViT-style ``config`` (``(image_size / patch_size)^2 + 1``, not the pixel count);
+    else the size of the first input."""
     data = task.data
     value = data.get("input_ids")
+    if value is None and "pixel_values" in data:
+        patch = getattr(config, "patch_size", None)
+        if isinstance(patch, int) and patch > 0:
+            height, width = data["pixel_values"].shape[-2:]
+            return (height // patch) * (width // patch) + 1
     if value is None:
         value = next(v for k, v in data.items() if k != "labels")
     return max(1, value[0].numel()) if value.shape[0] else 1

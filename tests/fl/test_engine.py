@@ -387,3 +387,14 @@ def test_causal_lm_client_allotted_no_block_trains_nothing_in_either_engine():
     for g, w in zip(results["batched"][0], results["sequential"][0]):
         assert all(_max_rel(g.state[k], w.state[k]) < 1e-4 for k in w.state)
         assert abs(g.loss - w.loss) < 1e-4 * max(1.0, abs(w.loss))
+
+
+def test_auto_waves_count_image_patches_not_pixels():
+    from types import SimpleNamespace
+
+    from fedhello.fl.engine import _tokens_per_sample
+
+    images = LocalTask(client=0, data={"pixel_values": torch.zeros(4, 3, 224, 224), "labels": torch.zeros(4)},
+                       trainable_blocks=torch.ones(2, dtype=torch.bool), seed=0)
+    assert _tokens_per_sample(images, SimpleNamespace(patch_size=16)) == 14 * 14 + 1  # ViT-B/16: 197
+    assert _tokens_per_sample(images, SimpleNamespace()) == 3 * 224 * 224  # no patches known: the input size
