@@ -129,6 +129,7 @@ class MultiLoRALinear(nn.Module):
         self.rank_scaling = "client"
         self._update_scaling()
         self.reset_parameters(generator)
+        self.register_load_state_dict_post_hook(_rank_scaling_from_buffers)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PEFT's init in every slot: ``A`` Kaiming-uniform (a=sqrt(5)), ``B`` zeros (the layer starts as its base)."""
@@ -213,6 +214,16 @@ class MultiLoRALinear(nn.Module):
         kind = "Conv1D" if self.conv1d else "Linear"
         return (f"{kind}(in={self.in_features}, out={self.out_features}), clients={self.num_clients}, "
                 f"r_max={self.max_rank}, alpha={self.alpha}, dropout={self.dropout}, backend={self.backend!r}")
+
+
+def _rank_scaling_from_buffers(layer: MultiLoRALinear, incompatible_keys: object) -> None:
+    """``rank_scaling`` is a Python setting, not a tensor: after ``load_state_dict`` it is read back
+    off the loaded ``scaling`` and ``ranks``, so a later ``set_ranks`` keeps the saved mode."""
+    per_client = layer.alpha / layer.ranks.to(torch.float32)
+    if torch.equal(layer.scaling, per_client):
+        layer.rank_scaling = "client"
+    elif torch.equal(layer.scaling, torch.full_like(layer.scaling, layer.alpha / layer.max_rank)):
+        layer.rank_scaling = "max"
 
 
 def check_settings(num_clients: int, rank: int, alpha: float, dropout: float, backend: str) -> None:

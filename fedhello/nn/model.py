@@ -86,7 +86,6 @@ class MultiLoRAModel(nn.Module):
         self.context = context
         self.blocks = blocks
         self.max_rank, self.alpha, self.dropout = max_rank, float(alpha), float(dropout)
-        self.rank_scaling = "client"
         self.backbone_train_mode = backbone_train_mode
         # Plain lists (not ModuleLists): the modules are registered once, inside the backbone.
         self._lora = [(name, backbone.get_submodule(name)) for name in lora_names]
@@ -241,7 +240,11 @@ class MultiLoRAModel(nn.Module):
         ``"max"`` (``alpha / r_max`` for every client; see ``MultiLoRALinear.set_rank_scaling``)."""
         for _, layer in self._lora:
             layer.set_rank_scaling(mode)
-        self.rank_scaling = mode
+
+    @property
+    def rank_scaling(self) -> str:
+        """The rank scaling in force (``set_rank_scaling``; read back from the scales after ``load_state_dict``)."""
+        return self._lora[0][1].rank_scaling
 
     def scale_of(self, rank: int) -> float:
         """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling."""

@@ -150,9 +150,9 @@ def test_import_rejects_non_lora_and_missing_checkpoints(tmp_path):
 
 
 def test_export_uses_the_scale_the_slot_computes_with_and_names_the_task(tmp_path):
-    """After load_state_dict the banks' scales are HetLoRA's fixed alpha / r_max while the new
-    model's rank_scaling attribute says "client": the export follows the buffers, and carries a
-    task type, so AutoPeftModelForCausalLM loads it and matches the slot."""
+    """A HetLoRA-scaled model (fixed alpha / r_max) saved with state_dict and loaded into a fresh one:
+    the rank scaling is read back off the loaded scales, the export follows them and carries a task
+    type, so AutoPeftModelForCausalLM loads it and matches the slot."""
     from peft import AutoPeftModelForCausalLM
 
     from .tiny import tiny_causal_lm
@@ -167,8 +167,12 @@ def test_export_uses_the_scale_the_slot_computes_with_and_names_the_task(tmp_pat
     model = inject_multi_lora(copy.deepcopy(pristine), ["q_proj", "v_proj"], 3, rank=4, alpha=8.0,
                               backend="torch", head_modules=None)
     model.load_state_dict(source.state_dict())
+    assert model.rank_scaling == "max"  # read back off the loaded scales
     with torch.no_grad(), model.route(torch.tensor([1, 1, 1, 1])):
         ours = model(**batch).logits
+    model.set_ranks([4, 2, 3])  # recomputes the scales: in the loaded mode, so nothing changes
+    with torch.no_grad(), model.route(torch.tensor([1, 1, 1, 1])):
+        assert torch.equal(model(**batch).logits, ours)
     folder = export_peft(model, 1, tmp_path / "client1")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["r"] == 2 and config["lora_alpha"] == pytest.approx(4.0)
