@@ -97,11 +97,12 @@ def export_peft(
     return folder
 
 
-# PEFT task types by the backbone's transformers class suffix (AutoPeftModel needs one to pick
-# its class); image classifiers and others get none (PeftModel loads them all the same).
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+# PEFT task types by the backbone's transformers class suffix (AutoPeftModel needs one to pick its
+# class). Classifiers get none: PEFT's classification task types add their own modules_to_save
+# ("classifier", "score"), which collide with the head modules this export names (an MPNet/RoBERTa
+# classifier.dense + classifier.out_proj fails to load); PeftModel loads them all the same.
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+               ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
 
 
 def _task_type(backbone: torch.nn.Module) -> str | None:
@@ -109,7 +110,7 @@ def _task_type(backbone: torch.nn.Module) -> str | None:
     for suffix, task in _TASK_TYPES:
         if name.endswith(suffix):
             return task
-    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
+    return "FEATURE_EXTRACTION" if name.endswith("Model") and "For" not in name else None
 
 
 def _read_config(folder: Path, max_rank: int) -> tuple[int, float]:
