@@ -41,7 +41,7 @@ import yaml
 # under a second, before the CLI imports the training stack.
 from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
 from fedhello.errors import UserError
-from fedhello.fl.strategies import AllocationContext, available_strategies, make_strategy
+from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
@@ -440,7 +440,7 @@ class RunConfig:
 PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS = 2, 64
 
 
-def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]):  # noqa: ANN201
+def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]) -> AllocationStrategy:
     """``config``'s allocation strategy for a model of ``num_blocks`` blocks whose tiers have
     ``tier_capacities``; a bad option or tier setting raises ``ConfigError`` naming the config field."""
     context = AllocationContext(num_blocks, tier_capacities, lora_rank=config.model.rank)
@@ -454,7 +454,8 @@ def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tup
         raise ConfigError(f"strategy.options.{message}") from None
 
 
-def _strategy_or_none(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]):  # noqa: ANN202
+def _strategy_or_none(config: "RunConfig", num_blocks: int,
+                      tier_capacities: tuple[int, ...]) -> AllocationStrategy | None:
     try:
         return make_run_strategy(config, num_blocks, tier_capacities)
     except ConfigError:
