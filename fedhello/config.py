@@ -440,15 +440,22 @@ class RunConfig:
 PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS = 2, 64
 
 
-def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...]) -> AllocationStrategy:
+def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...],
+                      population: np.ndarray | None = None) -> AllocationStrategy:
     """``config``'s allocation strategy for a model of ``num_blocks`` blocks whose tiers have
-    ``tier_capacities``; a bad option or tier setting raises ``ConfigError`` naming the config field."""
+    ``tier_capacities`` and, when given, checked against the ``population``'s capacities (int
+    ``[num_clients]``: e.g. Exclusive with no full-capacity client would never train anyone); a bad
+    option or tier setting raises ``ConfigError`` naming the config field."""
     context = AllocationContext(num_blocks, tier_capacities, lora_rank=config.model.rank)
     try:
-        return make_strategy(config.strategy.name, context, config.strategy.options)
+        strategy = make_strategy(config.strategy.name, context, config.strategy.options)
+        if population is not None:
+            strategy.check_population(population)
+        return strategy
     except (TypeError, ValueError) as err:
         message = str(err)
-        for inner, outer in (("tier_capacities:", "tiers.fractions:"), ("lora_rank:", "model.rank:")):
+        for inner, outer in (("tier_capacities:", "tiers.fractions:"), ("lora_rank:", "model.rank:"),
+                             ("population:", "tiers.shares:")):
             if message.startswith(inner):
                 raise ConfigError(outer + message[len(inner):]) from None
         raise ConfigError(f"strategy.options.{message}") from None

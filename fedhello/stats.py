@@ -20,7 +20,6 @@ Command line (one markdown table for every published suite folder given)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +46,19 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir}")
-    records = read_jsonl(path)
+    value = _metric(read_jsonl(path), metric)
+    if value is None:
+        raise ValueError(f"run_dir: {path} has no evaluated round (no test_accuracy or test_perplexity)")
+    return value
+
+
+def _metric(records: Sequence[Mapping], metric: str) -> float | None:
+    """``metric`` of one run's records, None when no round was evaluated."""
     accuracy = [100.0 * r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
     perplexity = [r["test_perplexity"] for r in records if r.get("test_perplexity") is not None]
     values, best = (accuracy, max) if accuracy or not perplexity else (perplexity, min)
     if not values:
-        raise ValueError(f"run_dir: {path} has no evaluated round (no test_accuracy or test_perplexity)")
+        return None
     if metric == "final":
         return values[-1]
     if metric == "best":
@@ -63,17 +69,17 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
 def seed_values(folder: str | Path, setting: str, method: str, metric: str) -> dict[int, float]:
     """``seed -> metric`` of every ``<folder>/<setting>/<method>/seed-<s>`` run with an evaluated round
     (a run stopped before its first evaluation has no value and is left out, as the suite table does)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     base = Path(folder) / setting / method
     values = {}
     for run in sorted(base.glob("seed-*")):
         suffix = run.name.removeprefix("seed-")
-        if suffix.isdigit() and (run / "metrics.jsonl").is_file() and _evaluated(run / "metrics.jsonl"):
-            values[int(suffix)] = run_metric(run, metric)
+        if suffix.isdigit() and (run / "metrics.jsonl").is_file():
+            value = _metric(read_jsonl(run / "metrics.jsonl"), metric)
+            if value is not None:
+                values[int(suffix)] = value
     return values
-
-
-def _evaluated(path: Path) -> bool:
-    return any(r.get("test_accuracy") is not None or r.get("test_perplexity") is not None for r in read_jsonl(path))
 
 
 @dataclass(frozen=True)

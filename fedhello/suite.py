@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedhello.config import ConfigError, apply_overrides, load_config
+from fedhello.config import ConfigError, load_config
+from fedhello.fl.checkpoint import read_jsonl
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
 
@@ -214,8 +215,6 @@ def _kept_rounds_seconds(run_dir: Path) -> float:
     if not (checkpoint.exists() and metrics.exists()):
         return 0.0
     next_round = json.loads(checkpoint.read_text())["next_round"]
-    from fedhello.fl.checkpoint import read_jsonl
-
     return float(sum(r["wall_time"] for r in read_jsonl(metrics) if r["round"] < next_round))
 
 
@@ -432,7 +431,7 @@ def render_table(summary: dict[str, Any]) -> str:
 
     def cell(row: dict[str, Any], stat: str) -> str:
         mean, std = row[stat]
-        have = row.get("seeds", n_seeds)  # seeds with an evaluated run; fewer when some failed or are running
+        have = row["seeds"]  # seeds with an evaluated run; fewer when some failed or are running
         text = f"{mean:.2f}"
         if n_seeds > 1:
             text += (f" ± {std:.2f}" if have > 1 else " ± –") + (f" (n={have})" if have < n_seeds else "")

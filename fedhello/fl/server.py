@@ -193,11 +193,8 @@ class FederatedRun:
         self.tiers = cfg.capacity_tiers()
         self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
         # The config was checked before L was known: tier settings are checked again for this model.
-        self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities)
-        try:  # e.g. Exclusive with no client in a full-capacity tier would never train anyone
-            self.strategy.check_population(self.capacities.capacity)
-        except ValueError as err:
-            raise UserError("tiers.shares:" + str(err).removeprefix("population:")) from None
+        self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities,
+                                          population=self.capacities.capacity)
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
@@ -414,8 +411,7 @@ class FederatedRun:
             "allocation": {str(res.client): res.trainable_blocks.nonzero().flatten().tolist() for res in results},
             # By client, like "allocation": a client dropped this round (failed, non-finite) has none.
             "ranks": None if alloc.ranks is None else {
-                str(int(cohort[i])): int(alloc.ranks[i]) for i in plan.members
-                if int(cohort[i]) in {res.client for res in results}},
+                str(res.client): int(alloc.ranks[position[res.client]]) for res in results},
             "probabilities": _as_list(alloc.probabilities),
             "fisher_scores": _as_list(self.strategy.fisher_scores),
             # None (JSON null) when nobody trained: NaN is not JSON.

@@ -154,10 +154,13 @@ class MultiLoRALinear(nn.Module):
         self._update_scaling()
 
     def _update_scaling(self) -> None:
-        if self.rank_scaling == "max":
-            self.scaling.fill_(self.alpha / self.max_rank)
-        else:
-            self.scaling.copy_(self.alpha / self.ranks.to(torch.float32))
+        self.scaling.copy_(self._scales(self.rank_scaling))
+
+    def _scales(self, mode: str) -> torch.Tensor:
+        """float32 ``[N]``: every client's scale under rank scaling ``mode``."""
+        if mode == "max":
+            return torch.full_like(self.scaling, self.alpha / self.max_rank)
+        return self.alpha / self.ranks.to(torch.float32)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
         """``.to(...)``, ``.cuda()``, ``.half()`` and the like move ``scaling`` and ``grad_sqnorm`` to the
@@ -219,11 +222,10 @@ class MultiLoRALinear(nn.Module):
 def _rank_scaling_from_buffers(layer: MultiLoRALinear, incompatible_keys: object) -> None:
     """``rank_scaling`` is a Python setting, not a tensor: after ``load_state_dict`` it is read back
     off the loaded ``scaling`` and ``ranks``, so a later ``set_ranks`` keeps the saved mode."""
-    per_client = layer.alpha / layer.ranks.to(torch.float32)
-    if torch.equal(layer.scaling, per_client):
-        layer.rank_scaling = "client"
-    elif torch.equal(layer.scaling, torch.full_like(layer.scaling, layer.alpha / layer.max_rank)):
-        layer.rank_scaling = "max"
+    for mode in RANK_SCALINGS:
+        if torch.equal(layer.scaling, layer._scales(mode)):
+            layer.rank_scaling = mode
+            return
 
 
 def check_settings(num_clients: int, rank: int, alpha: float, dropout: float, backend: str) -> None:
