@@ -9,6 +9,8 @@ the backbone is never copied) by ``MultiLoRALinear`` banks and its trainable hea
         logits = model(**batch).logits
     model.set_trainable(mask)              # bool [L, N]: which blocks each client trains
     model.fisher_norms()                   # float32 [L, N]: sum of ||dA||^2 + ||dB||^2 per block
+    opt = model.masked_optimizer("adamw", lr=1e-3, weight_decay=0.01)
+    opt.step(model.step_masks(client_ids)) # after backward: frozen and unrouted slots stay put
 
 "Block" l is the l-th transformer layer (see ``discovery``); every adapter inside it shares
 ``trainable[l, c]`` and its squared gradient norms add up into ``fisher_norms()[l, c]``.
@@ -30,7 +32,8 @@ from torch import nn
 from .discovery import BlockMap, find_blocks, is_linear_like, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
-from .routing import RoutingContext
+from .optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
+from .routing import RoutingContext, normalize_client_ids
 
 __all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
 
@@ -320,6 +323,52 @@ class MultiLoRAModel(nn.Module):
             if head.bias is not None:
                 out.append((f"{name}.bias", head.bias))
         return out
+
+    def optimizer_banks(self) -> list[nn.Parameter]:
+        """Every adapter bank (``lora_banks`` order), then every head bank (``head_banks`` order): the
+        parameters of ``masked_optimizer``, in the order of ``step_masks``."""
+        return [p for _, _, p in self.lora_banks()] + [p for _, p in self.head_banks()]
+
+    def masked_optimizer(self, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                         momentum: float = 0.0) -> MaskedAdamW | MaskedSGD:
+        """An optimizer over ``optimizer_banks()`` that steps only the slots its masks select.
+
+        ``torch.optim`` over the banks moves slots that are frozen (``set_trainable``) or got no
+        rows: their gradient is zero, but AdamW's momentum and any weight decay still update them.
+        Step this one with ``step_masks`` of the batch: every other slot keeps its values and its
+        optimizer state bit for bit, as if it had been trained alone.
+
+        Args:
+            name: "adamw" (``torch.optim.AdamW``'s arithmetic) or "sgd" (``torch.optim.SGD``'s).
+            lr, weight_decay, momentum: as in torch (``momentum`` is SGD's).
+        """
+        return make_masked_optimizer(name, self.optimizer_banks(), lr, weight_decay, momentum)
+
+    def step_masks(self, client_ids: torch.Tensor | Sequence[int] | int, *, trusted: bool = False) -> list[torch.Tensor]:
+        """Which slots of each bank an optimizer step after a batch routed by ``client_ids`` updates.
+
+        A slot is updated if the batch routed rows to it and, for an adapter bank, its block is
+        trainable for that slot (``set_trainable``); heads have no trainable mask. Nothing is read
+        back to the host (unless the ids are range-checked).
+
+        Args:
+            client_ids: the routing of the batch, as given to ``route``.
+            trusted: the ids are known to lie in ``[-1, N)`` (no range check, as in ``route``).
+
+        Returns:
+            one bool ``[N]`` per bank of ``optimizer_banks()``, on the banks' device.
+        """
+        device = self._device()
+        ids = normalize_client_ids(client_ids, self.num_clients, device, check_range=not trusted)
+        # Slot c is entry c + 1; entry 0 gathers the rows routed to -1 (the base model).
+        hit = torch.zeros(self.num_clients + 1, dtype=torch.bool, device=device)
+        index = torch.tensor([ids + 1], device=device) if isinstance(ids, int) else ids + 1
+        routed = hit.index_fill_(0, index, True)[1:]
+        masks = []
+        for _, layer in self._lora:
+            trained = routed.to(layer.trainable.device) & layer.trainable
+            masks += [trained, trained]  # lora_a, lora_b
+        return masks + [routed.to(p.device) for _, p in self.head_banks()]
 
     def tensor_blocks(self) -> dict[str, int | None]:
         """State name -> block of every tensor of a client state (None for head tensors)."""
