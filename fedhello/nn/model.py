@@ -97,6 +97,9 @@ class MultiLoRAModel(nn.Module):
         self.register_buffer(
             "_trainable", torch.ones(blocks.num_blocks, context.num_clients, dtype=torch.bool), persistent=False
         )
+        # The modules that transformers' gradient_checkpointing_enable can switch on (they carry the
+        # flag from construction on): their training mode follows the flag at every forward.
+        self._checkpointable = [m for m in backbone.modules() if hasattr(m, "gradient_checkpointing")]
 
     def __getattr__(self, name: str):
         try:
@@ -181,6 +184,8 @@ class MultiLoRAModel(nn.Module):
                     f"client_ids: expected one id per sample, batch size {batch} ({source}.shape[0]), "
                     f"got {ids.numel()} ids"
                 )
+        if self.training and not self.backbone_train_mode:
+            self._sync_checkpointing_modes()
         return self.backbone(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "MultiLoRAModel":
@@ -188,12 +193,18 @@ class MultiLoRAModel(nn.Module):
         if mode and not self.backbone_train_mode:
             for module in self.backbone.modules():
                 if not isinstance(module, (MultiLoRALinear, ClientHeadBank)):
-                    # Layers with transformers' gradient checkpointing on stay in training mode: they
-                    # checkpoint only then. Their dropout modules are children, switched off here.
-                    module.training = getattr(module, "gradient_checkpointing", False) is True
+                    module.training = False
             for _, module in self._lora + self._heads:
                 module.base.training = False
+            self._sync_checkpointing_modes()
         return self
+
+    def _sync_checkpointing_modes(self) -> None:
+        """In training mode, layers with transformers' gradient checkpointing on are in training mode:
+        they checkpoint only then (their dropout modules are children, kept off by ``train``). Read at
+        every forward, so ``gradient_checkpointing_enable`` may come before or after ``train()``."""
+        for module in self._checkpointable:
+            module.training = module.gradient_checkpointing is True
 
     # ------------------------------------------------------------------ per-client settings
     def set_trainable(self, mask: torch.Tensor | None) -> None:
