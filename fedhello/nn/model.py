@@ -150,7 +150,7 @@ class MultiLoRAModel(nn.Module):
 
     @property
     def ranks(self) -> list[int]:
-        """Per-client LoRA ranks (N ints, each ``<= max_rank``)."""
+        """Per-client LoRA ranks (N ints in ``[0, max_rank]``; 0: no adapter)."""
         return self._lora[0][1].ranks.tolist()
 
     def _device(self) -> torch.device:
@@ -236,7 +236,8 @@ class MultiLoRAModel(nn.Module):
         """Per-client LoRA ranks (HetLoRA); client c is scaled by ``alpha / ranks[c]``.
 
         Args:
-            ranks: N ints in ``[1, max_rank]``, or ``{client: rank}`` for some clients.
+            ranks: N ints in ``[0, max_rank]``, or ``{client: rank}`` for some clients. Rank 0: the
+                slot has no adapter (its rows get the base layers' output) and scale 0.
         """
         if isinstance(ranks, Mapping):
             values = self.ranks
@@ -261,7 +262,10 @@ class MultiLoRAModel(nn.Module):
         return self._lora[0][1].rank_scaling
 
     def scale_of(self, rank: int) -> float:
-        """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling."""
+        """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling (0 for rank 0,
+        as ``MultiLoRALinear`` scales it)."""
+        if rank == 0:
+            return 0.0
         return self.alpha / (self.max_rank if self.rank_scaling == "max" else rank)
 
     @property
@@ -528,8 +532,9 @@ def inject_multi_lora(
             string: a regular expression on the whole qualified name), e.g. ``["query", "value"]``.
         num_clients: N, the number of client slots.
         rank: r_max, the bank's rank dimension.
-        ranks: per-client ranks ``<= rank`` (HetLoRA); default all ``rank``.
-        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (PEFT's ``lora_alpha / r``).
+        ranks: per-client ranks in ``[0, rank]`` (HetLoRA; 0: no adapter); default all ``rank``.
+        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (PEFT's ``lora_alpha / r``; 0 for
+            rank 0).
         dropout: LoRA dropout probability (per-client generators, seeded from ``seed``).
         head_modules: modules that each client trains in full, like PEFT's ``modules_to_save``:
             ``"auto"`` (every module named "classifier" or "score"), names/regex as for targets,

@@ -166,7 +166,7 @@ def test_set_ranks_rescales_like_peft():
     assert model.ranks == [4, 2, 4, 1]
     for _, layer in model.lora_modules:
         torch.testing.assert_close(layer.scaling, torch.tensor([ALPHA / 4, ALPHA / 2, ALPHA / 4, ALPHA / 1]))
-    with pytest.raises(ValueError, match="ranks: expected values in \\[1, rank=4\\]"):
+    with pytest.raises(ValueError, match="ranks: expected values in \\[0, rank=4\\]"):
         model.set_ranks({0: 5})
 
 
