@@ -355,7 +355,7 @@ class MultiLoRAModel(nn.Module):
 
         Args:
             name: "adamw" (``torch.optim.AdamW``'s arithmetic) or "sgd" (``torch.optim.SGD``'s).
-            lr, weight_decay, momentum: as in torch (``momentum`` is SGD's).
+            lr, weight_decay, momentum: as in torch (``momentum`` is SGD's); defaults 1e-3, 0 and 0.
         """
         return make_masked_optimizer(name, self.optimizer_banks(), lr, weight_decay, momentum)
 
