@@ -90,7 +90,7 @@ from _random_backbones import RANDOM_LM_MODELS, RANDOM_MODELS, random_backbone, 
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine, resolve_dtype
-from fedhello.fl.optim import make_masked_optimizer
+from fedhello.nn.optim import make_masked_optimizer
 from fedhello.kernels import BACKENDS, resolve_backend
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
 from fedhello.nn.model import DEFAULT_TARGET_MODULES

@@ -27,3 +27,14 @@ def test_kernel_example_gives_sensible_gradient_norms(tmp_path):
     assert torch.all(norms[~trainable] == 0)
     # A initialised at 1/sqrt(d_in) and a mean loss: small positive norms, not the ~1e8 of randn A
     assert torch.all((norms[trainable] > 1e-7) & (norms[trainable] < 1e-1)), norms
+
+
+def test_model_layer_example_keeps_frozen_and_absent_clients(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(_python_block("The model layer"))
+    torch.manual_seed(0)
+    namespace = runpy.run_path(str(script))
+    for _, layer in namespace["model"].lora_modules:
+        # Every slot starts from the same A and B = 0: client 0 moved, frozen 1 and absent 3 did not.
+        assert torch.equal(layer.lora_a[1], layer.lora_a[3]) and not layer.lora_b[[1, 3]].any()
+        assert not torch.equal(layer.lora_a[0], layer.lora_a[3]) and layer.lora_b[0].any()

@@ -1,7 +1,8 @@
 """Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation.
 
-The engine (``fedhello.fl.engine``) and the optimizers (``fedhello.fl.optim``) are imported
-from their modules directly: they need the model layer, these building blocks do not.
+The engine (``fedhello.fl.engine``) is imported from its module directly: it needs the model
+layer, these building blocks do not. Its masked optimizers are the model layer's
+(``fedhello.nn.optim``).
 Names load on first use, so ``fedhello.fl.strategies`` alone (what config validation needs)
 does not import torch or datasets.
 """

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from fedhello.fl.optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
+from fedhello.nn.optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
 from fedhello.nn import MultiLoRAModel
 from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import COMPUTE_DTYPES

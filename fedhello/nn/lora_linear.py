@@ -6,13 +6,16 @@ stored ``[in, out]``) untouched and frozen, and adds
 * ``lora_a``: float32 ``[N, r_max, d_in]`` and ``lora_b``: float32 ``[N, d_out, r_max]``, the
   stacked adapters of the N client slots (master weights; cast to the activations' dtype on
   use);
-* buffers ``ranks`` (int32 ``[N]``, each ``<= r_max``), ``scaling`` (float32 ``[N]``,
-  ``alpha / ranks`` as in PEFT), ``trainable`` (bool ``[N]``) and ``grad_sqnorm`` (float32 ``[N]``,
+* buffers ``ranks`` (int32 ``[N]``, each in ``[0, r_max]``), ``scaling`` (float32 ``[N]``,
+  ``alpha / ranks`` as in PEFT; 0 for a rank-0 slot), ``trainable`` (bool ``[N]``) and ``grad_sqnorm`` (float32 ``[N]``,
   accumulated by every backward).
 
 Each forward reads the batch's routing from its ``RoutingContext`` and calls
 ``fedhello.kernels.multi_lora_linear``: row t gets ``x W^T + b + s_c (x A_c^T) B_c^T`` with
 ``c`` its client, rows routed to ``-1`` the base output only.
+
+A slot of rank 0 has no adapter: its rows get the base output, its adapter entries no gradient,
+and its scale is 0 (not ``alpha / 0``), as in the kernels, which take ranks in ``[0, r_max]``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ _FLOAT32_BUFFERS = ("scaling", "grad_sqnorm")
 
 
 def check_ranks(ranks: Sequence[int] | torch.Tensor | None, num_clients: int, max_rank: int) -> list[int]:
-    """Per-client ranks as a list of N ints in ``[1, max_rank]`` (``None``: every client at ``max_rank``).
+    """Per-client ranks as a list of N ints in ``[0, max_rank]`` (``None``: every client at ``max_rank``).
+
+    Rank 0 is a slot with no adapter (the base layer only), as the kernels define it.
 
     Raises:
         TypeError: not a sequence of ints.
@@ -55,9 +60,9 @@ def check_ranks(ranks: Sequence[int] | torch.Tensor | None, num_clients: int, ma
         raise TypeError(f"ranks: expected a list of {num_clients} ints, got {type(ranks).__name__}")
     if len(values) != num_clients:
         raise ValueError(f"ranks: expected one rank per client ({num_clients}), got {len(values)}")
-    bad = [r for r in values if not 1 <= r <= max_rank]
+    bad = [r for r in values if not 0 <= r <= max_rank]
     if bad:
-        raise ValueError(f"ranks: expected values in [1, rank={max_rank}] (rank is r_max), got {bad[0]}")
+        raise ValueError(f"ranks: expected values in [0, rank={max_rank}] (rank is r_max), got {bad[0]}")
     return values
 
 
@@ -68,8 +73,9 @@ class MultiLoRALinear(nn.Module):
         base: the frozen ``nn.Linear`` or transformers ``Conv1D`` to wrap (kept as ``self.base``).
         num_clients: N, the number of adapter slots.
         rank: r_max, the rank dimension of the bank.
-        ranks: optional per-client ranks (list of N ints ``<= rank``, HetLoRA); default all ``rank``.
-        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]``.
+        ranks: optional per-client ranks (list of N ints in ``[0, rank]``, HetLoRA; 0: no adapter);
+            default all ``rank``.
+        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (0 when ``ranks[c] = 0``).
         dropout: LoRA dropout probability on the adapter input (training mode only, fused into the
             kernels, never on the base path); each client's masks come from its own stream in
             ``context``, so they do not depend on the other clients in the batch. Activation
@@ -140,7 +146,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_b.zero_()
 
     def set_ranks(self, ranks: Sequence[int] | torch.Tensor) -> None:
-        """Set all N per-client ranks (each in ``[1, r_max]``); scales become ``alpha / rank``."""
+        """Set all N per-client ranks (each in ``[0, r_max]``); scales become ``alpha / rank`` (0 for rank 0)."""
         values = check_ranks(ranks, self.num_clients, self.max_rank)
         self.ranks.copy_(torch.tensor(values, dtype=torch.int32))
         self._update_scaling()
@@ -157,10 +163,13 @@ class MultiLoRALinear(nn.Module):
         self.scaling.copy_(self._scales(self.rank_scaling))
 
     def _scales(self, mode: str) -> torch.Tensor:
-        """float32 ``[N]``: every client's scale under rank scaling ``mode``."""
+        """float32 ``[N]``: every client's scale under rank scaling ``mode``; 0 for a rank-0 slot, which
+        has no adapter to scale (``alpha / 0`` would be inf, and ``inf * 0`` a NaN in the kernels)."""
         if mode == "max":
-            return torch.full_like(self.scaling, self.alpha / self.max_rank)
-        return self.alpha / self.ranks.to(torch.float32)
+            scales = torch.full_like(self.scaling, self.alpha / self.max_rank)
+        else:
+            scales = self.alpha / self.ranks.to(torch.float32)
+        return scales.masked_fill(self.ranks == 0, 0.0)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
         """``.to(...)``, ``.cuda()``, ``.half()`` and the like move ``scaling`` and ``grad_sqnorm`` to the

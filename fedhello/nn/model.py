@@ -9,6 +9,8 @@ the backbone is never copied) by ``MultiLoRALinear`` banks and its trainable hea
         logits = model(**batch).logits
     model.set_trainable(mask)              # bool [L, N]: which blocks each client trains
     model.fisher_norms()                   # float32 [L, N]: sum of ||dA||^2 + ||dB||^2 per block
+    opt = model.masked_optimizer("adamw", lr=1e-3, weight_decay=0.01)
+    opt.step(model.step_masks(client_ids)) # after backward: frozen and unrouted slots stay put
 
 "Block" l is the l-th transformer layer (see ``discovery``); every adapter inside it shares
 ``trainable[l, c]`` and its squared gradient norms add up into ``fisher_norms()[l, c]``.
@@ -30,7 +32,8 @@ from torch import nn
 from .discovery import BlockMap, find_blocks, is_linear_like, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
-from .routing import RoutingContext
+from .optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
+from .routing import RoutingContext, normalize_client_ids
 
 __all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
 
@@ -94,6 +97,9 @@ class MultiLoRAModel(nn.Module):
         self.register_buffer(
             "_trainable", torch.ones(blocks.num_blocks, context.num_clients, dtype=torch.bool), persistent=False
         )
+        # The modules that transformers' gradient_checkpointing_enable can switch on (they carry the
+        # flag from construction on): their training mode follows the flag at every forward.
+        self._checkpointable = [m for m in backbone.modules() if hasattr(m, "gradient_checkpointing")]
 
     def __getattr__(self, name: str):
         try:
@@ -144,7 +150,7 @@ class MultiLoRAModel(nn.Module):
 
     @property
     def ranks(self) -> list[int]:
-        """Per-client LoRA ranks (N ints, each ``<= max_rank``)."""
+        """Per-client LoRA ranks (N ints in ``[0, max_rank]``; 0: no adapter)."""
         return self._lora[0][1].ranks.tolist()
 
     def _device(self) -> torch.device:
@@ -178,6 +184,8 @@ class MultiLoRAModel(nn.Module):
                     f"client_ids: expected one id per sample, batch size {batch} ({source}.shape[0]), "
                     f"got {ids.numel()} ids"
                 )
+        if self.training and not self.backbone_train_mode:
+            self._sync_checkpointing_modes()
         return self.backbone(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "MultiLoRAModel":
@@ -185,12 +193,18 @@ class MultiLoRAModel(nn.Module):
         if mode and not self.backbone_train_mode:
             for module in self.backbone.modules():
                 if not isinstance(module, (MultiLoRALinear, ClientHeadBank)):
-                    # Layers with transformers' gradient checkpointing on stay in training mode: they
-                    # checkpoint only then. Their dropout modules are children, switched off here.
-                    module.training = getattr(module, "gradient_checkpointing", False) is True
+                    module.training = False
             for _, module in self._lora + self._heads:
                 module.base.training = False
+            self._sync_checkpointing_modes()
         return self
+
+    def _sync_checkpointing_modes(self) -> None:
+        """In training mode, layers with transformers' gradient checkpointing on are in training mode:
+        they checkpoint only then (their dropout modules are children, kept off by ``train``). Read at
+        every forward, so ``gradient_checkpointing_enable`` may come before or after ``train()``."""
+        for module in self._checkpointable:
+            module.training = module.gradient_checkpointing is True
 
     # ------------------------------------------------------------------ per-client settings
     def set_trainable(self, mask: torch.Tensor | None) -> None:
@@ -222,7 +236,8 @@ class MultiLoRAModel(nn.Module):
         """Per-client LoRA ranks (HetLoRA); client c is scaled by ``alpha / ranks[c]``.
 
         Args:
-            ranks: N ints in ``[1, max_rank]``, or ``{client: rank}`` for some clients.
+            ranks: N ints in ``[0, max_rank]``, or ``{client: rank}`` for some clients. Rank 0: the
+                slot has no adapter (its rows get the base layers' output) and scale 0.
         """
         if isinstance(ranks, Mapping):
             values = self.ranks
@@ -247,7 +262,10 @@ class MultiLoRAModel(nn.Module):
         return self._lora[0][1].rank_scaling
 
     def scale_of(self, rank: int) -> float:
-        """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling."""
+        """The LoRA scale of a client slot of rank ``rank`` under the current rank scaling (0 for rank 0,
+        as ``MultiLoRALinear`` scales it)."""
+        if rank == 0:
+            return 0.0
         return self.alpha / (self.max_rank if self.rank_scaling == "max" else rank)
 
     @property
@@ -320,6 +338,52 @@ class MultiLoRAModel(nn.Module):
             if head.bias is not None:
                 out.append((f"{name}.bias", head.bias))
         return out
+
+    def optimizer_banks(self) -> list[nn.Parameter]:
+        """Every adapter bank (``lora_banks`` order), then every head bank (``head_banks`` order): the
+        parameters of ``masked_optimizer``, in the order of ``step_masks``."""
+        return [p for _, _, p in self.lora_banks()] + [p for _, p in self.head_banks()]
+
+    def masked_optimizer(self, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                         momentum: float = 0.0) -> MaskedAdamW | MaskedSGD:
+        """An optimizer over ``optimizer_banks()`` that steps only the slots its masks select.
+
+        ``torch.optim`` over the banks moves slots that are frozen (``set_trainable``) or got no
+        rows: their gradient is zero, but AdamW's momentum and any weight decay still update them.
+        Step this one with ``step_masks`` of the batch: every other slot keeps its values and its
+        optimizer state bit for bit, as if it had been trained alone.
+
+        Args:
+            name: "adamw" (``torch.optim.AdamW``'s arithmetic) or "sgd" (``torch.optim.SGD``'s).
+            lr, weight_decay, momentum: as in torch (``momentum`` is SGD's); defaults 1e-3, 0 and 0.
+        """
+        return make_masked_optimizer(name, self.optimizer_banks(), lr, weight_decay, momentum)
+
+    def step_masks(self, client_ids: torch.Tensor | Sequence[int] | int, *, trusted: bool = False) -> list[torch.Tensor]:
+        """Which slots of each bank an optimizer step after a batch routed by ``client_ids`` updates.
+
+        A slot is updated if the batch routed rows to it and, for an adapter bank, its block is
+        trainable for that slot (``set_trainable``); heads have no trainable mask. Nothing is read
+        back to the host (unless the ids are range-checked).
+
+        Args:
+            client_ids: the routing of the batch, as given to ``route``.
+            trusted: the ids are known to lie in ``[-1, N)`` (no range check, as in ``route``).
+
+        Returns:
+            one bool ``[N]`` per bank of ``optimizer_banks()``, on the banks' device.
+        """
+        device = self._device()
+        ids = normalize_client_ids(client_ids, self.num_clients, device, check_range=not trusted)
+        # Slot c is entry c + 1; entry 0 gathers the rows routed to -1 (the base model).
+        hit = torch.zeros(self.num_clients + 1, dtype=torch.bool, device=device)
+        index = torch.tensor([ids + 1], device=device) if isinstance(ids, int) else ids + 1
+        routed = hit.index_fill_(0, index, True)[1:]
+        masks = []
+        for _, layer in self._lora:
+            trained = routed.to(layer.trainable.device) & layer.trainable
+            masks += [trained, trained]  # lora_a, lora_b
+        return masks + [routed.to(p.device) for _, p in self.head_banks()]
 
     def tensor_blocks(self) -> dict[str, int | None]:
         """State name -> block of every tensor of a client state (None for head tensors)."""
@@ -468,8 +532,9 @@ def inject_multi_lora(
             string: a regular expression on the whole qualified name), e.g. ``["query", "value"]``.
         num_clients: N, the number of client slots.
         rank: r_max, the bank's rank dimension.
-        ranks: per-client ranks ``<= rank`` (HetLoRA); default all ``rank``.
-        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (PEFT's ``lora_alpha / r``).
+        ranks: per-client ranks in ``[0, rank]`` (HetLoRA; 0: no adapter); default all ``rank``.
+        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (PEFT's ``lora_alpha / r``; 0 for
+            rank 0).
         dropout: LoRA dropout probability (per-client generators, seeded from ``seed``).
         head_modules: modules that each client trains in full, like PEFT's ``modules_to_save``:
             ``"auto"`` (every module named "classifier" or "score"), names/regex as for targets,

@@ -47,6 +47,10 @@ def export_peft(
         state: export this client state instead of the slot's (e.g. the server's global state,
             keys as in ``model.client_state``); at the slot's rank, or at r_max when ``client`` is None.
 
+    Raises:
+        ValueError: the slot has rank 0 (no adapter: PEFT's LoRA has no r = 0), or its scale differs
+            across layers.
+
     Returns:
         the folder.
     """
@@ -61,6 +65,9 @@ def export_peft(
     else:
         model.check_state(state, strict=True)
     rank = model.ranks[model.check_client(client)] if client is not None else model.max_rank
+    if rank == 0:
+        raise ValueError(f"client: slot {client} has rank 0 (no adapter); a PEFT LoRA checkpoint needs r >= 1 "
+                         "(set_ranks the slot to its rank, or export another slot)")
 
     tensors: dict[str, torch.Tensor] = {}
     for name, _ in model.lora_modules:

@@ -68,7 +68,7 @@ def test_head_modules_must_be_linear():
         ({"num_clients": 0}, ValueError, "num_clients: expected >= 1, got 0"),
         ({"rank": 0}, ValueError, "rank: expected >= 1, got 0"),
         ({"ranks": [4, 4]}, ValueError, r"ranks: expected one rank per client \(3\), got 2"),
-        ({"ranks": [4, 5, 1]}, ValueError, r"ranks: expected values in \[1, rank=4\] \(rank is r_max\), got 5"),
+        ({"ranks": [4, 5, 1]}, ValueError, r"ranks: expected values in \[0, rank=4\] \(rank is r_max\), got 5"),
         ({"ranks": [4.0, 4, 4]}, TypeError, "ranks: expected a list of ints"),
         ({"alpha": -1.0}, ValueError, "alpha: expected a finite number > 0, got -1.0"),
         ({"alpha": float("inf")}, ValueError, "alpha: expected a finite number > 0, got inf"),

@@ -166,7 +166,7 @@ def test_set_ranks_rescales_like_peft():
     assert model.ranks == [4, 2, 4, 1]
     for _, layer in model.lora_modules:
         torch.testing.assert_close(layer.scaling, torch.tensor([ALPHA / 4, ALPHA / 2, ALPHA / 4, ALPHA / 1]))
-    with pytest.raises(ValueError, match="ranks: expected values in \\[1, rank=4\\]"):
+    with pytest.raises(ValueError, match="ranks: expected values in \\[0, rank=4\\]"):
         model.set_ranks({0: 5})
 
 
@@ -389,28 +389,71 @@ def test_activation_checkpointing_with_dropout_refuses_to_recompute():
         y.sum().backward()
 
 
-def test_transformers_gradient_checkpointing_really_checkpoints_in_train_mode():
-    """model.train() keeps the backbone's dropout off but must leave transformers' checkpointed layers
-    in training mode (they only checkpoint then); gradients equal those of a plain backward."""
+def _checkpointed_causal_lm(order: str, dropout: float = 0.0):
+    """A tiny causal LM with transformers' gradient checkpointing switched on ``order``: "enable-first"
+    (before injection and ``train()``), "train-first" (``train()``, then enabled on the backbone) or
+    "wrapper" (``train()``, then enabled through the MultiLoRAModel); and a counter of the forwards
+    of a layer inside the checkpointed region."""
     from .tiny import tiny_causal_lm
 
+    torch.manual_seed(0)
+    backbone = tiny_causal_lm(64)
+    enable = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_*
+        if order == "enable-first":
+            backbone.gradient_checkpointing_enable(**enable)
+        model = inject_multi_lora(backbone, ["q_proj", "v_proj"], 2, rank=4, head_modules=None,
+                                  backend="torch", dropout=dropout)
+        randomize_banks(model)
+        model.train()
+        if order == "train-first":
+            backbone.gradient_checkpointing_enable(**enable)
+        elif order == "wrapper":
+            model.gradient_checkpointing_enable(**enable)
+    count = [0]
+    layer = backbone.model.layers[0].self_attn  # inside the checkpointed forward
+    layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return model, count
+
+
+@pytest.mark.parametrize("order", ["enable-first", "train-first", "wrapper"])
+def test_transformers_gradient_checkpointing_really_checkpoints_in_train_mode(order):
+    """model.train() keeps the backbone's dropout off but must leave transformers' checkpointed layers
+    in training mode (they only checkpoint then), whether checkpointing is enabled before or after
+    train(); gradients equal those of a plain backward."""
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     grads, calls = [], []
     for checkpointing in (False, True):
-        torch.manual_seed(0)
-        backbone = tiny_causal_lm(64)
-        if checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = inject_multi_lora(backbone, ["q_proj", "v_proj"], 2, rank=4, head_modules=None, backend="torch")
-        randomize_banks(model)
-        model.train()
-        layer = backbone.model.layers[0].self_attn  # inside the checkpointed forward
-        count = [0]
-        layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        model, count = _checkpointed_causal_lm(order if checkpointing else "off")
         with model.route(torch.tensor([0, 1])):
             model(input_ids=ids, labels=ids).loss.backward()
         calls.append(count[0])
         grads.append([p.grad.clone() for _, _, p in model.lora_banks()])
-    assert calls == [1, 2]  # the checkpointed layer ran again in the backward (before the fix: [1, 1])
+        # The backbone's own dropout stays off: only the checkpointed layers are in training mode.
+        assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.Dropout))
+    assert calls == [1, 2]  # the checkpointed layer ran again in the backward (train-first before the fix: [1, 1])
     for plain, ckpt in zip(*grads):
         torch.testing.assert_close(plain, ckpt)
+
+
+@pytest.mark.parametrize("order", ["enable-first", "train-first", "wrapper"])
+def test_transformers_gradient_checkpointing_with_dropout_raises_in_either_order(order):
+    model, count = _checkpointed_causal_lm(order, dropout=0.1)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with model.route(torch.tensor([0, 1])):
+        loss = model(input_ids=ids, labels=ids).loss
+        with pytest.raises(RuntimeError, match="activation checkpointing.*dropout 0"):
+            loss.backward()
+
+
+def test_transformers_gradient_checkpointing_disabled_after_train_recomputes_nothing():
+    model, count = _checkpointed_causal_lm("train-first")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_disable()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with model.route(torch.tensor([0, 1])):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert count[0] == 1
+    assert not any(m.training for m in model._checkpointable)

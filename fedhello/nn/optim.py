@@ -1,5 +1,11 @@
 """Masked batched optimizers over stacked per-client parameters.
 
+``torch.optim`` over a bank moves every slot: AdamW's momentum keeps updating a slot whose
+gradient became zero, and weight decay shrinks slots that never had a gradient. These
+optimizers step only the slots a mask selects. ``MultiLoRAModel.masked_optimizer`` builds one
+over a model's banks and ``MultiLoRAModel.step_masks`` the masks of a batch; the federated
+engine uses them the same way.
+
 Every parameter handled here is a *bank*: a tensor whose leading dimension indexes the N
 client slots (``lora_a [N, r, d_in]``, a head weight ``[N, out, in]``, ...). A step takes,
 for each bank, a bool ``[N]`` mask of the clients that update it now (or None: nobody); the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedhello.fl.optim import MaskedAdamW, MaskedSGD
+from fedhello.nn.optim import MaskedAdamW, MaskedSGD
 
 
 def _run(kind: str, seed: int):
