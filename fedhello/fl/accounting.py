@@ -97,11 +97,13 @@ class RoundAccountant:
     """Composes ``mechanism`` once per round; ``epsilon(delta)`` of the rounds so far."""
 
     def __init__(self, mechanism: RoundMechanism) -> None:
-        dpa = dp_accounting()
         self.mechanism = mechanism
         self.rounds = 0
-        self._accountant = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-        self._event = mechanism.event() if mechanism.private else None
+        self._event = self._accountant = None
+        if mechanism.private:  # clipping alone needs no accountant (nor the extra)
+            dpa = dp_accounting()
+            self._accountant = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+            self._event = mechanism.event()
 
     def step(self, rounds: int = 1) -> None:
         """Account ``rounds`` more rounds."""
