@@ -415,11 +415,12 @@ class FederatedRun:
         for res in results:
             scores[:, position[res.client]] = res.fisher.double().numpy()
             trained[:, position[res.client]] = res.trainable_blocks.numpy()
-        if self.privacy is None:
-            self.strategy.observe_fisher(rnd, scores, trained)
-        elif self.privacy.fisher_clip is not None:  # only noisy means of clipped scores reach the strategy
+        if self.privacy is not None and self.privacy.fisher_clip is not None:
+            # Client-side Fisher scores under DP: only noisy means of clipped scores reach the strategy.
             means = self.privacy.fisher_means(scores, trained, alloc.trainable[:, plan.members].sum(axis=1))
             self.strategy.observe_fisher(rnd, np.nan_to_num(means)[:, None], ~np.isnan(means)[:, None])
+        else:
+            self.strategy.observe_fisher(rnd, scores, trained)
 
         down, up = self._traffic(sent)
         record: dict[str, Any] = {
