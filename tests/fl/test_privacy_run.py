@@ -16,23 +16,18 @@ pytest.importorskip("dp_accounting", reason="the DP accountant (extra 'dp') is n
 PRIVATE_FIM = {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}}
 
 
+BASE = {
+    "seed": 5, "model": {"name": "all-MiniLM-L6-v2", "rank": 4, "alpha": 8},
+    "data": {"name": "bbc_news", "max_samples": 120, "max_length": 16, "num_clients": 8, "test_fraction": 0.3,
+             "partition": {"kind": "dirichlet", "alpha": 0.5}},
+    "aggregation": {"weighting": "uniform"}, "cohort_size": 4, "local": {"steps": 2, "batch_size": 4, "lr": 0.005},
+    "checkpoint_every": 2,
+}
+
+
 def _raw(out_dir, privacy: dict | None, rounds: int = 3, engine: str = "batched", strategy: dict = PRIVATE_FIM) -> dict:
-    return {
-        "seed": 5,
-        "model": {"name": "all-MiniLM-L6-v2", "rank": 4, "alpha": 8},
-        "data": {"name": "bbc_news", "max_samples": 120, "max_length": 16, "num_clients": 8,
-                 "test_fraction": 0.3, "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        "strategy": strategy,
-        "aggregation": {"weighting": "uniform"},
-        "rounds": rounds,
-        "cohort_size": 4,
-        "local": {"steps": 2, "batch_size": 4, "lr": 0.005},
-        "engine": {"kind": engine, "eval_batch_size": 64},
-        "eval_every": rounds,
-        "checkpoint_every": 2,
-        "output_dir": str(out_dir),
-        "privacy": privacy,
-    }
+    return {**BASE, "strategy": strategy, "rounds": rounds, "eval_every": rounds, "engine": {"kind": engine},
+            "output_dir": str(out_dir), "privacy": privacy}
 
 
 # Private client-side FIM (a second, noised channel) and adaptive clipping: every noise draw in play.
