@@ -255,8 +255,11 @@ class PrivacyConfig:
         clip_norm: C, the L2 bound of one client's whole update (the first round's C with
             ``adaptive_clip``).
         delta: the delta epsilon is reported at, in (0, 1).
-        fisher_clip: L2 bound of a client's Fisher score vector (client-side FIM only).
+        fisher_clip: L2 bound of a client's Fisher score vector.
         fisher_noise_multiplier: the noise std on the sum of the clipped scores over ``fisher_clip``.
+            Both are used (and accounted) only with a strategy that allocates from client-side
+            Fisher scores (``strategy.options.fisher_source: client``), and such a strategy
+            needs them under privacy; a suite may set them for every method.
         adaptive_clip: adaptive clipping, or None for a fixed C.
         secure_rng: draw the noise from the OS CSPRNG (not reproducible) instead of the run's
             seeded generator.
@@ -498,11 +501,7 @@ class RunConfig:
             raise ConfigError(f"strategy.name: {self.strategy.name!r} trains clients at different ranks, which has "
                               "no private aggregation; choose a layer-allocation strategy")
         client_fisher = strategy.uses_fisher and getattr(strategy, "fisher_source", None) == "client"
-        if p.fisher_noise_multiplier is not None or p.fisher_clip is not None:
-            if not client_fisher:
-                field_name = "fisher_noise_multiplier" if p.fisher_noise_multiplier is not None else "fisher_clip"
-                raise ConfigError(f"privacy.{field_name}: strategy {self.strategy.name!r} uses no client-side "
-                                  "Fisher scores (strategy.options.fisher_source = 'client'); leave it unset")
+        if p.fisher_noise_multiplier is not None or p.fisher_clip is not None:  # used by client-side FIM only
             if p.fisher_clip is None or p.fisher_noise_multiplier is None:
                 missing = "fisher_clip" if p.fisher_clip is None else "fisher_noise_multiplier"
                 raise ConfigError(f"privacy.{missing}: client-side Fisher scores need both privacy.fisher_clip and "
