@@ -56,8 +56,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
-from fedhello.fl.privacy import PrivateAggregation, assigned_counts
-from fedhello.fl.privacy import from_config as private_aggregation
+from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
