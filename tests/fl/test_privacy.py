@@ -44,10 +44,10 @@ def test_clipping_is_exact_over_everything_sent(dtype):
     assert norm == pytest.approx(_norm(big, sent), rel=1e-12)
     assert set(clipped.delta) == set(sent)  # the untrained block 0 is neither counted nor kept
     assert _norm(clipped, sent) <= 0.7  # the stored values, whatever their dtype's rounding
-    assert _norm(clipped, sent) == pytest.approx(0.7, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert _norm(clipped, sent) == pytest.approx(0.7, rel=1e-2 if dtype == torch.bfloat16 else 3e-6)
     for n in sent:  # one scale for the whole vector: the direction is kept
         torch.testing.assert_close(clipped.delta[n].double(), big.delta[n].double() * (0.7 / norm),
-                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 3e-6, atol=0)
     small = _update(gen, [0], scale=1e-3, dtype=dtype)
     kept, _ = clip_update(small, BLOCKS, 0.7)
     for n in ("b0.lora_A", "b0.lora_B", "head.w"):
