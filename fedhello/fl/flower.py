@@ -14,6 +14,15 @@ Where one GPU is not enough, a run goes to Flower (``flwr``) instead of ``fedhel
   resident ``FederatedRun`` (backbone, adapter banks, its clients' tensors) per process and
   trains its whole group of virtual clients in one batched pass.
 
+Client-level differential privacy (the run config's ``privacy:`` section) is the same as in
+``fedhello run``: ``finish_round`` clips each participant's update, adds the noise and accounts the
+round (``fedhello.fl.privacy``), so a Flower run reports the same epsilon. Flower's own
+``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` wrappers do not apply: they
+subtract the global arrays from each reply element by element, so every client must return the
+same keys and shapes, while under heterogeneous allocation each participant returns only the
+blocks it trained (and their noise would skip blocks nobody returned); their accounting also
+assumes plain FedAvg.
+
 A node that fails (an error reply: its ClientApp raised, or the SuperLink declared the node
 unavailable; or no reply within the round's timeout) loses its clients for that round: the
 failure is logged, the round aggregates what arrived, the next round proceeds.
@@ -278,10 +287,11 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
         record = strategy.play_round(grid, rnd)
         # One line per round (a progress bar does not survive Flower's log streaming).
         accuracy, perplexity = record.get("test_accuracy"), record.get("test_perplexity")
-        loss = record["train_loss"]
+        loss, epsilon = record["train_loss"], record.get("epsilon")
         print(f"round {rnd + 1}/{config.rounds}: train loss " + ("-" if loss is None else f"{loss:.4f}")
               + ("" if accuracy is None else f", test accuracy {100 * accuracy:.2f}%")
               + ("" if perplexity is None else f", held-out perplexity {perplexity:.3f}")
+              + ("" if epsilon is None else f", epsilon {epsilon:.3f}")
               + f", {len(record['participants'])} participants", flush=True)
         return record
 

@@ -24,7 +24,8 @@ A client whose update holds a NaN or Inf is left out of its round (``fedhello.fl
 round's record lists it under ``nonfinite_dropped``.
 
 Determinism: all server-side randomness (cohorts, allocations) comes from one numpy generator
-that is checkpointed; each client's shuffling and dropout in round t is seeded from
+that is checkpointed (a ``privacy:`` run's noise from a second one, also checkpointed,
+``fedhello.fl.privacy``); each client's shuffling and dropout in round t is seeded from
 ``(seed, t, client)``; nothing else draws random numbers after setup.
 """
 
@@ -55,6 +56,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
+from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
@@ -198,6 +200,11 @@ class FederatedRun:
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
+        # Its own noise generator: a private run draws the same cohorts and allocations as the
+        # non-private run of its seed (paired comparisons).
+        self.privacy: PrivateAggregation | None = None if cfg.privacy is None else private_aggregation(
+            cfg.privacy, self.data.num_clients, cfg.cohort_size, cfg.rounds, derive_seed(cfg.seed, "privacy"),
+            client_fisher=self.strategy.uses_fisher and getattr(self.strategy, "fisher_source", None) == "client")
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
@@ -253,8 +260,11 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
+        state = {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
-                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}, _json_default)
+                        state, _json_default)
         self.checkpoint_round = next_round
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -274,6 +284,8 @@ class FederatedRun:
         try:
             self.rng.bit_generator.state = checkpoint.meta["rng"]
             self.strategy.load_state_dict(checkpoint.meta["strategy"])
+            if self.privacy is not None:
+                self.privacy.load_state_dict(checkpoint.meta["privacy"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where.with_name('checkpoint.json')}: server state not loadable "
                                   f"({type(err).__name__}: {err})") from None
@@ -346,6 +358,8 @@ class FederatedRun:
                 times.update(ppl=f"{record['test_perplexity']:.2f}")
             if evaluated and record["train_loss"] is not None:
                 times.update(train_loss=f"{record['train_loss']:.3f}")
+            if record.get("epsilon") is not None:
+                times.update(eps=f"{record['epsilon']:.2f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
         if self.causal_lm:
@@ -393,14 +407,19 @@ class FederatedRun:
         if not plan.members:
             tqdm.write(f"warning: round {rnd + 1}: no client of the cohort {cohort.tolist()} trains a block "
                        f"(strategy {cfg.strategy.name!r}); the global model stays as it was", file=sys.stderr)
-        self._aggregate(results)
+        self._aggregate(results, plan)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
         trained = np.zeros((self.num_blocks, len(cohort)), dtype=bool)
         for res in results:
             scores[:, position[res.client]] = res.fisher.double().numpy()
             trained[:, position[res.client]] = res.trainable_blocks.numpy()
-        self.strategy.observe_fisher(rnd, scores, trained)
+        if self.privacy is not None and self.privacy.fisher_clip is not None:
+            # Client-side Fisher scores under DP: only noisy means of clipped scores reach the strategy.
+            means = self.privacy.fisher_means(scores, trained, alloc.trainable[:, plan.members].sum(axis=1))
+            self.strategy.observe_fisher(rnd, np.nan_to_num(means)[:, None], ~np.isnan(means)[:, None])
+        else:
+            self.strategy.observe_fisher(rnd, scores, trained)
 
         down, up = self._traffic(sent)
         record: dict[str, Any] = {
@@ -420,6 +439,8 @@ class FederatedRun:
             "bytes_up": up,
             "nonfinite_dropped": dropped,
         }
+        if self.privacy is not None:
+            record.update(self.privacy.end_round())
         t_aggregate = time.perf_counter()
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
@@ -447,14 +468,19 @@ class FederatedRun:
                        "left out of this round's aggregation", file=sys.stderr)
         return [r for i, r in enumerate(results) if i not in bad], [b.to_record() for b in bad.values()]
 
-    def _aggregate(self, results: list[LocalResult]) -> None:
-        if not results:
-            return
+    def _aggregate(self, results: list[LocalResult], plan: RoundPlan) -> None:
         updates = [
             ClientUpdate.from_states(r.state, self.global_state, r.num_samples,
                                      r.trainable_blocks.nonzero().flatten().tolist(), self.tensor_blocks, rank=r.rank)
             for r in results
         ]
+        if self.privacy is not None:  # noise on every assigned block, even when no update arrived
+            if plan.members:
+                self.global_state = self.privacy.aggregate(self.global_state, updates, self.tensor_blocks,
+                                                           assigned_counts(plan.allocation.trainable[:, plan.members]))
+            return
+        if not results:
+            return
         agg = self.config.aggregation
         if any(r.rank is not None for r in results):
             self.global_state = aggregate_rank_padded(
