@@ -1,4 +1,4 @@
-"""The static sm_90 gate (fedhello.kernels.static_check): every Triton kernel the public API
+"""The static sm_90 gate (tools/static_check.py): every Triton kernel the public API
 launches compiles for Hopper with Triton's own compiler, without spills or scalar 2-byte loads.
 
 The gate runs in a child process started without ``TRITON_INTERPRET`` (conftest sets it for this
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhello.kernels import static_check
 from fedhello.kernels import triton_available, triton_interpreting
+from tools import static_check
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -35,7 +35,7 @@ def _child_env(tmp_path: Path) -> dict[str, str]:
 @needs_triton
 def test_public_api_kernels_pass_the_sm90_gate(tmp_path) -> None:
     out = tmp_path / "gate.json"
-    done = subprocess.run([sys.executable, "-m", "fedhello.kernels.static_check", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "tools.static_check", "--json", str(out)],
                           cwd=ROOT, env=_child_env(tmp_path), capture_output=True, text=True, timeout=600)
     print(done.stdout)  # the table (shown with -s, and on failure)
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
@@ -82,7 +82,7 @@ import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import probe
-from fedhello.kernels import static_check as sc
+from tools import static_check as sc
 with sc.record_launches(probe) as launches:
     probe.launch(torch.empty(4096, dtype=torch.bfloat16), torch.empty(4096, dtype=torch.bfloat16), 5)
 reports = [sc.report_compiled(sc.compile_launch(l), "bf16", [l.name]) for l in launches]
@@ -182,3 +182,18 @@ def test_record_launches_swaps_and_restores_kernels() -> None:
             assert swapped
         assert launches == []
     assert {k: v for k, v in vars(triton_lora).items()} == before
+
+
+@needs_triton
+@pytest.mark.parametrize("module, name", [("triton_lora", "_sm_count"), ("triton_lora", "_programs_wanted"),
+                                          ("multi_lora", "resolve_backend")])
+def test_a_patched_name_that_is_gone_stops_the_gate(monkeypatch, module, name) -> None:
+    from fedhello.kernels import multi_lora, triton_lora
+
+    before = (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count)
+    monkeypatch.delattr({"triton_lora": triton_lora, "multi_lora": multi_lora}[module], name)
+    with pytest.raises(static_check.PatchTargetMissing, match=f"{module}.{name} is gone"):
+        with static_check._triton_backend_on_cpu():
+            pass
+    monkeypatch.undo()
+    assert (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count) == before

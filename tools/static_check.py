@@ -20,15 +20,17 @@ Patched for the duration of the recording only, and restored afterwards: the ker
 ``triton_lora`` (the recorders); ``multi_lora.resolve_backend`` (backend ``"triton"`` refuses CPU
 tensors unless the interpreter is on, and under the interpreter the kernels are not
 ``JITFunction`` objects, so the gate must run *without* ``TRITON_INTERPRET`` and route
-``"triton"`` to ``triton_lora`` by hand); ``triton_lora._programs_wanted`` / ``_sm_count`` when
-present (grids sized for a GPU of ``HOPPER_SMS`` multiprocessors instead of the interpreter's
-one); and a ``TorchDispatchMode`` that answers large dense matrix products with uninitialised
-tensors of the right shape.
+``"triton"`` to ``triton_lora`` by hand); ``triton_lora._programs_wanted`` / ``_sm_count`` (grids
+sized for a GPU of ``HOPPER_SMS`` multiprocessors instead of the interpreter's one); and a
+``TorchDispatchMode`` that answers large dense matrix products with uninitialised tensors of the
+right shape. These are private names of the package: when one is gone (renamed, moved) the gate
+stops with ``PatchTargetMissing`` naming it, rather than recording launches sized for another GPU.
 
-CLI (prints the table; re-executes itself without ``TRITON_INTERPRET`` and with a fresh Triton
-cache directory, so nothing is reused between runs)::
+A development tool, not part of the installed package. CLI, from the repository root (prints the
+table; re-executes itself without ``TRITON_INTERPRET`` and with a fresh Triton cache directory, so
+nothing is reused between runs)::
 
-    python -m fedhello.kernels.static_check [--dtype bf16] [--json PATH]
+    python -m tools.static_check [--dtype bf16] [--json PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -57,6 +58,7 @@ __all__ = [
     "HEADLINE",
     "KernelReport",
     "Launch",
+    "PatchTargetMissing",
     "analyse_ptx",
     "check_reports",
     "compile_launch",
@@ -66,7 +68,7 @@ __all__ = [
     "run_gate",
 ]
 
-# The headline specialisation of issue 12 (every launch's divisibility and constexprs follow it).
+# The headline specialisation (every launch's divisibility and constexprs follow it).
 HEADLINE = {"n": 32, "t": 8192, "d_in": 4096, "d_out": 4096, "r": 16}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HALF_DTYPES = ("bf16", "fp16")
@@ -188,56 +190,57 @@ class _SkipDenseProducts(TorchDispatchMode):
         return out_shape, a.numel() * b.shape[-1], a
 
 
+class PatchTargetMissing(RuntimeError):
+    """A private name the gate patches is gone from the package: the gate must be updated."""
+
+
 @contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    original = getattr(obj, name)
-    setattr(obj, name, value)
+def _patched(module: ModuleType, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name, None)
+    if not callable(original):
+        raise PatchTargetMissing(
+            f"{module.__name__}.{name} is gone (renamed or moved?): the static gate patches it to run "
+            f"the Triton launchers on CPU tensors as on a {HOPPER_SMS}-SM GPU; update tools/static_check.py")
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(obj, name, original)
+        setattr(module, name, original)
 
 
 @contextlib.contextmanager
-def _triton_backend_on_cpu() -> Iterator[bool]:
+def _triton_backend_on_cpu() -> Iterator[None]:
     """Make the launchers take their GPU decisions for CPU tensors without the interpreter.
 
     * ``multi_lora.resolve_backend`` refuses ``"triton"`` for CPU tensors (the kernels could not
       run); here it returns ``triton_lora``: the gate never runs them, it only records launches.
     * Launchers that size grids by the GPU (split-K when the tiles would leave SMs idle) ask
-      ``triton_lora._programs_wanted(device)``, which answers 1 off CUDA; when the module has it
-      (and its ``_sm_count``), it is asked for a CUDA device with ``HOPPER_SMS`` multiprocessors.
+      ``triton_lora._programs_wanted(device)``, which answers 1 off CUDA; here it is asked for a
+      CUDA device with ``HOPPER_SMS`` multiprocessors.
 
-    Yields whether the SM count was emulated.
+    Raises ``PatchTargetMissing`` when one of these names is gone.
     """
-    from . import multi_lora, triton_lora
+    from fedhello.kernels import multi_lora, triton_lora
 
-    original = multi_lora.resolve_backend
+    original = getattr(multi_lora, "resolve_backend", None)  # checked by _patched
 
     def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
         return triton_lora if name == "triton" else original(name, device, dtype)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(multi_lora, "resolve_backend", resolve))
-        emulate = emulates_sm_count(triton_lora)
-        if emulate:
-            wanted = triton_lora._programs_wanted
-            stack.enter_context(_patched(triton_lora, "_sm_count", lambda index: HOPPER_SMS))
-            stack.enter_context(_patched(triton_lora, "_programs_wanted",
-                                         lambda device: wanted(torch.device("cuda", 0))))
-        yield emulate
-
-
-def emulates_sm_count(module: ModuleType) -> bool:
-    """Whether the gate can make ``module``'s launchers size their grids for ``HOPPER_SMS``."""
-    return callable(getattr(module, "_programs_wanted", None)) and callable(getattr(module, "_sm_count", None))
+        wanted = getattr(triton_lora, "_programs_wanted", None)
+        stack.enter_context(_patched(triton_lora, "_programs_wanted",
+                                     lambda device: wanted(torch.device("cuda", 0))))
+        stack.enter_context(_patched(triton_lora, "_sm_count", lambda index: HOPPER_SMS))
+        yield
 
 
 def _public_api_inputs(dtype: torch.dtype, n: int, t: int, d_in: int, d_out: int, r: int,
                        contiguous: bool, seed: int) -> dict[str, Any]:
     """CPU inputs of one ``multi_lora_linear`` call; big operands are left uninitialised (only
     their shapes, strides, dtypes and alignment reach the compiler)."""
-    from .plan import LoRAPlan
+    from fedhello.kernels.plan import LoRAPlan
 
     gen = torch.Generator().manual_seed(seed)
     if contiguous:
@@ -269,7 +272,7 @@ def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = H
     each client one block of rows (as the batched engine does) instead of scattered rows;
     ``extra`` holds further keyword arguments of the call (e.g. ``dropout_p``).
     """
-    from . import multi_lora, triton_lora
+    from fedhello.kernels import multi_lora, triton_lora
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
@@ -566,35 +569,21 @@ SCENARIOS = (
 )
 
 
-def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch] | str:
-    """The scenario's launches, or why it was skipped.
-
-    The dropout scenario runs only when ``multi_lora_linear`` has ``dropout_p``; its seeds
-    (int64 ``[N]``) are a guess at the new argument's contract, so a ``TypeError``/``ValueError``
-    from that call skips the scenario (with the message) rather than failing the gate.
-    """
-    if not scenario.dropout:
-        return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous)
-    from .multi_lora import multi_lora_linear
-
-    if "dropout_p" not in inspect.signature(multi_lora_linear).parameters:
-        return "multi_lora_linear has no dropout_p argument"
-    kwargs = {"dropout_p": 0.1, "dropout_seeds": torch.arange(HEADLINE["n"], dtype=torch.int64) + 1}
-    try:
-        return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
-                                 extra=kwargs)
-    except (TypeError, ValueError) as err:
-        return f"the call with dropout_p=0.1 and int64 seeds [N] was refused: {err}"
+def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch]:
+    """The scenario's launches (the dropout one with ``dropout_p=0.1`` and int64 ``[N]`` seeds)."""
+    extra = None
+    if scenario.dropout:
+        extra = {"dropout_p": 0.1, "dropout_seeds": torch.arange(HEADLINE["n"], dtype=torch.int64) + 1}
+    return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
+                             extra=extra)
 
 
 @dataclass
 class GateResult:
-    """``reports`` (one per compiled specialisation), ``failures`` (empty when the gate passes)
-    and ``skipped`` (scenarios not recorded, each with the reason)."""
+    """``reports`` (one per compiled specialisation) and ``failures`` (empty when the gate passes)."""
 
     reports: list[KernelReport]
     failures: list[str]
-    skipped: list[str]
 
 
 def run_gate(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"),
@@ -610,16 +599,11 @@ def run_gate(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"),
     target = sm90_target()
     backend = make_backend(target)
     reports: list[KernelReport] = []
-    skipped: list[str] = []
     first_half = next((d for d in dtypes if d in HALF_DTYPES), None)
     for dtype in dtypes:
         launches: list[tuple[str, Launch]] = []
         for scenario in (scenarios if dtype == first_half else scenarios[:1]):
-            recorded = _record_scenario(dtype, scenario)
-            if isinstance(recorded, str):
-                skipped.append(f"{dtype}/{scenario.name}: {recorded}")
-                continue
-            launches += [(scenario.name, launch) for launch in recorded]
+            launches += [(scenario.name, launch) for launch in _record_scenario(dtype, scenario)]
         distinct: dict[str, tuple[CompiledLaunch, list[str]]] = {}
         for scenario_name, launch in launches:
             key = _launch_key(launch, backend)
@@ -629,7 +613,7 @@ def run_gate(dtypes: Sequence[str] = ("bf16", "fp16", "fp32"),
             if use not in distinct[key][1]:
                 distinct[key][1].append(use)
         reports += [report_compiled(c, dtype, uses) for c, uses in distinct.values()]
-    return GateResult(reports, check_reports(reports), skipped)
+    return GateResult(reports, check_reports(reports))
 
 
 def format_table(reports: Sequence[KernelReport]) -> str:
@@ -655,15 +639,10 @@ def format_table(reports: Sequence[KernelReport]) -> str:
 def _worker(args: argparse.Namespace) -> int:
     import triton
 
-    from . import triton_lora
-
     result = run_gate(args.dtype)
     reports, failures = result.reports, result.failures
     print(format_table(reports))
-    for note in result.skipped:
-        print(f"skipped {note}")
-    if emulates_sm_count(triton_lora):
-        print(f"grids sized as on a GPU with {HOPPER_SMS} SMs (triton_lora._programs_wanted)")
+    print(f"grids sized as on a GPU with {HOPPER_SMS} SMs (triton_lora._programs_wanted)")
     if failures:
         print("\nGATE FAILED:\n  " + "\n  ".join(failures))
     else:
@@ -671,9 +650,9 @@ def _worker(args: argparse.Namespace) -> int:
     if args.json is not None:
         doc = {"triton": triton.__version__, "target": {"backend": "cuda", "arch": 90, "warp_size": 32},
                "headline": HEADLINE, "dtypes": list(args.dtype),
-               "sm_count_emulated": HOPPER_SMS if emulates_sm_count(triton_lora) else None,
+               "sm_count_emulated": HOPPER_SMS,
                "scenarios": [dataclasses.asdict(s) for s in SCENARIOS],
-               "passed": not failures, "failures": failures, "skipped": result.skipped,
+               "passed": not failures, "failures": failures,
                "kernels": [{**dataclasses.asdict(r), "mma_summary": r.mma} for r in reports]}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
@@ -703,11 +682,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = tempfile.mkdtemp(prefix="fedhello-sm90-cache-")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = cache
-    cmd = [sys.executable, "-m", "fedhello.kernels.static_check", "--worker", "--dtype", ",".join(args.dtype)]
+    cmd = [sys.executable, "-m", "tools.static_check", "--worker", "--dtype", ",".join(args.dtype)]
     if args.json is not None:
         cmd += ["--json", str(args.json.resolve())]
     try:
-        return subprocess.run(cmd, env=env).returncode
+        # From the repository root, where ``tools`` is importable as a package.
+        return subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
