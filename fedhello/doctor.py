@@ -11,7 +11,11 @@ import platform
 from collections import defaultdict
 from typing import Callable
 
-__all__ = ["report"]
+__all__ = ["EXTENSION_ROLE", "report"]
+
+# What the csrc extension is for, given how ``resolve_backend("auto", ...)`` chooses.
+EXTENSION_ROLE = ("the csrc extension is the fast path for CPU tensors, and for CUDA tensors the fallback "
+                  "where Triton is not installed ('auto' takes Triton whenever it is)")
 
 
 def _backend_name(module: object) -> str:
@@ -50,6 +54,7 @@ def _backend_lines(missing: list[str]) -> list[str]:
     devices = ["cpu"] + (["cuda"] if cuda else [])
     picks = ", ".join(f"{d} tensors -> {_backend_name(resolve_backend('auto', torch.device(d)))}" for d in devices)
     lines.append(f"  'auto' picks: {picks}")
+    lines.append(f"  {EXTENSION_ROLE}")
     return lines
 
 

@@ -123,6 +123,7 @@ def test_doctor_lists_backends_and_assets():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "'auto' picks: cpu tensors ->" in out
+    assert "fallback where Triton is not installed" in out  # the extension's role is stated
     for name in ("triton", "cpu", "cuda", "bbc_news", "fashion_mnist", "minilm", "smollm2"):
         assert name in out
     assert ("nothing is missing" in out) != ("missing (" in out)
