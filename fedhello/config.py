@@ -29,7 +29,6 @@ import math
 import os
 import types
 import typing
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +42,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
+from fedhello.seeds import purpose_seed
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
@@ -59,7 +59,6 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "save_config",
-    "derive_seed",
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -70,11 +69,6 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class ConfigError(UserError):
     """An invalid run configuration; the message starts with the field's dotted name."""
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """An independent, stable 32-bit seed for one use (``"split"``, ``"partition"`` ...) of a run seed."""
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
 @dataclass
@@ -258,8 +252,8 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def seed_for(self, purpose: str) -> int:
-        """``derive_seed(self.seed, purpose)``."""
-        return derive_seed(self.seed, purpose)
+        """``fedhello.seeds.purpose_seed(self.seed, purpose)``."""
+        return purpose_seed(self.seed, purpose)
 
     def capacity_tiers(self) -> CapacityTiers:
         return self.tiers.tiers()
