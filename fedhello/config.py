@@ -259,7 +259,20 @@ class RunConfig:
         return self.tiers.tiers()
 
     def validate(self) -> None:
-        """Check every field; raise ``ConfigError`` naming the first bad one."""
+        """Check every field; raise ``ConfigError`` naming the first bad one.
+
+        Whatever validation refuses is the user's config to fix, never a bug: a check that raises a
+        plain ``ValueError`` (its message starts with the field, as every check here does) is
+        re-raised as ``ConfigError``, so the command line prints it in one line.
+        """
+        try:
+            self._validate_fields()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def _validate_fields(self) -> None:
         _int_at_least("seed", self.seed, 0)
         _choice("task", self.task, TASKS)
         self._validate_model()

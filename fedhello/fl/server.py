@@ -178,7 +178,7 @@ class FederatedRun:
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
-            raise ValueError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
+            raise UserError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
         parallel = 1 if cfg.engine.kind == "sequential" else cfg.engine.parallel  # int, "auto" or None
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
@@ -516,7 +516,7 @@ class FederatedRun:
         slot, so one batched backward yields per-sample norms."""
         proxy = self.client_data["proxy"]
         if proxy is None:
-            raise ValueError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
+            raise UserError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
         model, slots = self.model, self.model.num_clients
         model.broadcast_state(self.global_state, range(slots))
         model.set_ranks({s: self.config.model.rank for s in range(slots)})

@@ -29,6 +29,8 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+from fedhello.errors import UserError
+
 __all__ = ["MissingAssetError", "cache_dir", "minilm_path", "mpnet_parts", "mpnet_path", "smollm2_gguf",
            "smollm2_path"]
 
@@ -50,7 +52,7 @@ _MPNET_FILES = ("config.json", "model.safetensors", "special_tokens_map.json", "
 _DONE_MARKER = ".fedhello-complete"
 
 
-class MissingAssetError(ImportError):
+class MissingAssetError(UserError, ImportError):
     """An offline model package is not installed; the message names the pip command."""
 
 
