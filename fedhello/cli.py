@@ -23,7 +23,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from fedhello.errors import UserError
+from fedhello.errors import UserError, require_extra
 
 __all__ = ["main"]
 
@@ -198,9 +198,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The pip extra each command needs (doctor runs on the core install too).
+_COMMAND_EXTRAS = {"run": "fl", "suite": "fl", "plot": "fl", "flower": "flower"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in _COMMAND_EXTRAS:
+            require_extra(_COMMAND_EXTRAS[args.command], f"fedhello {args.command}")
         return args.func(args)
     except UserError as err:  # a failure the user is expected to meet and can fix: one line
         message = " ".join(str(err).split())  # one line, whatever the library put in it

@@ -33,13 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fedhello.errors import UserError, require_extra
+
+require_extra("fl", "fedhello.config")  # before yaml: without the extra, one line that names it
+
 import numpy as np
 import yaml
 
 # Only light modules here (no torch, datasets, transformers): a bad config is reported in well
 # under a second, before the CLI imports the training stack.
 from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
-from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.seeds import purpose_seed

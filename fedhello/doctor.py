@@ -11,6 +11,8 @@ import platform
 from collections import defaultdict
 from typing import Callable
 
+from fedhello.errors import MissingExtraError
+
 __all__ = ["EXTENSION_ROLE", "report"]
 
 # What the csrc extension is for, given how ``resolve_backend("auto", ...)`` chooses.
@@ -105,7 +107,10 @@ def report() -> tuple[list[str], list[str]]:
     lines = [f"fedhello {fedhello.__version__}: python {platform.python_version()}, torch {torch.__version__}, "
              f"{cuda}"]
     lines += _backend_lines(missing)
-    lines += _asset_lines(missing)
+    try:
+        lines += _asset_lines(missing)
+    except MissingExtraError as err:  # a core install: the kernels only
+        lines.append(f"offline assets: not checked: {err}")
     reason = hub_offline_reason()
     lines.append("hub: reachable (hub ids load)" if reason is None else
                  f"hub: {reason}; only offline aliases, local folders and cached hub ids load")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 import zipfile
@@ -29,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
+from fedhello.cache import cache_dir
 from fedhello.errors import UserError
 
 __all__ = ["MissingAssetError", "cache_dir", "minilm_path", "mpnet_parts", "mpnet_path", "smollm2_gguf",
@@ -54,14 +54,6 @@ _DONE_MARKER = ".fedhello-complete"
 
 class MissingAssetError(UserError, ImportError):
     """An offline model package is not installed; the message names the pip command."""
-
-
-def cache_dir() -> Path:
-    """The fedhello cache folder (``$FEDHELLO_CACHE`` or ``~/.cache/fedhello``), created if needed."""
-    root = os.environ.get("FEDHELLO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedhello")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _package_dir(package: str, what: str, install: str) -> Path:
