@@ -32,10 +32,13 @@ import math
 import os
 import types
 import typing
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from fedhello.errors import UserError, require_extra
+
+require_extra("fl", "fedhello.config")  # before yaml: without the extra, one line that names it
 
 import numpy as np
 import yaml
@@ -43,10 +46,10 @@ import yaml
 # Only light modules here (no torch, datasets, transformers): a bad config is reported in well
 # under a second, before the CLI imports the training stack.
 from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
-from fedhello.errors import UserError
 from fedhello.fl.strategies import (AllocationContext, AllocationStrategy, HetLoRAStrategy, available_strategies,
                                    make_strategy)
 from fedhello.fl.capacity import CapacityTiers
+from fedhello.seeds import purpose_seed
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
@@ -65,7 +68,6 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "save_config",
-    "derive_seed",
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -76,11 +78,6 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class ConfigError(UserError):
     """An invalid run configuration; the message starts with the field's dotted name."""
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """An independent, stable 32-bit seed for one use (``"split"``, ``"partition"`` ...) of a run seed."""
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
 @dataclass
@@ -310,14 +307,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def seed_for(self, purpose: str) -> int:
-        """``derive_seed(self.seed, purpose)``."""
-        return derive_seed(self.seed, purpose)
+        """``fedhello.seeds.purpose_seed(self.seed, purpose)``."""
+        return purpose_seed(self.seed, purpose)
 
     def capacity_tiers(self) -> CapacityTiers:
         return self.tiers.tiers()
 
     def validate(self) -> None:
-        """Check every field; raise ``ConfigError`` naming the first bad one."""
+        """Check every field; raise ``ConfigError`` naming the first bad one.
+
+        Whatever validation refuses is the user's config to fix, never a bug: a check that raises a
+        plain ``ValueError`` (its message starts with the field, as every check here does) is
+        re-raised as ``ConfigError``, so the command line prints it in one line.
+        """
+        try:
+            self._validate_fields()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def _validate_fields(self) -> None:
         _int_at_least("seed", self.seed, 0)
         _choice("task", self.task, TASKS)
         self._validate_model()

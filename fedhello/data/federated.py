@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 
 from fedhello.errors import UserError
+from fedhello.seeds import purpose_seed
 
 from .lm import load_lm_dataset
 from .partition import partition_labels
@@ -61,9 +62,8 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     the label column, when there is one, only shapes the splits and the partition.
 
     Sub-seeds for subsampling, splitting and partitioning are derived from ``seed``
-    (``fedhello.config.derive_seed``), so changing one step does not reshuffle the others.
+    (``fedhello.seeds.purpose_seed``), so changing one step does not reshuffle the others.
     """
-    from fedhello.config import derive_seed  # the config module imports this package
 
     load = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
     if causal_lm:
@@ -74,12 +74,12 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
             return load_labelled_dataset(config.name, config.path, split=split, **load)
     full = read(config.split)
     if config.max_samples is not None and config.max_samples < len(full):
-        rng = np.random.default_rng(derive_seed(seed, "subsample"))
+        rng = np.random.default_rng(purpose_seed(seed, "subsample"))
         full = full.select(np.sort(rng.choice(len(full), size=config.max_samples, replace=False)))
     labels = np.asarray(full["label"])
     test_fraction = 0.0 if config.test_split is not None else config.test_fraction
     train_idx, test_idx, proxy_idx = split_indices(labels, test_fraction, config.proxy_fraction,
-                                                   seed=derive_seed(seed, "split"))
+                                                   seed=purpose_seed(seed, "split"))
     train = full.select(train_idx)
     if config.test_split is not None:
         test = read(config.test_split)
@@ -89,7 +89,7 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     p = config.partition
     partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
                                   classes_per_client=p.classes_per_client, min_size=p.min_size,
-                                  seed=derive_seed(seed, "partition"))
+                                  seed=purpose_seed(seed, "partition"))
     empty = [c for c, part in enumerate(partitions) if len(part) == 0]
     if empty:  # caught here, not when the client is first sampled (perhaps many rounds in)
         raise UserError(f"data.partition: {len(empty)} of {config.num_clients} clients get no training sample "

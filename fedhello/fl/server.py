@@ -48,7 +48,7 @@ from safetensors.torch import load as load_safetensors
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from fedhello.config import RunConfig, derive_seed, make_run_strategy, save_config
+from fedhello.config import RunConfig, make_run_strategy, save_config
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
@@ -62,6 +62,7 @@ from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
+from fedhello.seeds import purpose_seed
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
 
@@ -170,7 +171,7 @@ class FederatedRun:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
             backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
                                      task="image-classification" if images else "sequence-classification",
-                                     seed=derive_seed(cfg.seed, "head"))
+                                     seed=purpose_seed(cfg.seed, "head"))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -179,13 +180,13 @@ class FederatedRun:
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
-            raise ValueError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
+            raise UserError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
         parallel = 1 if cfg.engine.kind == "sequential" else cfg.engine.parallel  # int, "auto" or None
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
             backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
             dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto",
-            seed=derive_seed(cfg.seed, "adapters"),
+            seed=purpose_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
@@ -193,17 +194,17 @@ class FederatedRun:
                                            device=self.device, dtype=resolve_dtype(cfg.engine.dtype, self.device))
         self.num_blocks = self.model.num_blocks
         self.tiers = cfg.capacity_tiers()
-        self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
+        self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, purpose_seed(cfg.seed, "tiers"))
         # The config was checked before L was known: tier settings are checked again for this model.
         self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities,
                                           population=self.capacities.capacity)
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
-        self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
+        self.rng = np.random.default_rng(purpose_seed(cfg.seed, "server"))
         # Its own noise generator: a private run draws the same cohorts and allocations as the
         # non-private run of its seed (paired comparisons).
         self.privacy: PrivateAggregation | None = None if cfg.privacy is None else private_aggregation(
-            cfg.privacy, self.data.num_clients, cfg.cohort_size, cfg.rounds, derive_seed(cfg.seed, "privacy"),
+            cfg.privacy, self.data.num_clients, cfg.cohort_size, cfg.rounds, purpose_seed(cfg.seed, "privacy"),
             client_fisher=self.strategy.uses_fisher and getattr(self.strategy, "fisher_source", None) == "client")
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
@@ -385,7 +386,7 @@ class FederatedRun:
                 client=int(cohort[i]),
                 data=self.client_data["clients"][int(cohort[i])],
                 trainable_blocks=torch.as_tensor(alloc.trainable[:, i], dtype=torch.bool),
-                seed=derive_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
+                seed=purpose_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
                 rank=None if alloc.ranks is None else int(alloc.ranks[i]),
             )
             for i in members
@@ -541,7 +542,7 @@ class FederatedRun:
         slot, so one batched backward yields per-sample norms."""
         proxy = self.client_data["proxy"]
         if proxy is None:
-            raise ValueError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
+            raise UserError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
         model, slots = self.model, self.model.num_clients
         model.broadcast_state(self.global_state, range(slots))
         model.set_ranks({s: self.config.model.rank for s in range(slots)})
