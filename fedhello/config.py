@@ -15,7 +15,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
                   partition: {kind, alpha, classes_per_client, min_size}}
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
-    aggregation: {weighting: samples, rank_normalize: all}
+    aggregation: {weighting: samples, rank_normalize: all, heads: average}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
@@ -43,7 +43,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
-from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.names import HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -184,10 +184,14 @@ class AggregationConfig:
     its update ``B_c A_c``, as HetLoRA) and how HetLoRA's ranks are padded (``rank_normalize``:
     ``factors`` is HetLoRA's own zero-padding of the factors; ``all``, the default the published
     results used, pads the deltas; ``covering`` averages each rank slice over the clients that
-    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``)."""
+    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``). ``heads``: ``average`` the
+    classification heads over the participants, or ``keep_initial``: never aggregate them, so the
+    head stays the initial one for the whole run — a reproduction of the paper's released code for
+    the ablation in docs/results.md, not a recommendation."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"
+    heads: str = "average"
 
 
 @dataclass
@@ -277,6 +281,7 @@ class RunConfig:
         self._validate_strategy(tiers)
         _choice("aggregation.weighting", self.aggregation.weighting, WEIGHTINGS)
         _choice("aggregation.rank_normalize", self.aggregation.rank_normalize, RANK_NORMALIZATIONS)
+        _choice("aggregation.heads", self.aggregation.heads, HEADS)
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("cohort_size", self.cohort_size, 1)
         if self.cohort_size > self.data.num_clients:

@@ -141,6 +141,11 @@ class RoundPlan:
     members: list[int]
     tasks: list[LocalTask]
 
+    def sent_blocks(self) -> dict[int, list[int]]:
+        """Client id -> the blocks whose adapters it sends back: all it was allotted, those frozen
+        by the option ``released_freeze`` included (they come back as exact-zero deltas)."""
+        return {int(self.cohort[i]): self.allocation.blocks(i) for i in self.members}
+
 
 class FederatedRun:
     """One federated experiment, built from a ``RunConfig``.
@@ -366,11 +371,12 @@ class FederatedRun:
             self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
         alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
         members = [i for i in range(len(cohort)) if alloc.participating[i]]
+        trains = alloc.trainable if alloc.frozen is None else alloc.trainable & ~alloc.frozen
         tasks = [
             LocalTask(
                 client=int(cohort[i]),
                 data=self.client_data["clients"][int(cohort[i])],
-                trainable_blocks=torch.as_tensor(alloc.trainable[:, i], dtype=torch.bool),
+                trainable_blocks=torch.as_tensor(trains[:, i], dtype=torch.bool),
                 seed=derive_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
                 rank=None if alloc.ranks is None else int(alloc.ranks[i]),
             )
@@ -393,7 +399,8 @@ class FederatedRun:
         if not plan.members:
             tqdm.write(f"warning: round {rnd + 1}: no client of the cohort {cohort.tolist()} trains a block "
                        f"(strategy {cfg.strategy.name!r}); the global model stays as it was", file=sys.stderr)
-        self._aggregate(results)
+        sent_blocks = plan.sent_blocks()
+        self._aggregate(results, sent_blocks)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
         trained = np.zeros((self.num_blocks, len(cohort)), dtype=bool)
@@ -402,7 +409,7 @@ class FederatedRun:
             trained[:, position[res.client]] = res.trainable_blocks.numpy()
         self.strategy.observe_fisher(rnd, scores, trained)
 
-        down, up = self._traffic(sent)
+        down, up = self._traffic(sent, sent_blocks)
         record: dict[str, Any] = {
             "round": rnd,
             "cohort": cohort.tolist(),
@@ -413,6 +420,8 @@ class FederatedRun:
             "ranks": None if alloc.ranks is None else {
                 str(res.client): int(alloc.ranks[position[res.client]]) for res in results},
             "probabilities": _as_list(alloc.probabilities),
+            **({} if alloc.frozen is None else {"frozen": {
+                str(res.client): np.flatnonzero(alloc.frozen[:, position[res.client]]).tolist() for res in results}}),
             "fisher_scores": _as_list(self.strategy.fisher_scores),
             # None (JSON null) when nobody trained: NaN is not JSON.
             "train_loss": float(np.mean([r.loss for r in results])) if results else None,
@@ -447,33 +456,37 @@ class FederatedRun:
                        "left out of this round's aggregation", file=sys.stderr)
         return [r for i, r in enumerate(results) if i not in bad], [b.to_record() for b in bad.values()]
 
-    def _aggregate(self, results: list[LocalResult]) -> None:
+    def _aggregate(self, results: list[LocalResult], sent_blocks: dict[int, list[int]]) -> None:
+        """Fold the results into the global state; ``sent_blocks``: client id -> the blocks whose
+        deltas count (``RoundPlan.sent_blocks``)."""
         if not results:
             return
         updates = [
-            ClientUpdate.from_states(r.state, self.global_state, r.num_samples,
-                                     r.trainable_blocks.nonzero().flatten().tolist(), self.tensor_blocks, rank=r.rank)
+            ClientUpdate.from_states(r.state, self.global_state, r.num_samples, sent_blocks[r.client],
+                                     self.tensor_blocks, rank=r.rank)
             for r in results
         ]
         agg = self.config.aggregation
         if any(r.rank is not None for r in results):
             self.global_state = aggregate_rank_padded(
                 self.global_state, updates, self.tensor_blocks, lora_rank_dims(self.global_state),
-                weighting=agg.weighting, normalize=agg.rank_normalize)
+                weighting=agg.weighting, normalize=agg.rank_normalize, heads=agg.heads)
         else:
             self.global_state = aggregate_layerwise(self.global_state, updates, self.tensor_blocks,
-                                                    weighting=agg.weighting)
+                                                    weighting=agg.weighting, heads=agg.heads)
 
-    def _traffic(self, results: list[LocalResult]) -> tuple[int, int]:
+    def _traffic(self, results: list[LocalResult], sent_blocks: dict[int, list[int]]) -> tuple[int, int]:
         """Bytes the round would move: the whole global state down to each participant, and up
-        the tensors of the blocks each trained (rank-sliced for HetLoRA) plus its head."""
+        the tensors of the blocks each sends back (rank-sliced for HetLoRA) plus its head (none
+        with ``aggregation.heads: keep_initial``)."""
         names = list(self.global_state)
         down = _state_bytes(self.global_state, names) * len(results)
+        sends_head = self.config.aggregation.heads == "average"
         up = 0
         for r in results:
-            blocks = set(r.trainable_blocks.nonzero().flatten().tolist())
+            blocks = set(sent_blocks[r.client])
             lora = [n for n in names if self.tensor_blocks[n] in blocks]
-            head = [n for n in names if self.tensor_blocks[n] is None]
+            head = [n for n in names if self.tensor_blocks[n] is None and sends_head]
             fraction = 1.0 if r.rank is None else r.rank / self.config.model.rank
             up += _state_bytes(self.global_state, lora, fraction) + _state_bytes(self.global_state, head)
         return down, up
