@@ -16,6 +16,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
     aggregation: {weighting: samples, rank_normalize: all, heads: average}
+    fisher:      {estimator: standard}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
@@ -43,7 +44,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
-from fedhello.names import HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -53,6 +54,7 @@ __all__ = [
     "TierConfig",
     "StrategyConfig",
     "AggregationConfig",
+    "FisherConfig",
     "LocalConfig",
     "EngineConfig",
     "RunConfig",
@@ -195,6 +197,17 @@ class AggregationConfig:
 
 
 @dataclass
+class FisherConfig:
+    """How the server estimates proxy-set Fisher scores (strategies with ``fisher_source: proxy``):
+    ``standard`` (each proxy sample's squared loss-gradient norm per block, averaged over all of
+    them) or ``released``: the paper's released code's estimate (the label's raw logit, only the
+    first batch, per-tensor mean squares summed as Frobenius norms; ``fedhello.fl.released``) — a
+    reproduction for the ablation in docs/results.md, not a recommendation."""
+
+    estimator: str = "standard"
+
+
+@dataclass
 class LocalConfig:
     """Local training of each client in a round.
 
@@ -242,6 +255,7 @@ class RunConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
     rounds: int = 50
     cohort_size: int = 10
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -424,6 +438,11 @@ class RunConfig:
             if strategy is None:
                 raise ConfigError(f"{err}; no model depth from {PROBE_MIN_BLOCKS} to {PROBE_MAX_BLOCKS} blocks "
                                   f"gives one") from None
+        _choice("fisher.estimator", self.fisher.estimator, FISHER_ESTIMATORS)
+        if self.fisher.estimator == "released" and (getattr(strategy, "fisher_source", None) != "proxy"
+                                                    or self.task != "classification"):
+            raise ConfigError("fisher.estimator: 'released' estimates proxy-set scores of a classifier; it needs "
+                              "task: classification and a strategy with strategy.options.fisher_source: proxy")
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")

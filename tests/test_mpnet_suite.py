@@ -58,19 +58,20 @@ def test_smoke_preset_runs_one_round_of_every_method():
 
 
 def test_released_code_ablation_switches_only_the_released_behaviours():
-    """configs/suites/mpnet-released.yaml: Fed-HeLLo and Full as the mpnet track runs them, and each
-    with the released code's behaviours on; nothing else differs between the pair."""
+    """configs/suites/mpnet-released.yaml: Fed-HeLLo (proxy FIM) and Full as the mpnet track runs them,
+    and each with the released code's behaviours on; nothing else differs between a pair."""
     suite = load_suite(SUITE.with_name("mpnet-released.yaml"))
     configs = _configs(suite)
     assert suite.seeds == [0, 1, 2] and len(configs) == 4 * 3
     mpnet = _configs(load_suite(SUITE))
-    for method in ("Fed-HeLLo", "Full"):
+    for method, estimator in (("Fed-HeLLo (proxy FIM)", "released"), ("Full", "standard")):
         off = configs[("path2-tiers111", method, 0)]
-        on = configs[("path2-tiers111", f"{method} (released quirks)", 0)]
+        quirks = method.replace(")", ", released quirks)") if "(" in method else f"{method} (released quirks)"
+        on = configs[("path2-tiers111", quirks, 0)]
         # The "off" cell is the mpnet track's own run, so its published metrics can be reused.
         assert replace(off, output_dir="") == replace(mpnet[("path2-tiers111", method, 0)], output_dir="")
-        assert (on.aggregation.heads, on.aggregation.weighting, on.strategy.options["released_freeze"]) == \
-            ("keep_initial", "uniform", True)
-        on.aggregation = off.aggregation
+        assert (on.aggregation.heads, on.aggregation.weighting, on.strategy.options["released_freeze"],
+                on.fisher.estimator) == ("keep_initial", "uniform", True, estimator)
+        on.aggregation, on.fisher = off.aggregation, off.fisher
         on.strategy.options.pop("released_freeze")
         assert replace(on, output_dir="") == replace(off, output_dir="")

@@ -51,6 +51,7 @@ from fedhello.config import RunConfig, derive_seed, make_run_strategy, save_conf
 from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
+from fedhello.fl.released import released_proxy_fisher
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
@@ -525,7 +526,8 @@ class FederatedRun:
     def proxy_fisher_scores(self) -> np.ndarray:
         """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
         the per-sample squared gradient norm. Each sample of a batch is routed to its own bank
-        slot, so one batched backward yields per-sample norms."""
+        slot, so one batched backward yields per-sample norms. With ``fisher.estimator: released``
+        the released code's estimate instead (``fedhello.fl.released.released_proxy_fisher``)."""
         proxy = self.client_data["proxy"]
         if proxy is None:
             raise ValueError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
@@ -535,6 +537,8 @@ class FederatedRun:
         model.set_trainable(torch.ones(self.num_blocks, slots, dtype=torch.bool))
         model.reset_fisher_norms()
         model.eval()
+        if self.config.fisher.estimator == "released":
+            return released_proxy_fisher(model, proxy, self.config.local.batch_size, self.device)
         n = proxy["labels"].shape[0]
         for start in range(0, n, slots):
             batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}

@@ -9,7 +9,7 @@ import torch
 
 from fedhello.config import ConfigError, RunConfig
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded
-from fedhello.fl.released import released_frozen_blocks
+from fedhello.fl.released import released_fisher_rows, released_frozen_blocks
 from fedhello.fl.strategies import AllocationContext, make_strategy, strategy_options
 from fedhello.fl.strategies.base import AllocationStrategy, _allocation
 
@@ -110,6 +110,10 @@ def _config(**changes) -> dict:
      "aggregation.weighting: expected one of ('samples', 'uniform', 'norm'), got 'equal'"),
     ({"strategy": {"name": "straggler", "options": {"released_freeze": "yes"}}},
      "strategy.options.released_freeze: expected true or false, got 'yes'"),
+    ({"fisher": {"estimator": "logit"}}, "fisher.estimator: expected one of ('standard', 'released'), got 'logit'"),
+    ({"fisher": {"estimator": "released"}},
+     "fisher.estimator: 'released' estimates proxy-set scores of a classifier; it needs task: classification and "
+     "a strategy with strategy.options.fisher_source: proxy"),
 ])
 def test_config_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as err:
@@ -119,8 +123,18 @@ def test_config_errors_name_the_field(changes, message):
 
 def test_defaults_are_the_papers_text():
     config = RunConfig.from_dict(_config())
-    assert (config.aggregation.heads, config.aggregation.weighting) == ("average", "samples")
+    assert (config.aggregation.heads, config.aggregation.weighting, config.fisher.estimator) == \
+        ("average", "samples", "standard")
     assert make_strategy("fedhello", AllocationContext(12, (6, 9, 12))).released_freeze is False
+
+
+@pytest.mark.parametrize("samples, batch, rows", [
+    (100, 128, [0]),                   # the released setting: 100 proxy samples, batch 128 -> one sample
+    (40, 8, [0, 1, 2, 3, 4]),          # the mpnet track: 5 batches -> the first 5 rows
+    (20, 3, [0, 1, 2, 0, 1, 2, 0]),    # more batches than a batch holds: the first batch again
+])
+def test_released_fisher_reads_the_first_batch_once_per_batch(samples, batch, rows):
+    assert released_fisher_rows(samples, batch).tolist() == rows
 
 
 class _TwoSets(AllocationStrategy):
@@ -190,3 +204,41 @@ def test_run_keeps_the_head_and_freezes_block_10(twelve_block_model, tmp_path):
     run._round(1)
     for name in heads:
         assert torch.equal(run.global_state[name], initial[name]), name
+
+
+def test_released_fisher_scores_match_a_per_sample_reference(twelve_block_model, tmp_path):
+    """``fisher.estimator: released`` on the server: the label's raw logit, rows 0, 1, 2, 0, ... of the
+    first batch, per-tensor mean squared gradients, per-block sums of their Frobenius norms —
+    recomputed here one sample at a time through slot 0 with autograd."""
+    from fedhello.fl.server import FederatedRun
+
+    raw = {"seed": 2, "model": {"name": str(twelve_block_model), "rank": 2, "alpha": 4,
+                                "target_modules": ["query", "value"]},
+           "data": {"name": "bbc_news", "max_samples": 100, "max_length": 12, "num_clients": 4,
+                    "test_fraction": 0.2, "proxy_fraction": 0.2, "partition": {"kind": "iid"}},
+           "strategy": {"name": "fim", "options": {"fisher_source": "proxy"}},
+           "fisher": {"estimator": "released"},
+           "rounds": 1, "cohort_size": 2, "local": {"steps": 2, "batch_size": 3, "lr": 0.05},
+           "checkpoint_every": 0, "output_dir": str(tmp_path / "run")}
+    run = FederatedRun(RunConfig.from_dict(raw), progress=False)
+    run._round(0)  # adapters away from their initialisation (B = 0 would leave A without gradient)
+    scores = run.proxy_fisher_scores()
+
+    proxy, model = run.client_data["proxy"], run.model
+    n = proxy["labels"].shape[0]
+    rows = [i % 3 for i in range(-(-n // 3))]
+    assert len(rows) > 3
+    banks = model.lora_banks()
+    sums = [torch.zeros(p.shape[1:], dtype=torch.float64) for _, _, p in banks]
+    for r in rows:
+        sample = {k: v[r:r + 1] for k, v in proxy.items() if k != "labels"}
+        with model.route(torch.tensor([0])):
+            logit = model(**sample).logits[0, int(proxy["labels"][r])]
+        grads = torch.autograd.grad(logit, [p for _, _, p in banks])
+        for total, g in zip(sums, grads):
+            total += g[0].double().square()
+    want = np.zeros(12)
+    for total, (_, block, _) in zip(sums, banks):
+        want[block] += float(torch.linalg.matrix_norm(total / len(rows), ord="fro"))
+    assert (want > 0).all()
+    np.testing.assert_allclose(scores, want, rtol=1e-5)
