@@ -75,3 +75,11 @@ def test_released_code_ablation_switches_only_the_released_behaviours():
         on.aggregation, on.fisher = off.aggregation, off.fisher
         on.strategy.options.pop("released_freeze")
         assert replace(on, output_dir="") == replace(off, output_dir="")
+
+
+def test_released_code_ablation_smoke_computes_released_fisher_scores_in_its_one_round():
+    suite = load_suite(SUITE.with_name("mpnet-released.yaml"), preset="smoke")
+    configs = _configs(suite)
+    assert len(configs) == 4 and all(c.rounds == 1 for c in configs.values())
+    quirks = configs[("path2-tiers111", "Fed-HeLLo (proxy FIM, released quirks)", 0)]
+    assert quirks.strategy.options["warmup"] == 0 and quirks.fisher.estimator == "released"
