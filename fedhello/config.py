@@ -15,7 +15,8 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
                   partition: {kind, alpha, classes_per_client, min_size}}
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
-    aggregation: {weighting: samples, rank_normalize: all}
+    aggregation: {weighting: samples, rank_normalize: all, heads: average}
+    fisher:      {estimator: standard}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
@@ -50,7 +51,7 @@ from fedhello.fl.strategies import (AllocationContext, AllocationStrategy, HetLo
                                    make_strategy)
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.seeds import purpose_seed
-from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -60,6 +61,7 @@ __all__ = [
     "TierConfig",
     "StrategyConfig",
     "AggregationConfig",
+    "FisherConfig",
     "LocalConfig",
     "EngineConfig",
     "AdaptiveClipConfig",
@@ -187,10 +189,25 @@ class AggregationConfig:
     its update ``B_c A_c``, as HetLoRA) and how HetLoRA's ranks are padded (``rank_normalize``:
     ``factors`` is HetLoRA's own zero-padding of the factors; ``all``, the default the published
     results used, pads the deltas; ``covering`` averages each rank slice over the clients that
-    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``)."""
+    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``). ``heads``: ``average`` the
+    classification heads over the participants, or ``keep_initial``: never aggregate them, so the
+    head stays the initial one for the whole run — a reproduction of the paper's released code for
+    the ablation in docs/results.md, not a recommendation."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"
+    heads: str = "average"
+
+
+@dataclass
+class FisherConfig:
+    """How the server estimates proxy-set Fisher scores (strategies with ``fisher_source: proxy``):
+    ``standard`` (each proxy sample's squared loss-gradient norm per block, averaged over all of
+    them) or ``released``: the paper's released code's estimate (the label's raw logit, only the
+    first batch, per-tensor mean squares summed as Frobenius norms; ``fedhello.fl.released``) — a
+    reproduction for the ablation in docs/results.md, not a recommendation."""
+
+    estimator: str = "standard"
 
 
 @dataclass
@@ -286,6 +303,7 @@ class RunConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
     rounds: int = 50
     cohort_size: int = 10
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -339,6 +357,7 @@ class RunConfig:
         strategy = self._validate_strategy(tiers)
         _choice("aggregation.weighting", self.aggregation.weighting, WEIGHTINGS)
         _choice("aggregation.rank_normalize", self.aggregation.rank_normalize, RANK_NORMALIZATIONS)
+        _choice("aggregation.heads", self.aggregation.heads, HEADS)
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("cohort_size", self.cohort_size, 1)
         if self.cohort_size > self.data.num_clients:
@@ -483,6 +502,11 @@ class RunConfig:
             if strategy is None:
                 raise ConfigError(f"{err}; no model depth from {PROBE_MIN_BLOCKS} to {PROBE_MAX_BLOCKS} blocks "
                                   f"gives one") from None
+        _choice("fisher.estimator", self.fisher.estimator, FISHER_ESTIMATORS)
+        if self.fisher.estimator == "released" and (getattr(strategy, "fisher_source", None) != "proxy"
+                                                    or self.task != "classification"):
+            raise ConfigError("fisher.estimator: 'released' estimates proxy-set scores of a classifier; it needs "
+                              "task: classification and a strategy with strategy.options.fisher_source: proxy")
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
@@ -507,6 +531,10 @@ class RunConfig:
             raise ConfigError(f"aggregation.weighting: under privacy expected 'uniform' (weights from sample counts "
                               f"or update norms are private and break the sensitivity bound), got "
                               f"{self.aggregation.weighting!r}")
+        if self.aggregation.heads != "average":
+            # The clip and the noise cover everything a client sends, heads included.
+            raise ConfigError(f"aggregation.heads: under privacy expected 'average', got {self.aggregation.heads!r} "
+                              "(a reproduction switch of the released code, not combined with DP)")
         if isinstance(strategy, HetLoRAStrategy):
             raise ConfigError(f"strategy.name: {self.strategy.name!r} trains clients at different ranks, which has "
                               "no private aggregation; choose a layer-allocation strategy")

@@ -57,6 +57,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
+from fedhello.fl.released import released_proxy_fisher
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
@@ -143,6 +144,11 @@ class RoundPlan:
     allocation: Any
     members: list[int]
     tasks: list[LocalTask]
+
+    def sent_blocks(self) -> dict[int, list[int]]:
+        """Client id -> the blocks whose adapters it sends back: all it was allotted, those frozen
+        by the option ``released_freeze`` included (they come back as exact-zero deltas)."""
+        return {int(self.cohort[i]): self.allocation.blocks(i) for i in self.members}
 
 
 class FederatedRun:
@@ -381,11 +387,12 @@ class FederatedRun:
             self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
         alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
         members = [i for i in range(len(cohort)) if alloc.participating[i]]
+        trains = alloc.trainable if alloc.frozen is None else alloc.trainable & ~alloc.frozen
         tasks = [
             LocalTask(
                 client=int(cohort[i]),
                 data=self.client_data["clients"][int(cohort[i])],
-                trainable_blocks=torch.as_tensor(alloc.trainable[:, i], dtype=torch.bool),
+                trainable_blocks=torch.as_tensor(trains[:, i], dtype=torch.bool),
                 seed=purpose_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
                 rank=None if alloc.ranks is None else int(alloc.ranks[i]),
             )
@@ -408,7 +415,8 @@ class FederatedRun:
         if not plan.members:
             tqdm.write(f"warning: round {rnd + 1}: no client of the cohort {cohort.tolist()} trains a block "
                        f"(strategy {cfg.strategy.name!r}); the global model stays as it was", file=sys.stderr)
-        self._aggregate(results, plan)
+        sent_blocks = plan.sent_blocks()
+        self._aggregate(results, plan, sent_blocks)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
         trained = np.zeros((self.num_blocks, len(cohort)), dtype=bool)
@@ -422,7 +430,7 @@ class FederatedRun:
         else:
             self.strategy.observe_fisher(rnd, scores, trained)
 
-        down, up = self._traffic(sent)
+        down, up = self._traffic(sent, sent_blocks)
         record: dict[str, Any] = {
             "round": rnd,
             "cohort": cohort.tolist(),
@@ -433,6 +441,8 @@ class FederatedRun:
             "ranks": None if alloc.ranks is None else {
                 str(res.client): int(alloc.ranks[position[res.client]]) for res in results},
             "probabilities": _as_list(alloc.probabilities),
+            **({} if alloc.frozen is None else {"frozen": {
+                str(res.client): np.flatnonzero(alloc.frozen[:, position[res.client]]).tolist() for res in results}}),
             "fisher_scores": _as_list(self.strategy.fisher_scores),
             # None (JSON null) when nobody trained: NaN is not JSON.
             "train_loss": float(np.mean([r.loss for r in results])) if results else None,
@@ -469,10 +479,12 @@ class FederatedRun:
                        "left out of this round's aggregation", file=sys.stderr)
         return [r for i, r in enumerate(results) if i not in bad], [b.to_record() for b in bad.values()]
 
-    def _aggregate(self, results: list[LocalResult], plan: RoundPlan) -> None:
+    def _aggregate(self, results: list[LocalResult], plan: RoundPlan, sent_blocks: dict[int, list[int]]) -> None:
+        """Fold the results into the global state; ``sent_blocks``: client id -> the blocks whose
+        deltas count (``RoundPlan.sent_blocks``)."""
         updates = [
-            ClientUpdate.from_states(r.state, self.global_state, r.num_samples,
-                                     r.trainable_blocks.nonzero().flatten().tolist(), self.tensor_blocks, rank=r.rank)
+            ClientUpdate.from_states(r.state, self.global_state, r.num_samples, sent_blocks[r.client],
+                                     self.tensor_blocks, rank=r.rank)
             for r in results
         ]
         if self.privacy is not None:  # noise on every assigned block, even when no update arrived
@@ -486,21 +498,23 @@ class FederatedRun:
         if any(r.rank is not None for r in results):
             self.global_state = aggregate_rank_padded(
                 self.global_state, updates, self.tensor_blocks, lora_rank_dims(self.global_state),
-                weighting=agg.weighting, normalize=agg.rank_normalize)
+                weighting=agg.weighting, normalize=agg.rank_normalize, heads=agg.heads)
         else:
             self.global_state = aggregate_layerwise(self.global_state, updates, self.tensor_blocks,
-                                                    weighting=agg.weighting)
+                                                    weighting=agg.weighting, heads=agg.heads)
 
-    def _traffic(self, results: list[LocalResult]) -> tuple[int, int]:
+    def _traffic(self, results: list[LocalResult], sent_blocks: dict[int, list[int]]) -> tuple[int, int]:
         """Bytes the round would move: the whole global state down to each participant, and up
-        the tensors of the blocks each trained (rank-sliced for HetLoRA) plus its head."""
+        the tensors of the blocks each sends back (rank-sliced for HetLoRA) plus its head (none
+        with ``aggregation.heads: keep_initial``)."""
         names = list(self.global_state)
         down = _state_bytes(self.global_state, names) * len(results)
+        sends_head = self.config.aggregation.heads == "average"
         up = 0
         for r in results:
-            blocks = set(r.trainable_blocks.nonzero().flatten().tolist())
+            blocks = set(sent_blocks[r.client])
             lora = [n for n in names if self.tensor_blocks[n] in blocks]
-            head = [n for n in names if self.tensor_blocks[n] is None]
+            head = [n for n in names if self.tensor_blocks[n] is None and sends_head]
             fraction = 1.0 if r.rank is None else r.rank / self.config.model.rank
             up += _state_bytes(self.global_state, lora, fraction) + _state_bytes(self.global_state, head)
         return down, up
@@ -539,7 +553,8 @@ class FederatedRun:
     def proxy_fisher_scores(self) -> np.ndarray:
         """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
         the per-sample squared gradient norm. Each sample of a batch is routed to its own bank
-        slot, so one batched backward yields per-sample norms."""
+        slot, so one batched backward yields per-sample norms. With ``fisher.estimator: released``
+        the released code's estimate instead (``fedhello.fl.released.released_proxy_fisher``)."""
         proxy = self.client_data["proxy"]
         if proxy is None:
             raise UserError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
@@ -549,6 +564,8 @@ class FederatedRun:
         model.set_trainable(torch.ones(self.num_blocks, slots, dtype=torch.bool))
         model.reset_fisher_norms()
         model.eval()
+        if self.config.fisher.estimator == "released":
+            return released_proxy_fisher(model, proxy, self.config.local.batch_size, self.device)
         n = proxy["labels"].shape[0]
         for start in range(0, n, slots):
             batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}

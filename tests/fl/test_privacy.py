@@ -207,6 +207,7 @@ def test_a_private_config_loads():
     ({"privacy__noise_multiplier": None, "privacy__target_epsilon": -1}, "privacy.target_epsilon"),
     ({"aggregation": {"weighting": "samples"}}, "aggregation.weighting"),
     ({"aggregation": {"weighting": "norm"}}, "aggregation.weighting"),
+    ({"aggregation": {"weighting": "uniform", "heads": "keep_initial"}}, "aggregation.heads"),
     ({"strategy": {"name": "fedhello", "options": {"fisher_source": "client"}}}, "privacy.fisher_noise_multiplier"),
     ({"strategy": {"name": "fedhello", "options": {"fisher_source": "client"}}, "privacy__fisher_clip": 1.0,
       "privacy__fisher_noise_multiplier": 0}, "privacy.fisher_noise_multiplier"),
