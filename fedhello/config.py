@@ -44,6 +44,7 @@ from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
 
 __all__ = [
     "ConfigError",
@@ -57,6 +58,7 @@ __all__ = [
     "EngineConfig",
     "RunConfig",
     "apply_overrides",
+    "parse_override_value",
     "load_config",
     "save_config",
     "derive_seed",
@@ -296,6 +298,10 @@ class RunConfig:
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         if not self.output_dir:
             raise ConfigError("output_dir: expected a directory path, got ''")
+        long = [part for part in Path(self.output_dir).parts if len(os.fsencode(part)) > NAME_MAX]
+        if long:  # the OS refuses such a folder name (ENAMETOOLONG) only once the run starts writing
+            raise ConfigError(f"output_dir: the folder name {long[0][:40]!r}... has {len(os.fsencode(long[0]))} "
+                              f"bytes; file systems take at most {NAME_MAX} per name")
 
     def check_sources(self) -> None:
         """Check that ``model.name`` and the data source can load now, without loading them.
@@ -438,6 +444,9 @@ class RunConfig:
 
 
 PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS = 2, 64
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+# The partition fields that only some kinds use: a mapping that sets one must name its kind.
+_PARTITION_KIND_FIELDS = {"alpha": "dirichlet", "min_size": "dirichlet", "classes_per_client": "pathological"}
 
 
 def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...],
@@ -552,6 +561,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field; expected one of {names}")
+    if cls is PartitionConfig and "kind" not in raw:
+        # {alpha: 0.1} alone would be an IID partition that never reads alpha.
+        used = [name for name in _PARTITION_KIND_FIELDS if name in raw]
+        if used:
+            raise ConfigError(f"{prefix}kind: required when {prefix}{used[0]} is set (a field of "
+                              f"kind: {_PARTITION_KIND_FIELDS[used[0]]}); without it the partition is iid")
     return cls(**{key: _coerce(prefix + key, hints[key], value) for key, value in raw.items()})
 
 
@@ -559,8 +574,15 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of nested mappings.
 
     Example: ``["rounds=5", "strategy.options.warmup=2", "tiers.fractions=[0.5, 1]"]``.
+
+    Strategy options belong to their strategy: an override that changes ``strategy.name`` starts
+    the new strategy from its default options, keeping only options that the overrides set
+    (``--set strategy.name=fedra`` on a Fed-HeLLo config does not hand Fed-HeLLo's ``pattern`` to FedRA).
     """
     result = _deep_copy(raw)
+    base_strategy = result.get("strategy") if isinstance(result.get("strategy"), Mapping) else {}
+    base_name = base_strategy.get("name", StrategyConfig.name)
+    options_set: dict[str, Any] = {}  # strategy.options set by the overrides, in order
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -575,11 +597,24 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a mapping, cannot set {key!r}")
             node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {text!r} as YAML ({err})") from None
+        node[parts[-1]] = parse_override_value(key, text)
+        if parts[:2] == ["strategy", "options"]:
+            options_set = dict(node[parts[-1]] or {}) if len(parts) == 2 else {**options_set, parts[2]: None}
+    strategy = result.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name", StrategyConfig.name) != base_name:
+        options = strategy.get("options") if isinstance(strategy.get("options"), dict) else {}
+        strategy["options"] = {k: v for k, v in options.items() if k in options_set}
     return result
+
+
+def parse_override_value(key: str, text: str) -> Any:
+    """The value of ``--set key=text``: ``text`` read as YAML (a key given twice in it is refused)."""
+    try:
+        return safe_load_strict(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{key}.{err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {text!r} as YAML ({err})") from None
 
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -592,7 +627,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     if not path.is_file():
         raise ConfigError(f"config: {str(path)!r} is not a file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_strict(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{err.key}: given twice in {str(path)!r} (lines {err.lines[0]} and {err.lines[1]}); "
+                          "keep one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {str(path)!r} is not valid YAML ({err})") from None
     if raw is None:

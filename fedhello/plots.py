@@ -32,11 +32,14 @@ __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-round records of a run folder (``metrics.jsonl``)."""
+    """The per-round records of a run folder (``metrics.jsonl``); ``"round"`` counts from 0 there."""
+    from fedhello.fl.checkpoint import read_jsonl
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A cut last line (a run killed while appending it) is left out, as resume does.
+    return read_jsonl(path)
 
 
 def run_label(run_dir: str | Path) -> str:
@@ -89,7 +92,11 @@ def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Seque
     accuracy" becomes "Held-out perplexity").
     """
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
-    lm = bool(run_dirs) and all(is_causal_lm_run(d) for d in run_dirs)
+    kinds = [is_causal_lm_run(d) for d in run_dirs]
+    if any(kinds) and not all(kinds):  # perplexity and accuracy share no axis
+        raise ValueError(f"run_dirs: {run_dirs[kinds.index(True)]} is a causal LM run (perplexity) and "
+                         f"{run_dirs[kinds.index(False)]} a classification run (accuracy); plot them separately")
+    lm = bool(run_dirs) and all(kinds)
     curve = perplexity_curve if lm else accuracy_curve
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Ten colours, then the same colours dashed, so that up to 20 methods stay apart.
@@ -192,6 +199,8 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
         ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}", marker=marker)
     ax.set_yscale("log")
     _round_axis(ax)
+    if len(rounds) == 1:  # one point spans no range: the locator would tick at fractions of a round
+        ax.set_xticks(rounds)
     ax.set_ylabel("Fisher score (mean squared gradient norm)")
     ax.set_title(title or f"Fisher scores per block ({run_label(run_dir)})")
     if scores.shape[1] <= 12:

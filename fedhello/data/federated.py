@@ -87,9 +87,14 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
         test = full.select(test_idx)
     proxy = full.select(proxy_idx) if config.proxy_fraction > 0 else None
     p = config.partition
-    partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
-                                  classes_per_client=p.classes_per_client, min_size=p.min_size,
-                                  seed=derive_seed(seed, "partition"))
+    try:
+        partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
+                                      classes_per_client=p.classes_per_client, min_size=p.min_size,
+                                      seed=derive_seed(seed, "partition"))
+    except ValueError as err:  # the partition functions name their arguments; the user knows the config fields
+        field, _, rest = str(err).partition(":")
+        dotted = {"num_clients": "data.num_clients"}.get(field, f"data.partition.{field}")
+        raise UserError(f"{dotted}:{rest}") from None
     empty = [c for c, part in enumerate(partitions) if len(part) == 0]
     if empty:  # caught here, not when the client is first sampled (perhaps many rounds in)
         raise UserError(f"data.partition: {len(empty)} of {config.num_clients} clients get no training sample "

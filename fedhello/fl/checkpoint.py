@@ -118,6 +118,9 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"output_dir: {out} is a file, expected a folder (or a path to create one at)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would fail with ENOTDIR only once the run starts writing
+        raise RunFolderError(f"output_dir: {blocking} is a file, so the folder {out} cannot be made below it")
     found = _holds_run(out)
     if not found or overwrite:
         return None
@@ -170,6 +173,10 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _HELD:  # this process holds it already (the command line takes it before loading the model)
+        yield out
+        return
     with open(out / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -181,10 +188,15 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        _HELD.add(key)
         try:
             yield out
         finally:
+            _HELD.discard(key)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_HELD: set[Path] = set()  # run folders whose lock this process holds (a nested hold_run_dir reuses it)
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:
@@ -261,7 +273,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
+    records = []
+    for i, line in enumerate(lines[:-1]):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({err}); only the last line may be "
+                             "cut short (a run killed while writing it)") from None
     try:
         return records + [json.loads(lines[-1])] if lines else records
     except json.JSONDecodeError:

@@ -174,6 +174,11 @@ class FederatedRun:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
                             f"(max_position_embeddings), got {cfg.data.max_length}")
         self.client_data = self._lm_tensors() if self.causal_lm else self._tensors(backbone)
+        sizes = [next(iter(c.values())).shape[0] for c in self.client_data["clients"]]
+        if cfg.local.batch_size > min(sizes):  # the engine then takes each such client's whole data per step
+            tqdm.write(f"warning: local.batch_size {cfg.local.batch_size} exceeds the training samples of "
+                       f"{sum(n < cfg.local.batch_size for n in sizes)} client(s) (smallest: {min(sizes)}); "
+                       "their batches hold all of their samples, none twice", file=sys.stderr)
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
@@ -297,7 +302,12 @@ class FederatedRun:
         """
         check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
         with hold_run_dir(self.out):  # then, as its only writer, decide again and play
-            return self._run(resume, play_round, overwrite)
+            try:
+                return self._run(resume, play_round, overwrite)
+            except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the table of the rounds played
+                if (self.out / "metrics.jsonl").exists():
+                    _write_csv(self.out / "metrics.csv", read_jsonl(self.out / "metrics.jsonl"))
+                raise
 
     def _run(self, resume: bool, play_round: Callable[[int], dict[str, Any]] | None,
              overwrite: bool) -> list[dict[str, Any]]:
