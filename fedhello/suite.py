@@ -401,6 +401,22 @@ def _client_perplexity(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> 
             "untrained_client_worst": _mean_std([float(np.max(c)) for c in untrained])}
 
 
+def _client_accuracy(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> dict[str, Any]:
+    """Per-client held-out accuracy (%) of the final global model: the mean over clients, the 10th
+    percentile and the worst client, each as (mean, std) over seeds, and the same for the untrained
+    model; empty for runs recorded before fedhello measured it."""
+    final = [recs[-1] for _, recs, _ in runs]
+    if any(r.get("test_client_accuracy_mean") is None for r in final):
+        return {}
+    untrained = [json.loads(p.read_text()) if (p := d / "initial_eval.json").exists() else {} for d, _, _ in runs]
+    out = {}
+    for stat in ("mean", "p10", "worst"):
+        out[f"client_{stat}"] = _mean_std([100 * r[f"test_client_accuracy_{stat}"] for r in final])
+        values = [r.get(f"client_accuracy_{stat}") for r in untrained]
+        out[f"untrained_client_{stat}"] = _mean_std([math.nan if v is None else 100 * v for v in values])
+    return out
+
+
 def _read_json(path: Path, key: str) -> float:
     return json.loads(path.read_text())[key] if path.exists() else float("nan")
 
@@ -440,8 +456,8 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
                 "seeds": len(runs),
             }
-            if lm:  # the personalisation view: the global model on each client's own mix of topics
-                table[setting][method].update(_client_perplexity(runs))
+            # The personalisation view: the global model on each client's own mix of topics or classes.
+            table[setting][method].update(_client_perplexity(runs) if lm else _client_accuracy(runs))
             method_dirs.append((method, runs[0][0]))
         if not method_dirs:
             continue
@@ -558,29 +574,36 @@ def render_table(summary: dict[str, Any]) -> str:
             lines.append(f"\n{SHORT_MARK} mean of all of the run's evaluations: it has fewer than 3 "
                          f"(fewest: {fewest})")
         parts.append("\n".join(lines))
-    if lm:
-        parts.append(_render_client_table(table, settings, methods, pm))
+    if any("client_mean" in row for rows in table.values() for row in rows.values()):
+        parts.append(_render_client_table(table, settings, methods, pm, lm))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)
 
 
-def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str) -> str:
-    """Causal LM suites: each client's held-out perplexity under the final global model, as the
-    mean over clients and the worst client (each a mean over seeds), per setting."""
-    def pair(mean: tuple[float, float], worst: tuple[float, float]) -> str:
-        spread = f" ± {mean[1]:.2f}" if pm else ""
-        return f"{mean[0]:.2f}{spread} / {worst[0]:.2f}"
+def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str, lm: bool) -> str:
+    """Each client's held-out perplexity (causal LMs) or accuracy (classification) under the final
+    global model: the mean over clients, for accuracy the 10th percentile, and the worst client (each
+    a mean over seeds), per setting."""
+    stats = ("mean", "worst") if lm else ("mean", "p10", "worst")
 
-    lines = ["| method | " + " | ".join(f"{s}: clients' perplexity, mean{pm} / worst client" for s in settings) + " |",
+    def cell(row: dict[str, Any] | None, prefix: str = "") -> str:
+        if row is None or f"{prefix}client_mean" not in row:
+            return "–"
+        mean = row[f"{prefix}client_mean"]
+        first = f"{mean[0]:.2f}" + (f" ± {mean[1]:.2f}" if pm else "")
+        return " / ".join([first] + [f"{row[f'{prefix}client_{k}'][0]:.2f}" for k in stats[1:]])
+
+    what = (f"clients' perplexity, mean{pm} / worst client" if lm
+            else f"clients' accuracy %, mean{pm} / 10th percentile / worst client")
+    lines = ["| method | " + " | ".join(f"{s}: {what}" for s in settings) + " |",
              "|" + "---|" * (len(settings) + 1)]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(
-            "–" if table[s].get(m) is None else pair(table[s][m]["client_mean"], table[s][m]["client_worst"])
-            for s in settings) + " |")
+        lines.append(f"| {m} | " + " | ".join(cell(table[s].get(m)) for s in settings) + " |")
     untrained = []
     for s in settings:
-        rows = list(table[s].values())
-        untrained.append(pair(tuple(np.mean([r["untrained_client_mean"] for r in rows], axis=0)),
-                              tuple(np.mean([r["untrained_client_worst"] for r in rows], axis=0))) if rows else "–")
+        rows = [r for r in table[s].values() if "client_mean" in r]
+        averaged = {f"untrained_client_{k}": tuple(np.mean([r[f"untrained_client_{k}"] for r in rows], axis=0))
+                    for k in stats} if rows else None
+        untrained.append(cell(averaged, "untrained_"))
     lines.append("| *untrained model* | " + " | ".join(untrained) + " |")
     return "\n".join(lines)

@@ -173,3 +173,24 @@ def test_plotting_a_causal_lm_run_with_a_classification_run_is_one_line(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fedhello plot: error: run_dirs: {lm} is a causal LM run (perplexity) and {accuracy}")
     assert "\n" not in err
+
+
+def test_per_client_accuracy_plot(tmp_path, monkeypatch):
+    from fedhello.plots import plot_client_accuracy
+
+    run = _run(tmp_path, "clients", 3, fisher=False)
+    records = read_metrics(run)
+    for r in records:
+        if "test_accuracy" in r:
+            r.update(test_client_accuracy_mean=0.7, test_client_accuracy_p10=0.5, test_client_accuracy_worst=0.4)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "initial_eval.json").write_text(json.dumps({"accuracy": 0.2, "client_accuracy_mean": 0.2,
+                                                       "client_accuracy_p10": 0.1, "client_accuracy_worst": 0.05}))
+    assert "client_accuracy.png" in [p.name for p in plot_run(run)]
+    figures = _capture_figures(monkeypatch)
+    plot_client_accuracy(run, tmp_path / "c.png")
+    lines = figures[0].axes[0].lines
+    assert [list(line.get_xdata()) for line in lines] == [[0, 2, 4]] * 3
+    np.testing.assert_allclose([line.get_ydata() for line in lines], [[20, 70, 70], [10, 50, 50], [5, 40, 40]])
+    with pytest.raises(ValueError, match="^run_dir: .* has no per-client accuracy"):
+        plot_client_accuracy(_run(tmp_path, "older", 3, fisher=False), tmp_path / "d.png")

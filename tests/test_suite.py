@@ -313,3 +313,20 @@ def test_a_short_runs_mean_of_the_last_three_says_it_averages_fewer():
     assert f"{SHORT_MARK} mean of all of the run's evaluations: it has fewer than 3 (fewest: 2)" in table
     summary["table"]["iid"].pop("Short")
     assert SHORT_MARK not in render_table(summary)
+
+
+def test_the_table_shows_the_clients_accuracy_spread():
+    """Classification suites get the per-client view too: mean over clients, 10th percentile, worst client."""
+    from fedhello.suite import render_table
+
+    row = {"final": (80.0, 1.0), "best": (81.0, 0.0), "last3": (79.0, 0.0), "last3_of": 3, "macro_f1": (70.0, 0.0),
+           "untrained": (20.0, 0.0), "metric": "accuracy", "wall_time_s": 10.0, "upload_mb_per_round": 1.0,
+           "seeds": 2, "client_mean": (78.5, 1.25), "client_p10": (60.0, 2.0), "client_worst": (55.0, 3.0),
+           "untrained_client_mean": (21.0, 0.0), "untrained_client_p10": (5.0, 0.0),
+           "untrained_client_worst": (2.0, 0.0)}
+    old = {key: value for key, value in row.items() if "client" not in key}  # a run recorded before the measure
+    table = render_table({"suite": "s", "device": "cpu", "torch": "2", "seeds": [0, 1],
+                          "table": {"iid": {"Full": row, "Old": old}}})
+    assert "| method | iid: clients' accuracy %, mean ± std / 10th percentile / worst client |" in table
+    assert "| Full | 78.50 ± 1.25 / 60.00 / 55.00 |" in table and "| Old | – |" in table
+    assert "| *untrained model* | 21.00 ± 0.00 / 5.00 / 2.00 |" in table

@@ -4,7 +4,7 @@
 under ``config.output_dir``:
 
 * ``config.yaml``: the resolved configuration;
-* ``initial_eval.json``: test accuracy, loss and macro-F1 of the untrained global model
+* ``initial_eval.json``: test accuracy, loss, macro-F1 and per-client accuracy of the untrained global model
   (``task: causal_lm``: held-out token loss and perplexity, overall and per client);
 * ``completions.jsonl`` (``task: causal_lm``): greedy completions of a few fixed held-out
   prompts by the global model, at the start, every ``COMPLETIONS_EVERY`` evaluations and at the end;
@@ -53,6 +53,7 @@ from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    read_jsonl, save_checkpoint)
+from fedhello.fl.client_eval import accuracy_spread, class_accuracy, client_accuracies
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
@@ -95,7 +96,8 @@ def _device(name: str) -> torch.device:
 @torch.no_grad()
 def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
              device: torch.device | None = None) -> dict[str, float]:
-    """Accuracy, mean cross-entropy and macro-F1 of bank slot ``slot`` on ``data``."""
+    """Accuracy, mean cross-entropy, macro-F1 and the accuracy of each class present
+    (``class_accuracy``: ``{class: accuracy}``) of bank slot ``slot`` on ``data``."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -116,6 +118,7 @@ def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
         "accuracy": float((pred == labels).mean()) if n else math.nan,
         "loss": loss_sum / max(n, 1),
         "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if n else math.nan,
+        "class_accuracy": class_accuracy(pred, labels),
     }
 
 
@@ -491,6 +494,9 @@ class FederatedRun:
     def evaluate_global(self) -> dict[str, Any]:
         """The global model (slot 0, full rank) on the held-out test split.
 
+        Classification: ``accuracy``, ``loss``, ``macro_f1``, ``client_accuracy`` (each client's
+        accuracy on held-out data of its own label mix, ``fedhello.fl.client_eval``) and its
+        ``client_accuracy_mean``, ``_worst`` and ``_p10`` (10th percentile) over the clients.
         Causal LM: ``loss`` (nats per target token), ``perplexity``, and ``client_perplexity``:
         for every client, the perplexity on the held-out rows of its own mix of groups (topics),
         weighted by its training tokens per group.
@@ -498,8 +504,12 @@ class FederatedRun:
         self.model.load_client_state(0, self.global_state)
         self.model.set_ranks({0: self.config.model.rank})
         if not self.causal_lm:
-            return evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
-                            device=self.device)
+            result = evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
+                              device=self.device)
+            clients = client_accuracies(result.pop("class_accuracy"),
+                                        [c["labels"].numpy() for c in self.client_data["clients"]])
+            spread = accuracy_spread(clients)
+            return {**result, "client_accuracy": clients, **{f"client_accuracy_{k}": v for k, v in spread.items()}}
         result = evaluate_lm(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
                              device=self.device)
         groups = result.pop("group_loss")
@@ -583,7 +593,8 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 _CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity", "bytes_up", "bytes_down",
-               "wall_time", "time_local", "time_aggregate", "time_eval", "participants")
+               "wall_time", "time_local", "time_aggregate", "time_eval", "participants", "test_client_accuracy_mean",
+               "test_client_accuracy_worst", "test_client_accuracy_p10")
 
 
 def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
