@@ -17,6 +17,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
     aggregation: {weighting: samples, rank_normalize: all}
     rounds, cohort_size
+    clients:     {dropout, over_selection}     # clients that never return (fedhello.fl.dropout)
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
     eval_every, checkpoint_every, output_dir
@@ -54,6 +55,7 @@ __all__ = [
     "TierConfig",
     "StrategyConfig",
     "AggregationConfig",
+    "ClientsConfig",
     "LocalConfig",
     "EngineConfig",
     "RunConfig",
@@ -193,6 +195,29 @@ class AggregationConfig:
 
 
 @dataclass
+class ClientsConfig:
+    """System heterogeneity: sampled clients that never send their update back.
+
+    Attributes:
+        dropout: probability that a sampled client never returns, drawn independently for each
+            client and round (``fedhello.fl.dropout``); a list gives one probability per capacity
+            tier (the order of ``tiers.fractions``), tying dropout to a client's tier.
+        over_selection: sample ``ceil(cohort_size * (1 + over_selection))`` clients (at most the
+            population) and aggregate the first ``cohort_size`` participants that return; the others
+            are late and discarded, as production FL servers over-select.
+    """
+
+    dropout: float | list[float] = 0.0
+    over_selection: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any client can fail to return or be over-selected."""
+        rates = self.dropout if isinstance(self.dropout, list) else [self.dropout]
+        return any(rate > 0 for rate in rates) or self.over_selection > 0
+
+
+@dataclass
 class LocalConfig:
     """Local training of each client in a round.
 
@@ -242,6 +267,7 @@ class RunConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     rounds: int = 50
     cohort_size: int = 10
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval_every: int = 1
@@ -284,6 +310,7 @@ class RunConfig:
         if self.cohort_size > self.data.num_clients:
             raise ConfigError(f"cohort_size: expected <= data.num_clients ({self.data.num_clients}), "
                               f"got {self.cohort_size}")
+        self._validate_clients()
         self._validate_local()
         _choice("engine.kind", self.engine.kind, ENGINES)
         if isinstance(self.engine.parallel, str):
@@ -428,6 +455,18 @@ class RunConfig:
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
+
+    def _validate_clients(self) -> None:
+        c = self.clients
+        rates = c.dropout if isinstance(c.dropout, list) else [c.dropout]
+        if isinstance(c.dropout, list) and len(c.dropout) != len(self.tiers.fractions):
+            raise ConfigError(f"clients.dropout: expected one probability per tier ({len(self.tiers.fractions)}, "
+                              f"as tiers.fractions) or a single one, got {len(c.dropout)}")
+        for rate in rates:
+            if not 0 <= rate < 1:  # a client that never returns would never train
+                raise ConfigError(f"clients.dropout: expected probabilities in [0, 1), got {c.dropout}")
+        if not (math.isfinite(c.over_selection) and c.over_selection >= 0):
+            raise ConfigError(f"clients.over_selection: expected a number >= 0, got {c.over_selection}")
 
     def _validate_local(self) -> None:
         lc = self.local

@@ -54,6 +54,7 @@ from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.client_eval import accuracy_spread, class_accuracy, client_accuracies
+from fedhello.fl.dropout import RoundReturns, cohort_draw_size, draw_returns
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
@@ -134,8 +135,9 @@ class RoundPlan:
         round: the round index.
         cohort: int64 ``[n]``, the sampled clients (sorted ids).
         allocation: the strategy's ``Allocation`` for the cohort.
-        members: positions in ``cohort`` of the clients that take part.
+        members: positions in ``cohort`` of the clients that take part (and return, under dropout).
         tasks: one ``LocalTask`` per member, in the order of ``members``.
+        returns: with ``clients.dropout``/``over_selection``, who failed to return or came late.
     """
 
     round: int
@@ -143,6 +145,7 @@ class RoundPlan:
     allocation: Any
     members: list[int]
     tasks: list[LocalTask]
+    returns: RoundReturns | None = None
 
 
 class FederatedRun:
@@ -374,11 +377,17 @@ class FederatedRun:
     def plan_round(self, rnd: int) -> "RoundPlan":
         """Server side, before local training: the cohort, its allocation and every participant's task."""
         cfg = self.config
-        cohort = np.sort(self.rng.choice(self.data.num_clients, size=cfg.cohort_size, replace=False))
+        size = cohort_draw_size(cfg.cohort_size, cfg.clients.over_selection, self.data.num_clients)
+        cohort = np.sort(self.rng.choice(self.data.num_clients, size=size, replace=False))
         if self.strategy.needs_proxy_scores(rnd):
             self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
         alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
         members = [i for i in range(len(cohort)) if alloc.participating[i]]
+        returns = None
+        if cfg.clients.active:  # only the participants that return train (their results are all that arrive)
+            returns = draw_returns(members, cohort, self.capacities.tier[cohort], cfg.clients.dropout, cfg.cohort_size,
+                                   np.random.default_rng(derive_seed(cfg.seed, f"dropout/{rnd}")))
+            members = returns.kept
         tasks = [
             LocalTask(
                 client=int(cohort[i]),
@@ -389,7 +398,7 @@ class FederatedRun:
             )
             for i in members
         ]
-        return RoundPlan(rnd, cohort, alloc, members, tasks)
+        return RoundPlan(rnd, cohort, alloc, members, tasks, returns)
 
     def finish_round(self, plan: "RoundPlan", results: list[LocalResult], t0: float) -> dict[str, Any]:
         """Server side, after local training: aggregate, update the strategy, evaluate; the round's record.
@@ -433,6 +442,8 @@ class FederatedRun:
             "bytes_up": up,
             "nonfinite_dropped": dropped,
         }
+        if plan.returns is not None:  # clients that never returned, and over-selected ones that came late
+            record.update(dropped=plan.returns.dropped, late=plan.returns.late)
         t_aggregate = time.perf_counter()
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
