@@ -11,7 +11,7 @@ config's data-set name (``fedhello.data.sources``) does not import datasets or t
 from fedhello._lazy import lazy_exports
 
 _EXPORTS = {
-    **dict.fromkeys(["FederatedData", "prepare_federated_data"], "federated"),
+    **dict.fromkeys(["FederatedData", "federated_from_datasets", "prepare_federated_data"], "federated"),
     **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names",
                      "load_bbc_news", "load_fashion_mnist", "load_labelled_dataset", "load_local",
                      "load_text_folder"], "sources"),

@@ -1,4 +1,5 @@
-"""Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation.
+"""Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation; ``run``
+(``fedhello.fl.api``): a whole run over your own model and ``datasets.Dataset`` objects.
 
 The engine (``fedhello.fl.engine``) and the optimizers (``fedhello.fl.optim``) are imported
 from their modules directly: they need the model layer, these building blocks do not.
@@ -16,6 +17,7 @@ _EXPORTS = {
                      "strategy_options"], "strategies"),
     **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
     **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
+    **dict.fromkeys(["RunResult", "run"], "api"),
 }
 
 __all__ = list(_EXPORTS)

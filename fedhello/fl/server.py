@@ -127,6 +127,21 @@ def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction
     return int(sum(state[n].numel() * state[n].element_size() for n in names) * rank_fraction)
 
 
+@dataclass(frozen=True)
+class RunObjects:
+    """A run's backbone, tokenizer and data as objects instead of names (``fedhello.fl.api.run``).
+
+    Attributes:
+        backbone: a transformers model (classification head included, or a causal LM), adapted in place.
+        tokenizer: its tokenizer (text data), or None to load the one of ``model.name``.
+        data: the training pool, its partition over clients and the test set.
+    """
+
+    backbone: Any
+    tokenizer: Any
+    data: Any
+
+
 @dataclass
 class RoundPlan:
     """What the server decided for one round before any client trained.
@@ -154,11 +169,14 @@ class FederatedRun:
     Args:
         config: the run's configuration (validated by ``fedhello.config``).
         progress: show a progress bar over rounds.
+        objects: the backbone, tokenizer and data as objects (``model.name`` and the ``data``
+            source are then not loaded); ``fedhello.fl.api.run`` builds them.
     """
 
-    def __init__(self, config: RunConfig, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, progress: bool = True, objects: "RunObjects | None" = None) -> None:
         self.config = config
         self.progress = progress
+        self.objects = objects
         self.out = Path(config.output_dir)
         self.device = _device(config.engine.device)
         self._setup()
@@ -167,8 +185,11 @@ class FederatedRun:
     def _setup(self) -> None:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
-        self.data = prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
-        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+        objects = self.objects
+        self.data = objects.data if objects else prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
+        if objects:
+            backbone = objects.backbone
+        elif self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
             backbone = load_backbone(cfg.model.name, task="causal-lm")
         else:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
@@ -212,11 +233,17 @@ class FederatedRun:
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
+    def _tokenizer(self):
+        """The tokenizer given with the objects, else the one of ``model.name``."""
+        if self.objects is not None and self.objects.tokenizer is not None:
+            return self.objects.tokenizer
+        return load_tokenizer(self.config.model.name)
+
     def _tensors(self, backbone) -> dict[str, Any]:
         """Every client's training tensors, the test tensors and the proxy tensors."""
         cfg, data = self.config, self.data
         if "text" in data.train.column_names:
-            tokenizer = load_tokenizer(cfg.model.name)
+            tokenizer = self._tokenizer()
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
 
@@ -242,7 +269,7 @@ class FederatedRun:
         from fedhello.data import lm_tensors
 
         cfg, data = self.config, self.data
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.tokenizer = self._tokenizer()
 
         def prepare(ds) -> Batch:
             return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
