@@ -137,6 +137,12 @@ def load_suite(path: str | Path, preset: str | None = None, overrides: list[str]
     _folder_names("methods", methods)
     if not methods:
         raise ConfigError("methods: expected at least one method")
+    for group, entries in (("settings", settings), ("methods", methods)):
+        for entry, value in entries.items():
+            keys = {item.partition("=")[0] for item in _flatten("", _mapping(f"{group}.{entry}", value))}
+            clash = sorted(keys & set(_SUITE_FIELDS))
+            if clash:
+                raise ConfigError(f"{group}.{entry}.{clash[0]}: {_SUITE_FIELDS[clash[0]]}")
     seeds = chosen.get("seeds", raw.get("seeds", [0]))
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise ConfigError(f"seeds: expected a non-empty list of ints, got {seeds!r}")

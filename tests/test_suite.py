@@ -227,6 +227,7 @@ def test_table_cells_say_how_many_seeds_they_hold():
      "^methods: 'Full' and 'All blocks' give the same run"),
     ({"overrides": {"seed": 3}}, "^overrides.seed: set by the suite's seeds"),
     ({"overrides": {"output_dir": "elsewhere"}}, "^overrides.output_dir: the suite's output_dir sets it"),
+    ({"methods": {"Full": {"strategy": {"name": "full"}, "seed": 5}}}, "^methods.Full.seed: set by the suite's seeds"),
 ])
 def test_a_run_counted_twice_or_an_override_the_suite_replaces_is_refused(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
