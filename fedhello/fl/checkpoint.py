@@ -162,8 +162,12 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
 
 
 @contextlib.contextmanager
-def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
+def hold_run_dir(out: str | os.PathLike, reuse: bool = False) -> Iterator[Path]:
     """Create ``out`` if needed and hold its ``LOCK_FILE`` exclusively until the block ends.
+
+    ``reuse``: inside a block of this process that holds ``out`` already, go on under that hold
+    (the command line takes the lock before the run loads its model; the run then reuses it).
+    Without it a second hold is refused, in this process as in any other.
 
     Raises:
         RunFolderError: another process holds it (a run, a suite job or a Flower server playing
@@ -174,7 +178,7 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     key = out.resolve()
-    if key in _HELD:  # this process holds it already (the command line takes it before loading the model)
+    if reuse and key in _HELD:
         yield out
         return
     with open(out / LOCK_FILE, "a+") as lock:
@@ -196,7 +200,7 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_HELD: set[Path] = set()  # run folders whose lock this process holds (a nested hold_run_dir reuses it)
+_HELD: set[Path] = set()  # run folders whose lock this process holds (hold_run_dir(reuse=True) reuses it)
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:

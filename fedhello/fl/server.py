@@ -334,7 +334,7 @@ class FederatedRun:
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
         check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
-        with hold_run_dir(self.out):  # then, as its only writer, decide again and play
+        with hold_run_dir(self.out, reuse=True):  # then, as its only writer, decide again and play
             try:
                 return self._run(resume, play_round, overwrite)
             except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the table of the rounds played

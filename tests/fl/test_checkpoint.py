@@ -218,23 +218,27 @@ def test_find_nonfinite_names_client_loss_blocks_and_head():
 
 
 def test_one_writer_per_run_folder(tmp_path):
-    """The lock refuses a second process (naming the holder's pid), is taken again by its own holder's
-    nested blocks (the command line holds it before the run loads its model), is free again after the
-    block, and its file is not a run file: a folder holding only it holds no run, and --overwrite keeps it."""
-    import subprocess
-    import sys
-
+    """The lock refuses a second holder (naming the first's pid) unless it reuses its own process's
+    hold (the command line holds it before the run loads its model), is free again after the block,
+    and its file is not a run file: a folder holding only it holds no run, and --overwrite keeps it."""
     out = tmp_path / "new" / "run"
-    second = [sys.executable, "-c", "import sys\nfrom fedhello.fl.checkpoint import hold_run_dir\n"
-              "with hold_run_dir(sys.argv[1]):\n    pass\n", str(out)]
     with hold_run_dir(out) as held:
         assert held == out and (out / ckpt.LOCK_FILE).read_text() == f"{os.getpid()}\n"
-        with hold_run_dir(out):
+        with pytest.raises(RunFolderError, match=rf"^output_dir: {out} is being written by another process "
+                                                 rf"\(pid {os.getpid()}\)"):
+            with hold_run_dir(out):
+                pass
+        with hold_run_dir(out, reuse=True):
             pass
-        refused = subprocess.run(second, capture_output=True, text=True)
-        assert refused.returncode == 1
-        assert f"output_dir: {out} is being written by another process (pid {os.getpid()})" in refused.stderr
-    assert subprocess.run(second).returncode == 0
+        with pytest.raises(RunFolderError, match="is being written by another process"):  # still held
+            with hold_run_dir(out):
+                pass
+    with pytest.raises(RunFolderError, match="is being written by another process"):
+        with hold_run_dir(out, reuse=True):  # not held here: reuse takes a hold like any other
+            with hold_run_dir(out):
+                pass
+    with hold_run_dir(out):
+        pass
     assert check_run_dir(_config(out)) is None and clear_run_dir(out) == []
     assert (out / ckpt.LOCK_FILE).exists() and ckpt.LOCK_FILE not in ckpt.RUN_FILES
 
