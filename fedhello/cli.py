@@ -44,22 +44,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set or [])
     config.check_sources()
     if getattr(args, "time_rounds", None) is not None:
+        if args.resume:
+            raise UserError("--time-rounds: times the first rounds of a fresh run (into OUTPUT_DIR-timeK); "
+                             "it does not continue a run, so --resume does not apply")
         return _time_rounds(config, args.time_rounds, progress=not args.no_progress)
-    # Refuse a folder that holds a run (or a resume that does not fit it) before loading any model.
-    from fedhello.fl.checkpoint import check_run_dir
+    # Refuse a folder that holds a run (or a resume that does not fit it), or that another process
+    # is writing, before loading any model (tens of seconds for a large one).
+    from fedhello.fl.checkpoint import check_run_dir, hold_run_dir
 
     check_run_dir(config, resume=args.resume, overwrite=args.overwrite)
-    # The training stack (seconds to import) only once the config and its names are known good.
-    from fedhello.fl.server import FederatedRun
-    from fedhello.plots import plot_run
+    with hold_run_dir(config.output_dir):
+        # The training stack (seconds to import) only once the config and its names are known good.
+        from fedhello.fl.server import FederatedRun
 
-    if args.command == "flower":
-        from fedhello.fl.flower import simulate
+        if args.command == "flower":
+            from fedhello.fl.flower import check_resources, simulate
 
+            check_resources(args.num_cpus, args.num_gpus)
+        else:
+            records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume,
+                                                                               overwrite=args.overwrite)
+    if args.command == "flower":  # its server process takes the folder's lock itself
         records = simulate(config, args.nodes, resume=args.resume, overwrite=args.overwrite,
                            timeout=args.round_timeout, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    else:
-        records = FederatedRun(config, progress=not args.no_progress).run(resume=args.resume, overwrite=args.overwrite)
+    from fedhello.plots import plot_run
+
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
     initial = Path(config.output_dir) / "initial_eval.json"
@@ -202,8 +211,17 @@ def _parser() -> argparse.ArgumentParser:
 _COMMAND_EXTRAS = {"run": "fl", "suite": "fl", "plot": "fl", "flower": "flower"}
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends a command as Ctrl-C does: runs keep their last
+    checkpoint, write ``metrics.csv`` and release their folders; a suite stops its workers."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt) if args.command in ("run", "flower", "suite") else None
     try:
         if args.command in _COMMAND_EXTRAS:
             require_extra(_COMMAND_EXTRAS[args.command], f"fedhello {args.command}")
@@ -222,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedhello {args.command}: internal error: this is a bug in fedhello, not a problem with the "
               "input; the traceback above shows where it happened", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     aggregation: {weighting: samples, rank_normalize: all, heads: average}
     fisher:      {estimator: standard}
     rounds, cohort_size
+    clients:     {dropout, over_selection}     # clients that never return (fedhello.fl.dropout)
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
     eval_every, checkpoint_every, output_dir
@@ -52,6 +53,7 @@ from fedhello.fl.strategies import (AllocationContext, AllocationStrategy, HetLo
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.seeds import purpose_seed
 from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
 
 __all__ = [
     "ConfigError",
@@ -62,12 +64,14 @@ __all__ = [
     "StrategyConfig",
     "AggregationConfig",
     "FisherConfig",
+    "ClientsConfig",
     "LocalConfig",
     "EngineConfig",
     "AdaptiveClipConfig",
     "PrivacyConfig",
     "RunConfig",
     "apply_overrides",
+    "parse_override_value",
     "load_config",
     "save_config",
 ]
@@ -211,6 +215,29 @@ class FisherConfig:
 
 
 @dataclass
+class ClientsConfig:
+    """System heterogeneity: sampled clients that never send their update back.
+
+    Attributes:
+        dropout: probability that a sampled client never returns, drawn independently for each
+            client and round (``fedhello.fl.dropout``); a list gives one probability per capacity
+            tier (the order of ``tiers.fractions``), tying dropout to a client's tier.
+        over_selection: sample ``ceil(cohort_size * (1 + over_selection))`` clients (at most the
+            population) and aggregate the first ``cohort_size`` participants that return; the others
+            are late and discarded, as production FL servers over-select.
+    """
+
+    dropout: float | list[float] = 0.0
+    over_selection: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any client can fail to return or be over-selected."""
+        rates = self.dropout if isinstance(self.dropout, list) else [self.dropout]
+        return any(rate > 0 for rate in rates) or self.over_selection > 0
+
+
+@dataclass
 class LocalConfig:
     """Local training of each client in a round.
 
@@ -306,6 +333,7 @@ class RunConfig:
     fisher: FisherConfig = field(default_factory=FisherConfig)
     rounds: int = 50
     cohort_size: int = 10
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval_every: int = 1
@@ -363,6 +391,7 @@ class RunConfig:
         if self.cohort_size > self.data.num_clients:
             raise ConfigError(f"cohort_size: expected <= data.num_clients ({self.data.num_clients}), "
                               f"got {self.cohort_size}")
+        self._validate_clients()
         self._validate_local()
         _choice("engine.kind", self.engine.kind, ENGINES)
         if isinstance(self.engine.parallel, str):
@@ -379,6 +408,10 @@ class RunConfig:
             raise ConfigError("output_dir: expected a directory path, got ''")
         if self.privacy is not None:
             self._validate_privacy(strategy)
+        long = [part for part in Path(self.output_dir).parts if len(os.fsencode(part)) > NAME_MAX]
+        if long:  # the OS refuses such a folder name (ENAMETOOLONG) only once the run starts writing
+            raise ConfigError(f"output_dir: the folder name {long[0][:40]!r}... has {len(os.fsencode(long[0]))} "
+                              f"bytes; file systems take at most {NAME_MAX} per name")
 
     def check_sources(self) -> None:
         """Check that ``model.name`` and the data source can load now, without loading them.
@@ -531,6 +564,9 @@ class RunConfig:
             raise ConfigError(f"aggregation.weighting: under privacy expected 'uniform' (weights from sample counts "
                               f"or update norms are private and break the sensitivity bound), got "
                               f"{self.aggregation.weighting!r}")
+        if self.clients.over_selection > 0:
+            raise ConfigError(f"clients.over_selection: under privacy expected 0 (the accountant assumes a cohort of "
+                              f"cohort_size clients drawn each round), got {self.clients.over_selection}")
         if self.aggregation.heads != "average":
             # The clip and the noise cover everything a client sends, heads included.
             raise ConfigError(f"aggregation.heads: under privacy expected 'average', got {self.aggregation.heads!r} "
@@ -570,6 +606,18 @@ class RunConfig:
                                        self.cohort_size, p.fisher_noise_multiplier,
                                        None if a is None else a.count_noise_multiplier)
 
+    def _validate_clients(self) -> None:
+        c = self.clients
+        rates = c.dropout if isinstance(c.dropout, list) else [c.dropout]
+        if isinstance(c.dropout, list) and len(c.dropout) != len(self.tiers.fractions):
+            raise ConfigError(f"clients.dropout: expected one probability per tier ({len(self.tiers.fractions)}, "
+                              f"as tiers.fractions) or a single one, got {len(c.dropout)}")
+        for rate in rates:
+            if not 0 <= rate < 1:  # a client that never returns would never train
+                raise ConfigError(f"clients.dropout: expected probabilities in [0, 1), got {c.dropout}")
+        if not (math.isfinite(c.over_selection) and c.over_selection >= 0):
+            raise ConfigError(f"clients.over_selection: expected a number >= 0, got {c.over_selection}")
+
     def _validate_local(self) -> None:
         lc = self.local
         _int_at_least("local.epochs", lc.epochs, 1)
@@ -585,6 +633,9 @@ class RunConfig:
 
 
 PROBE_MIN_BLOCKS, PROBE_MAX_BLOCKS = 2, 64
+NAME_MAX = 255  # bytes in one file or folder name (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+# The partition fields that only some kinds use: a mapping that sets one must name its kind.
+_PARTITION_KIND_FIELDS = {"alpha": "dirichlet", "min_size": "dirichlet", "classes_per_client": "pathological"}
 
 
 def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...],
@@ -704,6 +755,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field; expected one of {names}")
+    if cls is PartitionConfig and "kind" not in raw:
+        # {alpha: 0.1} alone would be an IID partition that never reads alpha.
+        used = [name for name in _PARTITION_KIND_FIELDS if name in raw]
+        if used:
+            raise ConfigError(f"{prefix}kind: required when {prefix}{used[0]} is set (a field of "
+                              f"kind: {_PARTITION_KIND_FIELDS[used[0]]}); without it the partition is iid")
     return cls(**{key: _coerce(prefix + key, hints[key], value) for key, value in raw.items()})
 
 
@@ -711,8 +768,15 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of nested mappings.
 
     Example: ``["rounds=5", "strategy.options.warmup=2", "tiers.fractions=[0.5, 1]"]``.
+
+    Strategy options belong to their strategy: an override that changes ``strategy.name`` starts
+    the new strategy from its default options, keeping only options that the overrides set
+    (``--set strategy.name=fedra`` on a Fed-HeLLo config does not hand Fed-HeLLo's ``pattern`` to FedRA).
     """
     result = _deep_copy(raw)
+    base_strategy = result.get("strategy") if isinstance(result.get("strategy"), Mapping) else {}
+    base_name = base_strategy.get("name", StrategyConfig.name)
+    options_set: dict[str, Any] = {}  # strategy.options set by the overrides, in order
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -727,11 +791,24 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a mapping, cannot set {key!r}")
             node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {text!r} as YAML ({err})") from None
+        node[parts[-1]] = parse_override_value(key, text)
+        if parts[:2] == ["strategy", "options"]:
+            options_set = dict(node[parts[-1]] or {}) if len(parts) == 2 else {**options_set, parts[2]: None}
+    strategy = result.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name", StrategyConfig.name) != base_name:
+        options = strategy.get("options") if isinstance(strategy.get("options"), dict) else {}
+        strategy["options"] = {k: v for k, v in options.items() if k in options_set}
     return result
+
+
+def parse_override_value(key: str, text: str) -> Any:
+    """The value of ``--set key=text``: ``text`` read as YAML (a key given twice in it is refused)."""
+    try:
+        return safe_load_strict(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{key}.{err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {text!r} as YAML ({err})") from None
 
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -744,7 +821,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
     if not path.is_file():
         raise ConfigError(f"config: {str(path)!r} is not a file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_strict(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{err.key}: given twice in {str(path)!r} (lines {err.lines[0]} and {err.lines[1]}); "
+                          "keep one") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {str(path)!r} is not valid YAML ({err})") from None
     if raw is None:

@@ -4,7 +4,8 @@
   ``task: causal_lm`` runs);
 * ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
   that trained each block; ``plot_allocation_grid``: those of several runs side by side;
-* ``plot_fisher``: the server's Fisher score of each block against round.
+* ``plot_fisher``: the server's Fisher score of each block against round;
+* ``plot_client_accuracy``: the clients' held-out accuracy (mean, 10th percentile, worst) against round.
 
 Rounds are numbered alike in every plot: round k (1, 2, ...) is the k-th round of training
 (record ``"round": k - 1`` in ``metrics.jsonl``); accuracy at k is measured after it, and
@@ -30,15 +31,18 @@ from fedhello.errors import UserError
 
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
-           "plot_allocation_grid", "plot_fisher", "plot_run"]
+           "plot_allocation_grid", "plot_client_accuracy", "plot_fisher", "plot_run"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-round records of a run folder (``metrics.jsonl``)."""
+    """The per-round records of a run folder (``metrics.jsonl``); ``"round"`` counts from 0 there."""
+    from fedhello.fl.checkpoint import read_jsonl
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A cut last line (a run killed while appending it) is left out, as resume does.
+    return read_jsonl(path)
 
 
 def run_label(run_dir: str | Path) -> str:
@@ -91,7 +95,11 @@ def plot_accuracy(run_dirs: Sequence[str | Path], out: str | Path, labels: Seque
     accuracy" becomes "Held-out perplexity").
     """
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
-    lm = bool(run_dirs) and all(is_causal_lm_run(d) for d in run_dirs)
+    kinds = [is_causal_lm_run(d) for d in run_dirs]
+    if any(kinds) and not all(kinds):  # perplexity and accuracy share no axis
+        raise UserError(f"run_dirs: {run_dirs[kinds.index(True)]} is a causal LM run (perplexity) and "
+                         f"{run_dirs[kinds.index(False)]} a classification run (accuracy); plot them separately")
+    lm = bool(run_dirs) and all(kinds)
     curve = perplexity_curve if lm else accuracy_curve
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # Ten colours, then the same colours dashed, so that up to 20 methods stay apart.
@@ -193,7 +201,7 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     for b in range(scores.shape[1]):
         ax.plot(rounds, scores[:, b], color=cmap(b / max(scores.shape[1] - 1, 1)), label=f"block {b}", marker=marker)
     ax.set_yscale("log")
-    _round_axis(ax)
+    _round_axis(ax, rounds)
     ax.set_ylabel("Fisher score (mean squared gradient norm)")
     ax.set_title(title or f"Fisher scores per block ({run_label(run_dir)})")
     if scores.shape[1] <= 12:
@@ -204,11 +212,39 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     return _save(fig, out)
 
 
+def plot_client_accuracy(run_dir: str | Path, out: str | Path, title: str | None = None) -> Path:
+    """The clients' held-out accuracy (each on its own label mix) against round: the mean over
+    clients, the 10th percentile and the worst client, from round 0 (untrained) as ``accuracy_curve``."""
+    points = []
+    initial = Path(run_dir) / "initial_eval.json"
+    if initial.is_file() and (first := json.loads(initial.read_text())).get("client_accuracy_mean") is not None:
+        points.append((0, first["client_accuracy_mean"], first["client_accuracy_p10"], first["client_accuracy_worst"]))
+    points += [(r["round"] + 1, r["test_client_accuracy_mean"], r["test_client_accuracy_p10"],
+                r["test_client_accuracy_worst"])
+               for r in read_metrics(run_dir) if r.get("test_client_accuracy_mean") is not None]
+    if not points:
+        raise UserError(f"run_dir: {run_dir} has no per-client accuracy (a causal LM run, or recorded before "
+                         "fedhello measured it)")
+    rounds, *curves = zip(*points)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for values, label, style in zip(curves, ("mean over clients", "10th percentile", "worst client"),
+                                    ("-", "--", ":")):
+        ax.plot(rounds, [100 * v for v in values], marker="o", markersize=3, linestyle=style, label=label)
+    _round_axis(ax, rounds)
+    ax.set_ylabel("held-out accuracy on the client's own label mix (%)")
+    ax.set_title(title or f"Per-client accuracy of the global model ({run_label(run_dir)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Every plot of one run into ``out_dir`` (default: the run folder)."""
     out_dir = Path(out_dir or run_dir)
     curve = "perplexity.png" if is_causal_lm_run(run_dir) else "accuracy.png"
     paths = [plot_accuracy([run_dir], out_dir / curve), plot_allocation(run_dir, out_dir / "allocation.png")]
+    if any(r.get("test_client_accuracy_mean") is not None for r in read_metrics(run_dir)):
+        paths.append(plot_client_accuracy(run_dir, out_dir / "client_accuracy.png"))
     try:
         paths.append(plot_fisher(run_dir, out_dir / "fisher.png"))
     except ValueError:
@@ -216,10 +252,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     return paths
 
 
-def _round_axis(ax) -> None:
-    """x axis in rounds: whole numbers only (short runs would otherwise get ticks at 0.5)."""
+def _round_axis(ax, rounds: Sequence[int] = ()) -> None:
+    """x axis in rounds: whole numbers only (short runs would otherwise get ticks at 0.5); a curve of
+    one round spans no range, so its round is the one tick (the locator would tick fractions)."""
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(set(rounds)) == 1:
+        ax.set_xticks(list(rounds)[:1])
 
 
 def _save(fig, out: str | Path) -> Path:

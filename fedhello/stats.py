@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from fedhello.errors import UserError
 from fedhello.fl.checkpoint import read_jsonl
 
 __all__ = ["METRICS", "PairedDifference", "run_metric", "seed_values", "paired_difference", "compare",
@@ -137,12 +139,25 @@ def compare(folder: str | Path, reference: str, against: Sequence[str], metric: 
             settings: Sequence[str] | None = None) -> list[PairedDifference]:
     """Paired differences of ``reference`` against each method of ``against`` in every setting of
     a published suite folder (sub-folders holding method folders); pairs with < 2 common seeds,
-    or a method absent from a setting, are left out."""
+    or a method absent from a setting, are left out.
+
+    Raises:
+        ValueError: ``folder`` holds no suite runs, or ``reference`` is in none of its settings.
+    """
     root = Path(folder)
     if not root.is_dir():
-        raise ValueError(f"folder: expected a published suite folder, got {folder}")
+        raise UserError(f"folder: expected a published suite folder, got {folder}")
+    # <setting>/<method>/seed-<s>/metrics.jsonl: which methods each setting has
+    found: dict[str, set[str]] = {}
+    for metrics in root.glob("*/*/seed-*/metrics.jsonl"):
+        found.setdefault(metrics.parents[2].name, set()).add(metrics.parents[1].name)
+    if not found:
+        raise UserError(f"folder: {folder} holds no suite runs (<setting>/<method>/seed-<s>/metrics.jsonl)")
+    methods = sorted(set().union(*found.values()))
+    if reference not in methods:  # a typo would otherwise read as "no pairs"
+        raise UserError(f"reference: no method {reference!r} in {folder}; its methods: {methods}")
     if settings is None:
-        settings = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / reference).is_dir())
+        settings = sorted(s for s, names in found.items() if reference in names)
     results = []
     for setting in settings:
         ref = seed_values(root, setting, reference, metric)
@@ -170,11 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedhello.stats", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="published suite folders (e.g. docs/results/minilm-seeds)")
     parser.add_argument("--reference", required=True, help="the method every other is compared with")
-    parser.add_argument("--against", nargs="+", required=True, help="methods to compare with (absent ones skipped)")
+    parser.add_argument("--against", nargs="+", required=True,
+                        help="methods to compare with (skipped in settings that lack them)")
     parser.add_argument("--metric", nargs="+", default=["last3", "final"], choices=METRICS)
     args = parser.parse_args(argv)
     for folder in args.folders:
-        results = [r for metric in args.metric for r in compare(folder, args.reference, args.against, metric)]
+        try:
+            results = [r for metric in args.metric for r in compare(folder, args.reference, args.against, metric)]
+        except ValueError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
         results.sort(key=lambda r: (r.setting, args.against.index(r.other), args.metric.index(r.metric)))
         print(f"### {folder}\n\n{render_markdown(results) if results else 'no pairs with >= 2 common seeds'}\n")
     return 0

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedhello.config import ConfigError, load_config
+from fedhello.config import ConfigError, load_config, parse_override_value
 from fedhello.errors import UserError
 from fedhello.fl.checkpoint import read_jsonl
+from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
 
@@ -95,7 +96,11 @@ def load_suite(path: str | Path, preset: str | None = None, overrides: list[str]
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"suite: no such file {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = safe_load_strict(path.read_text()) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{err.key}: given twice in {path} (lines {err.lines[0]} and {err.lines[1]}); "
+                          "keep one") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"suite: expected a mapping at the top of {path}")
     presets = _mapping("presets", raw.get("presets"))
@@ -110,33 +115,65 @@ def load_suite(path: str | Path, preset: str | None = None, overrides: list[str]
     if not base.exists():
         raise ConfigError(f"base: no such file {base}")
     run_overrides = {**_mapping("overrides", raw.get("overrides")), **_mapping("overrides", chosen.get("overrides"))}
+    for key in _SUITE_FIELDS:
+        if key in run_overrides:
+            raise ConfigError(f"overrides.{key}: {_SUITE_FIELDS[key]}")
+    out = chosen.get("output_dir", raw.get("output_dir", f"runs/{path.stem}"))
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
-        run_overrides[key] = yaml.safe_load(value)
+        if key == "output_dir":  # the suite's folder: every run goes below it
+            out = parse_override_value(key, value)
+            if not isinstance(out, str) or not out:
+                raise ConfigError(f"output_dir: expected a folder path, got {out!r}")
+            continue
+        if key in _SUITE_FIELDS:
+            raise ConfigError(f"{key}: {_SUITE_FIELDS[key]}")
+        run_overrides[key] = parse_override_value(key, value)
     settings = _mapping("settings", chosen.get("settings", raw.get("settings"))) or {"default": {}}
     methods = _mapping("methods", chosen.get("methods", raw.get("methods")))
     _folder_names("settings", settings)
     _folder_names("methods", methods)
     if not methods:
         raise ConfigError("methods: expected at least one method")
+    for group, entries in (("settings", settings), ("methods", methods)):
+        for entry, value in entries.items():
+            keys = {item.partition("=")[0] for item in _flatten("", _mapping(f"{group}.{entry}", value))}
+            clash = sorted(keys & set(_SUITE_FIELDS))
+            if clash:
+                raise ConfigError(f"{group}.{entry}.{clash[0]}: {_SUITE_FIELDS[clash[0]]}")
     seeds = chosen.get("seeds", raw.get("seeds", [0]))
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise ConfigError(f"seeds: expected a non-empty list of ints, got {seeds!r}")
-    out = chosen.get("output_dir", raw.get("output_dir", f"runs/{path.stem}"))
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:  # one run folder, counted as two seeds in the table
+        raise ConfigError(f"seeds: {twice[0]} is given twice in {seeds}; each seed is one run")
     suite = Suite(base, Path(out), seeds, settings, methods, run_overrides,
                   name=f"{path.stem}" + (f" ({preset})" if preset else ""))
     # Validate every run up front, and check once per distinct model and data source that they can
     # load here (no torch import yet: a bad suite is reported in about a second).
     checked = set()
+    same_run: dict[tuple[str, int, str], str] = {}
     for setting, method, seed, run_dir in suite.runs():
         config = _run_config(suite, setting, method, seed, run_dir)
+        settings_of_run = (setting, seed, repr({**config.to_dict(), "output_dir": None}))
+        if settings_of_run in same_run:  # two names for one run: the table would count it twice
+            raise ConfigError(f"methods: {same_run[settings_of_run]!r} and {method!r} give the same run "
+                              f"(setting {setting!r}, seed {seed}); keep one")
+        same_run[settings_of_run] = method
         sources = (config.task, repr(config.model.name), repr(config.data))
         if sources not in checked:
             config.check_sources()
             checked.add(sources)
     return suite
+
+
+# Run fields a suite sets itself, which overrides must not set (they would be silently replaced).
+_SUITE_FIELDS = {"seed": "set by the suite's seeds (one run per seed), not by an override",
+                 "output_dir": "the suite's output_dir sets it (each run goes to "
+                               "<output_dir>/<setting>/<method>/seed-<s>)"}
 
 
 def _run_config(suite: Suite, setting: str, method: str, seed: int, run_dir: Path):
@@ -167,11 +204,11 @@ def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwri
     from fedhello.fl.checkpoint import check_run_dir
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs: expected an integer >= 1, got {jobs!r}")
+        raise UserError(f"jobs: expected an integer >= 1, got {jobs!r}")
     if threads_per_job is None:
         threads_per_job = max(1, torch.get_num_threads() // jobs)
     if isinstance(threads_per_job, bool) or not isinstance(threads_per_job, int) or threads_per_job < 1:
-        raise ValueError(f"threads_per_job: expected an integer >= 1, got {threads_per_job!r}")
+        raise UserError(f"threads_per_job: expected an integer >= 1, got {threads_per_job!r}")
     runs = suite.runs()
     configs = [_run_config(suite, setting, method, seed, run_dir) for setting, method, seed, run_dir in runs]
     done = [check_run_dir(config, resume=resume, overwrite=overwrite) for config in configs]
@@ -220,14 +257,46 @@ def _kept_rounds_seconds(run_dir: Path) -> float:
 
 
 def _init_worker(threads: int) -> None:
+    import signal
     import threading
 
     import torch
 
     torch.set_num_threads(threads)
+    # Ctrl-C reaches every process of the terminal's group; the parent alone decides what stops
+    # (it cancels what has not started and sends SIGTERM to the workers), so a worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
     # A suite that is killed must not leave its runs going: they would go on writing their folders,
     # beside the runs of the next suite started on them. Each worker ends when its parent is gone.
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="exit-with-parent").start()
+
+
+_WORKER_RUNNING = False  # whether this worker process is inside a run (its SIGTERM then stops the run)
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    """SIGTERM in a worker: a run stops as on Ctrl-C (its lock released, metrics.csv written); an idle
+    worker exits at once, so that it never picks up a run that was queued before the stop."""
+    if _WORKER_RUNNING:
+        raise KeyboardInterrupt
+    os._exit(_INTERRUPTED)
+
+
+def _run_in_worker(config, resume: bool, overwrite: bool) -> float:
+    """``_run_one`` in a pool worker; a run stopped by SIGTERM ends the worker once the run has cleaned up."""
+    global _WORKER_RUNNING
+    _WORKER_RUNNING = True
+    try:
+        return _run_one(config, False, resume, overwrite)
+    except KeyboardInterrupt:
+        os._exit(_INTERRUPTED)
+    finally:
+        _WORKER_RUNNING = False
+
+
+_INTERRUPTED = 130
+STOP_GRACE_S = 5.0  # how long stopped workers get to leave their runs before they are killed
 
 
 def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
@@ -240,15 +309,19 @@ def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: 
     """Runs ``todo`` ``jobs`` at a time in spawned processes (no progress bars: they would interleave).
 
     The first failure stops the runs not yet started and is raised once the running ones end;
-    runs that finished stay finished (``--resume`` continues the rest)."""
+    runs that finished stay finished (``--resume`` continues the rest). Ctrl-C or SIGTERM cancels
+    the runs not yet started and stops the running ones within ``STOP_GRACE_S`` seconds (SIGTERM,
+    then SIGKILL); each keeps its last checkpoint, so ``--resume`` continues it."""
     import multiprocessing
+    import signal
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     print(f"{len(todo)} run(s), {jobs} at a time, {threads} thread(s) each", flush=True)
     context = multiprocessing.get_context("spawn")  # a forked torch may deadlock in its thread pools
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_one, config, False, resume, overwrite): label for label, config in todo}
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        futures = {pool.submit(_run_in_worker, config, resume, overwrite): label for label, config in todo}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -256,8 +329,36 @@ def _run_parallel(todo: list[tuple[str, Any]], jobs: int, threads: int, resume: 
                 if future.exception() is not None:
                     for other in pending:
                         other.cancel()
+                    pool.shutdown(wait=True)
                     raise RuntimeError(f"{futures[future]} failed: {future.exception()}") from future.exception()
                 print(f"{futures[future]}: done in {future.result():.0f} s", flush=True)
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    pool.shutdown(wait=True)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the runs not started, SIGTERM the workers, SIGKILL any still there after ``STOP_GRACE_S``."""
+    import signal
+
+    workers = list((pool._processes or {}).values())  # the executor offers no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in workers:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():  # a run deep in one long kernel call; its last checkpoint stays valid
+            process.kill()
+            process.join()
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -307,6 +408,22 @@ def _client_perplexity(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> 
             "untrained_client_worst": _mean_std([float(np.max(c)) for c in untrained])}
 
 
+def _client_accuracy(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> dict[str, Any]:
+    """Per-client held-out accuracy (%) of the final global model: the mean over clients, the 10th
+    percentile and the worst client, each as (mean, std) over seeds, and the same for the untrained
+    model; empty for runs recorded before fedhello measured it."""
+    final = [recs[-1] for _, recs, _ in runs]
+    if any(r.get("test_client_accuracy_mean") is None for r in final):
+        return {}
+    untrained = [json.loads(p.read_text()) if (p := d / "initial_eval.json").exists() else {} for d, _, _ in runs]
+    out = {}
+    for stat in ("mean", "p10", "worst"):
+        out[f"client_{stat}"] = _mean_std([100 * r[f"test_client_accuracy_{stat}"] for r in final])
+        values = [r.get(f"client_accuracy_{stat}") for r in untrained]
+        out[f"untrained_client_{stat}"] = _mean_std([math.nan if v is None else 100 * v for v in values])
+    return out
+
+
 def _read_json(path: Path, key: str) -> float:
     return json.loads(path.read_text())[key] if path.exists() else float("nan")
 
@@ -337,6 +454,7 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 # One evaluation swings by several points under label skew; the mean of the
                 # last three is the steadier end-of-run number.
                 "last3": _mean_std([scale * np.mean([r[key] for r in recs[-3:]]) for _, recs, _ in runs]),
+                "last3_of": min(len(recs[-3:]) for _, recs, _ in runs),  # < 3: a short run averages fewer
                 "macro_f1": _mean_std([math.nan if lm else 100 * recs[-1]["test_macro_f1"] for _, recs, _ in runs]),
                 "untrained": _mean_std([scale * _read_json(d / "initial_eval.json", metric) for d, _, _ in runs]),
                 "metric": metric,
@@ -345,8 +463,8 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
                 "seeds": len(runs),
             }
-            if lm:  # the personalisation view: the global model on each client's own mix of topics
-                table[setting][method].update(_client_perplexity(runs))
+            # The personalisation view: the global model on each client's own mix of topics or classes.
+            table[setting][method].update(_client_perplexity(runs) if lm else _client_accuracy(runs))
             method_dirs.append((method, runs[0][0]))
         if not method_dirs:
             continue
@@ -416,6 +534,9 @@ def _scores_perplexity(summary: dict[str, Any]) -> bool:
     return any(row.get("metric") == "perplexity" for rows in summary["table"].values() for row in rows.values())
 
 
+SHORT_MARK = "†"  # a "last 3 evaluations" cell of runs that have fewer than 3
+
+
 def render_table(summary: dict[str, Any]) -> str:
     """Markdown tables: rows = methods, columns = settings; first the final (best) test accuracy,
     then the mean of the last three evaluations, each with a last row for the untrained model and
@@ -433,7 +554,7 @@ def render_table(summary: dict[str, Any]) -> str:
     def cell(row: dict[str, Any], stat: str) -> str:
         mean, std = row[stat]
         have = row["seeds"]  # seeds with an evaluated run; fewer when some failed or are running
-        text = f"{mean:.2f}"
+        text = f"{mean:.2f}" + (SHORT_MARK if stat == "last3" and row.get("last3_of", 3) < 3 else "")
         if n_seeds > 1:
             text += (f" ± {std:.2f}" if have > 1 else " ± –") + (f" (n={have})" if have < n_seeds else "")
         return text + (f" ({row['best'][0]:.2f})" if stat == "final" else "")
@@ -455,30 +576,41 @@ def render_table(summary: dict[str, Any]) -> str:
                                                   for s in settings)
                          + f" | {np.nanmean(walls):.0f} s | {np.nanmean(uploads):.2f} MB |")
         lines.append("| *untrained model* | " + " | ".join(untrained) + " | – | – |")
+        fewest = min((row.get("last3_of", 3) for rows in table.values() for row in rows.values()), default=3)
+        if stat == "last3" and fewest < 3:
+            lines.append(f"\n{SHORT_MARK} mean of all of the run's evaluations: it has fewer than 3 "
+                         f"(fewest: {fewest})")
         parts.append("\n".join(lines))
-    if lm:
-        parts.append(_render_client_table(table, settings, methods, pm))
+    if any("client_mean" in row for rows in table.values() for row in rows.values()):
+        parts.append(_render_client_table(table, settings, methods, pm, lm))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)
 
 
-def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str) -> str:
-    """Causal LM suites: each client's held-out perplexity under the final global model, as the
-    mean over clients and the worst client (each a mean over seeds), per setting."""
-    def pair(mean: tuple[float, float], worst: tuple[float, float]) -> str:
-        spread = f" ± {mean[1]:.2f}" if pm else ""
-        return f"{mean[0]:.2f}{spread} / {worst[0]:.2f}"
+def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str, lm: bool) -> str:
+    """Each client's held-out perplexity (causal LMs) or accuracy (classification) under the final
+    global model: the mean over clients, for accuracy the 10th percentile, and the worst client (each
+    a mean over seeds), per setting."""
+    stats = ("mean", "worst") if lm else ("mean", "p10", "worst")
 
-    lines = ["| method | " + " | ".join(f"{s}: clients' perplexity, mean{pm} / worst client" for s in settings) + " |",
+    def cell(row: dict[str, Any] | None, prefix: str = "") -> str:
+        if row is None or f"{prefix}client_mean" not in row:
+            return "–"
+        mean = row[f"{prefix}client_mean"]
+        first = f"{mean[0]:.2f}" + (f" ± {mean[1]:.2f}" if pm else "")
+        return " / ".join([first] + [f"{row[f'{prefix}client_{k}'][0]:.2f}" for k in stats[1:]])
+
+    what = (f"clients' perplexity, mean{pm} / worst client" if lm
+            else f"clients' accuracy %, mean{pm} / 10th percentile / worst client")
+    lines = ["| method | " + " | ".join(f"{s}: {what}" for s in settings) + " |",
              "|" + "---|" * (len(settings) + 1)]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(
-            "–" if table[s].get(m) is None else pair(table[s][m]["client_mean"], table[s][m]["client_worst"])
-            for s in settings) + " |")
+        lines.append(f"| {m} | " + " | ".join(cell(table[s].get(m)) for s in settings) + " |")
     untrained = []
     for s in settings:
-        rows = list(table[s].values())
-        untrained.append(pair(tuple(np.mean([r["untrained_client_mean"] for r in rows], axis=0)),
-                              tuple(np.mean([r["untrained_client_worst"] for r in rows], axis=0))) if rows else "–")
+        rows = [r for r in table[s].values() if "client_mean" in r]
+        averaged = {f"untrained_client_{k}": tuple(np.mean([r[f"untrained_client_{k}"] for r in rows], axis=0))
+                    for k in stats} if rows else None
+        untrained.append(cell(averaged, "untrained_"))
     lines.append("| *untrained model* | " + " | ".join(untrained) + " |")
     return "\n".join(lines)

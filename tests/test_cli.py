@@ -185,3 +185,66 @@ def test_suite_checks_names_before_heavy_imports():
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_csv_that_is_not_utf8_is_one_line(tmp_path):
+    data = tmp_path / "latin1.csv"
+    data.write_bytes("text,label\ncafé crème,a\n".encode("latin-1"))
+    line = _one_line_error(_fedhello("run", QUICKSTART, "--set", "data.name=null", "--set", f"data.path={data}"),
+                           "run", "data.path")
+    assert "is not UTF-8 text (byte 14, line 2" in line  # the é of café
+
+
+def test_an_output_folder_below_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x\n")
+    line = _one_line_error(_fedhello("run", QUICKSTART, "--set", f"output_dir={tmp_path / 'file' / 'run'}"),
+                           "run", "output_dir")
+    assert f"{tmp_path / 'file'} is a file" in line
+
+
+def test_time_rounds_does_not_take_resume(tmp_path):
+    _one_line_error(_fedhello("run", QUICKSTART, "--time-rounds", "2", "--resume",
+                              "--set", f"output_dir={tmp_path / 'run'}"), "run", "--time-rounds")
+
+
+def test_flower_with_gpus_asked_on_a_machine_without_one(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = _one_line_error(_fedhello("flower", QUICKSTART, "--nodes", "1", "--num-gpus", "1",
+                                     "--set", f"output_dir={tmp_path / 'run'}"), "flower", "num_gpus")
+    assert "--num-gpus 1.0" in line and "no CUDA GPU" in line
+
+
+def test_a_second_run_into_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """The folder's lock comes first: a second writer waits no model-loading time to be told."""
+    import fedhello.fl.server
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom fedhello.fl.checkpoint import hold_run_dir\n"
+         "with hold_run_dir(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def no_loading(*args, **kwargs):
+            raise AssertionError("the model was loaded before the folder's lock was taken")
+
+        monkeypatch.setattr(fedhello.fl.server, "FederatedRun", no_loading)
+        assert cli.main(["run", QUICKSTART, "--set", f"output_dir={out}"]) == 2
+        assert f"output_dir: {out} is being written by another process (pid {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["data.num_clients=2000", "cohort_size=2"], "data.num_clients"),
+    (["data.partition={kind: pathological, classes_per_client: 9}"], "data.partition.classes_per_client"),
+])
+def test_partition_errors_name_the_dotted_field(tmp_path, overrides, field):
+    """Checked when the data loads (they depend on its size and classes), in the same one-line form."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    _one_line_error(_fedhello("run", QUICKSTART, *sets, "--set", f"output_dir={tmp_path / 'run'}"), "run", field)

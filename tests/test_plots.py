@@ -131,3 +131,66 @@ def test_allocation_rows_cover_blocks_nobody_trained():
     records = [{"round": 0, "allocation": {"0": [0, 1]}, "fisher_scores": None, "probabilities": None,
                 "num_blocks": 4}]
     assert _num_blocks(records) == 4 and allocation_matrix(records, 4)[2:].sum() == 0
+
+
+def test_a_one_round_fisher_plot_ticks_whole_rounds(tmp_path, monkeypatch):
+    figures = _capture_figures(monkeypatch)
+    run = tmp_path / "one"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "fisher_scores": [0.1, 0.2]}) + "\n")
+    plot_fisher(run, tmp_path / "f.png")
+    ax = figures[0].axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert ticks == [1.0]
+
+
+def test_a_cut_last_line_is_left_out_and_a_broken_middle_line_names_the_file(tmp_path):
+    """What a SIGKILL leaves (resume tolerates it, and so do the plots); a damaged record elsewhere
+    is an error naming the file and the line."""
+    from fedhello.cli import main
+
+    run = _run(tmp_path, "killed", 3, fisher=True)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 4, "train_lo')
+    assert len(read_metrics(run)) == 4
+    assert main(["plot", str(run)]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:10], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=f"^{run / 'metrics.jsonl'}: line 2 is not a JSON record"):
+        read_metrics(run)
+
+
+def test_plotting_a_causal_lm_run_with_a_classification_run_is_one_line(tmp_path, capsys):
+    from fedhello.cli import main
+
+    accuracy = _run(tmp_path, "classifier", 3, fisher=False)
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "metrics.jsonl").write_text(json.dumps({"round": 0, "test_perplexity": 20.0, "test_loss": 3.0}) + "\n")
+    (lm / "initial_eval.json").write_text(json.dumps({"perplexity": 40.0, "loss": 3.7}))
+    assert main(["plot", str(lm), str(accuracy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fedhello plot: error: run_dirs: {lm} is a causal LM run (perplexity) and {accuracy}")
+    assert "\n" not in err
+
+
+def test_per_client_accuracy_plot(tmp_path, monkeypatch):
+    from fedhello.plots import plot_client_accuracy
+
+    run = _run(tmp_path, "clients", 3, fisher=False)
+    records = read_metrics(run)
+    for r in records:
+        if "test_accuracy" in r:
+            r.update(test_client_accuracy_mean=0.7, test_client_accuracy_p10=0.5, test_client_accuracy_worst=0.4)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "initial_eval.json").write_text(json.dumps({"accuracy": 0.2, "client_accuracy_mean": 0.2,
+                                                       "client_accuracy_p10": 0.1, "client_accuracy_worst": 0.05}))
+    assert "client_accuracy.png" in [p.name for p in plot_run(run)]
+    figures = _capture_figures(monkeypatch)
+    plot_client_accuracy(run, tmp_path / "c.png")
+    lines = figures[0].axes[0].lines
+    assert [list(line.get_xdata()) for line in lines] == [[0, 2, 4]] * 3
+    np.testing.assert_allclose([line.get_ydata() for line in lines], [[20, 70, 70], [10, 50, 50], [5, 40, 40]])
+    with pytest.raises(ValueError, match="^run_dir: .* has no per-client accuracy"):
+        plot_client_accuracy(_run(tmp_path, "older", 3, fisher=False), tmp_path / "d.png")

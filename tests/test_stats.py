@@ -93,3 +93,18 @@ def test_a_seed_stopped_before_its_first_evaluation_is_left_out(suite):
     assert sorted(seed_values(suite, "skew", "B", "final")) == [0, 1, 2]
     (pair,) = compare(suite, "A", ["B"], "final")
     assert list(pair.seeds) == [0, 1, 2]
+
+
+def test_a_mistyped_reference_or_a_folder_without_runs_is_an_error(suite, tmp_path, capsys):
+    """Not "no pairs" and exit 0, which reads as a result."""
+    with pytest.raises(ValueError, match=r"^reference: no method 'a' in .*; its methods: \['A', 'B', 'C'\]"):
+        compare(suite, "a", ["B"], "final")
+    assert main([str(suite), "--reference", "FedHello", "--against", "B"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m fedhello.stats: error: reference: no method 'FedHello'") and "\n" not in err
+    empty = tmp_path / "not-a-suite"
+    (empty / "some" / "folder").mkdir(parents=True)
+    assert main([str(empty), "--reference", "A", "--against", "B"]) == 2
+    assert capsys.readouterr().err.startswith(f"python -m fedhello.stats: error: folder: {empty} holds no suite runs")
+    with pytest.raises(ValueError, match="^folder: .* holds no suite runs"):
+        compare(empty, "A", ["B"], "final")

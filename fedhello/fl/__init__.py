@@ -1,4 +1,5 @@
-"""Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation.
+"""Federated layer: capacity tiers, allocation strategies, Fisher scores, aggregation; ``run``
+(``fedhello.fl.api``): a whole run over your own model and ``datasets.Dataset`` objects.
 
 The engine (``fedhello.fl.engine``) is imported from its module directly: it needs the model
 layer, these building blocks do not. Its masked optimizers are the model layer's
@@ -20,6 +21,7 @@ _EXPORTS = {
                      "strategy_options"], "strategies"),
     **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
     **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
+    **dict.fromkeys(["RunResult", "run"], "api"),
 }
 
 __all__ = list(_EXPORTS)

@@ -120,6 +120,9 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"output_dir: {out} is a file, expected a folder (or a path to create one at)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # mkdir would fail with ENOTDIR only once the run starts writing
+        raise RunFolderError(f"output_dir: {blocking} is a file, so the folder {out} cannot be made below it")
     found = _holds_run(out)
     if not found or overwrite:
         return None
@@ -161,8 +164,12 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
 
 
 @contextlib.contextmanager
-def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
+def hold_run_dir(out: str | os.PathLike, reuse: bool = False) -> Iterator[Path]:
     """Create ``out`` if needed and hold its ``LOCK_FILE`` exclusively until the block ends.
+
+    ``reuse``: inside a block of this process that holds ``out`` already, go on under that hold
+    (the command line takes the lock before the run loads its model; the run then reuses it).
+    Without it a second hold is refused, in this process as in any other.
 
     Raises:
         RunFolderError: another process holds it (a run, a suite job or a Flower server playing
@@ -172,6 +179,10 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if reuse and key in _HELD:
+        yield out
+        return
     with open(out / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -183,10 +194,15 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        _HELD.add(key)
         try:
             yield out
         finally:
+            _HELD.discard(key)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_HELD: set[Path] = set()  # run folders whose lock this process holds (hold_run_dir(reuse=True) reuses it)
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:
@@ -263,7 +279,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
+    records = []
+    for i, line in enumerate(lines[:-1]):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {i + 1} is not a JSON record ({err}); only the last line may be "
+                             "cut short (a run killed while writing it)") from None
     try:
         return records + [json.loads(lines[-1])] if lines else records
     except json.JSONDecodeError:

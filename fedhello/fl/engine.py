@@ -67,7 +67,8 @@ class LocalTrainingConfig:
     Attributes:
         epochs: passes over the client's data (used when ``steps`` is None).
         steps: a fixed number of local steps instead (the data is cycled, reshuffled each pass).
-        batch_size: samples per client per step.
+        batch_size: samples per client per step; a client with fewer samples uses all of its
+            samples in each step (never one sample twice in a batch).
         optimizer: "adamw" or "sgd"; lr, weight_decay, momentum as in torch.
     """
 
@@ -157,16 +158,19 @@ class _Schedule:
         if n == 0:
             raise ValueError(f"data: client {task.client} has no training samples")
         steps = cfg.num_steps(n)
+        # A client with fewer samples than a batch trains on all of them each step: a longer batch
+        # would hold some sample twice (and a huge batch_size would allocate for it).
+        size = min(cfg.batch_size, n)
         gen = torch.Generator().manual_seed(task.seed)
-        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-steps * cfg.batch_size // n) + 1)])
+        order = torch.cat([torch.randperm(n, generator=gen) for _ in range(-(-steps * size // n) + 1)])
         batches = []
         pos = 0
         for _ in range(steps):
-            if cfg.steps is None and pos % n + cfg.batch_size > n:
+            if cfg.steps is None and pos % n + size > n:
                 # Epoch mode: the last batch of an epoch is short, never wraps into the next.
                 take = n - pos % n
             else:
-                take = cfg.batch_size
+                take = size
             batches.append(order[pos:pos + take])
             pos += take
         return cls(task, slot, steps, batches)

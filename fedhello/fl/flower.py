@@ -390,16 +390,20 @@ def _processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
-def _stop_all(superlink: subprocess.Popen, home: str) -> None:
-    """Stop the SuperLink's process group, then anything else still carrying this run's ``FLWR_HOME``."""
+STOP_GRACE_S = 3.0  # after Ctrl-C: seconds the Flower and Ray processes get to end before SIGKILL
+
+
+def _stop_all(superlink: subprocess.Popen, home: str, grace: float = 20.0) -> None:
+    """Stop the SuperLink's process group, then anything else still carrying this run's ``FLWR_HOME``
+    (Ray's agents, re-parented): each gets ``grace`` seconds to end before SIGKILL."""
     if superlink.poll() is None:
         os.killpg(superlink.pid, signal.SIGTERM)
         try:
-            superlink.wait(timeout=20)
+            superlink.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(superlink.pid, signal.SIGKILL)
             superlink.wait()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + grace
     while (left := _processes_with_env("FLWR_HOME", home)) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in left:
@@ -424,6 +428,22 @@ def _wait_until_healthy(superlink: subprocess.Popen, port: int, log: Path) -> No
     raise RuntimeError(f"the Flower SuperLink did not start within {_STARTUP_TIMEOUT:.0f} s; see {log}")
 
 
+def check_resources(num_cpus: int, num_gpus: float) -> None:
+    """The resources each simulated node asks for must exist here (Ray would wait for them forever
+    or fail deep inside); raises ``UserError`` naming the argument (``--num-cpus``, ``--num-gpus``)."""
+    # Flower's simulation config holds whole CPUs per node and fractions of a GPU.
+    if isinstance(num_cpus, bool) or num_cpus != int(num_cpus) or num_cpus < 1:
+        raise UserError(f"num_cpus: expected a whole number of CPUs >= 1 (--num-cpus), got {num_cpus}")
+    if not num_gpus >= 0:
+        raise UserError(f"num_gpus: expected >= 0 (--num-gpus), got {num_gpus}")
+    if num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"num_gpus: --num-gpus {num_gpus} per node asks for GPUs, but torch sees no CUDA GPU "
+                            f"here; leave it at 0 to simulate the nodes on the CPU")
+
+
 def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: bool = False,
              timeout: float | None = None, num_cpus: int = 1, num_gpus: float = 0.0) -> list[dict[str, Any]]:
     """Run ``config`` as a local Flower simulation (Ray backend) with ``nodes`` virtual nodes.
@@ -440,11 +460,7 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: 
         raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise UserError(f"nodes: expected an int >= 1, got {nodes!r}")
-    # Flower's simulation config holds whole CPUs per node and fractions of a GPU.
-    if isinstance(num_cpus, bool) or num_cpus != int(num_cpus) or num_cpus < 1:
-        raise UserError(f"num_cpus: expected a whole number of CPUs >= 1, got {num_cpus}")
-    if num_gpus < 0:
-        raise UserError(f"num_gpus: expected >= 0, got {num_gpus}")
+    check_resources(num_cpus, num_gpus)
     if timeout is not None and not timeout > 0:
         raise UserError(f"timeout: expected seconds > 0 or None, got {timeout}")
     if not (APP_DIR / "pyproject.toml").is_file():
@@ -479,7 +495,10 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: 
             done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "fedhello", "--stream",
                                    "--run-config", settings, "--federation-config", federation],
                                   cwd=tmp, env=env)
-        finally:
+        except BaseException as err:  # Ctrl-C stops at once: the run keeps its last checkpoint (written atomically)
+            _stop_all(superlink, str(home), grace=STOP_GRACE_S if isinstance(err, KeyboardInterrupt) else 20.0)
+            raise
+        else:
             _stop_all(superlink, str(home))
     records = _read_records(Path(config.output_dir))
     if done.returncode != 0 or len(records) < config.rounds:

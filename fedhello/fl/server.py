@@ -4,7 +4,7 @@
 under ``config.output_dir``:
 
 * ``config.yaml``: the resolved configuration;
-* ``initial_eval.json``: test accuracy, loss and macro-F1 of the untrained global model
+* ``initial_eval.json``: test accuracy, loss, macro-F1 and per-client accuracy of the untrained global model
   (``task: causal_lm``: held-out token loss and perplexity, overall and per client);
 * ``completions.jsonl`` (``task: causal_lm``): greedy completions of a few fixed held-out
   prompts by the global model, at the start, every ``COMPLETIONS_EVERY`` evaluations and at the end;
@@ -54,6 +54,8 @@ from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    read_jsonl, save_checkpoint)
+from fedhello.fl.client_eval import accuracy_spread, class_accuracy, client_accuracies
+from fedhello.fl.dropout import RoundReturns, cohort_draw_size, draw_returns
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
@@ -99,7 +101,8 @@ def _device(name: str) -> torch.device:
 @torch.no_grad()
 def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
              device: torch.device | None = None) -> dict[str, float]:
-    """Accuracy, mean cross-entropy and macro-F1 of bank slot ``slot`` on ``data``."""
+    """Accuracy, mean cross-entropy, macro-F1 and the accuracy of each class present
+    (``class_accuracy``: ``{class: accuracy}``) of bank slot ``slot`` on ``data``."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -120,11 +123,27 @@ def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
         "accuracy": float((pred == labels).mean()) if n else math.nan,
         "loss": loss_sum / max(n, 1),
         "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if n else math.nan,
+        "class_accuracy": class_accuracy(pred, labels),
     }
 
 
 def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction: float = 1.0) -> int:
     return int(sum(state[n].numel() * state[n].element_size() for n in names) * rank_fraction)
+
+
+@dataclass(frozen=True)
+class RunObjects:
+    """A run's backbone, tokenizer and data as objects instead of names (``fedhello.fl.api.run``).
+
+    Attributes:
+        backbone: a transformers model (classification head included, or a causal LM), adapted in place.
+        tokenizer: its tokenizer (text data), or None to load the one of ``model.name``.
+        data: the training pool, its partition over clients and the test set.
+    """
+
+    backbone: Any
+    tokenizer: Any
+    data: Any
 
 
 @dataclass
@@ -135,8 +154,9 @@ class RoundPlan:
         round: the round index.
         cohort: int64 ``[n]``, the sampled clients (sorted ids).
         allocation: the strategy's ``Allocation`` for the cohort.
-        members: positions in ``cohort`` of the clients that take part.
+        members: positions in ``cohort`` of the clients that take part (and return, under dropout).
         tasks: one ``LocalTask`` per member, in the order of ``members``.
+        returns: with ``clients.dropout``/``over_selection``, who failed to return or came late.
     """
 
     round: int
@@ -144,6 +164,7 @@ class RoundPlan:
     allocation: Any
     members: list[int]
     tasks: list[LocalTask]
+    returns: RoundReturns | None = None
 
     def sent_blocks(self) -> dict[int, list[int]]:
         """Client id -> the blocks whose adapters it sends back: all it was allotted, those frozen
@@ -157,11 +178,14 @@ class FederatedRun:
     Args:
         config: the run's configuration (validated by ``fedhello.config``).
         progress: show a progress bar over rounds.
+        objects: the backbone, tokenizer and data as objects (``model.name`` and the ``data``
+            source are then not loaded); ``fedhello.fl.api.run`` builds them.
     """
 
-    def __init__(self, config: RunConfig, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, progress: bool = True, objects: "RunObjects | None" = None) -> None:
         self.config = config
         self.progress = progress
+        self.objects = objects
         self.out = Path(config.output_dir)
         self.device = _device(config.engine.device)
         self._setup()
@@ -170,8 +194,11 @@ class FederatedRun:
     def _setup(self) -> None:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
-        self.data = prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
-        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+        objects = self.objects
+        self.data = objects.data if objects else prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
+        if objects:
+            backbone = objects.backbone
+        elif self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
             backbone = load_backbone(cfg.model.name, task="causal-lm")
         else:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
@@ -183,6 +210,11 @@ class FederatedRun:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
                             f"(max_position_embeddings), got {cfg.data.max_length}")
         self.client_data = self._lm_tensors() if self.causal_lm else self._tensors(backbone)
+        sizes = [next(iter(c.values())).shape[0] for c in self.client_data["clients"]]
+        if cfg.local.batch_size > min(sizes):  # the engine then takes each such client's whole data per step
+            tqdm.write(f"warning: local.batch_size {cfg.local.batch_size} exceeds the training samples of "
+                       f"{sum(n < cfg.local.batch_size for n in sizes)} client(s) (smallest: {min(sizes)}); "
+                       "their batches hold all of their samples, none twice", file=sys.stderr)
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
@@ -215,11 +247,17 @@ class FederatedRun:
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
+    def _tokenizer(self):
+        """The tokenizer given with the objects, else the one of ``model.name``."""
+        if self.objects is not None and self.objects.tokenizer is not None:
+            return self.objects.tokenizer
+        return load_tokenizer(self.config.model.name)
+
     def _tensors(self, backbone) -> dict[str, Any]:
         """Every client's training tensors, the test tensors and the proxy tensors."""
         cfg, data = self.config, self.data
         if "text" in data.train.column_names:
-            tokenizer = load_tokenizer(cfg.model.name)
+            tokenizer = self._tokenizer()
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
 
@@ -245,7 +283,7 @@ class FederatedRun:
         from fedhello.data import lm_tensors
 
         cfg, data = self.config, self.data
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.tokenizer = self._tokenizer()
 
         def prepare(ds) -> Batch:
             return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
@@ -315,8 +353,13 @@ class FederatedRun:
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
         check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
-        with hold_run_dir(self.out):  # then, as its only writer, decide again and play
-            return self._run(resume, play_round, overwrite)
+        with hold_run_dir(self.out, reuse=True):  # then, as its only writer, decide again and play
+            try:
+                return self._run(resume, play_round, overwrite)
+            except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the table of the rounds played
+                if (self.out / "metrics.jsonl").exists():
+                    _write_csv(self.out / "metrics.csv", read_jsonl(self.out / "metrics.jsonl"))
+                raise
 
     def _run(self, resume: bool, play_round: Callable[[int], dict[str, Any]] | None,
              overwrite: bool) -> list[dict[str, Any]]:
@@ -382,12 +425,18 @@ class FederatedRun:
     def plan_round(self, rnd: int) -> "RoundPlan":
         """Server side, before local training: the cohort, its allocation and every participant's task."""
         cfg = self.config
-        cohort = np.sort(self.rng.choice(self.data.num_clients, size=cfg.cohort_size, replace=False))
+        size = cohort_draw_size(cfg.cohort_size, cfg.clients.over_selection, self.data.num_clients)
+        cohort = np.sort(self.rng.choice(self.data.num_clients, size=size, replace=False))
         if self.strategy.needs_proxy_scores(rnd):
             self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
         alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
         members = [i for i in range(len(cohort)) if alloc.participating[i]]
         trains = alloc.trainable if alloc.frozen is None else alloc.trainable & ~alloc.frozen
+        returns = None
+        if cfg.clients.active:  # only the participants that return train (their results are all that arrive)
+            returns = draw_returns(members, cohort, self.capacities.tier[cohort], cfg.clients.dropout, cfg.cohort_size,
+                                   np.random.default_rng(purpose_seed(cfg.seed, f"dropout/{rnd}")))
+            members = returns.kept
         tasks = [
             LocalTask(
                 client=int(cohort[i]),
@@ -398,7 +447,7 @@ class FederatedRun:
             )
             for i in members
         ]
-        return RoundPlan(rnd, cohort, alloc, members, tasks)
+        return RoundPlan(rnd, cohort, alloc, members, tasks, returns)
 
     def finish_round(self, plan: "RoundPlan", results: list[LocalResult], t0: float) -> dict[str, Any]:
         """Server side, after local training: aggregate, update the strategy, evaluate; the round's record.
@@ -452,6 +501,8 @@ class FederatedRun:
         }
         if self.privacy is not None:
             record.update(self.privacy.end_round())
+        if plan.returns is not None:  # clients that never returned, and over-selected ones that came late
+            record.update(dropped=plan.returns.dropped, late=plan.returns.late)
         t_aggregate = time.perf_counter()
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
@@ -522,6 +573,9 @@ class FederatedRun:
     def evaluate_global(self) -> dict[str, Any]:
         """The global model (slot 0, full rank) on the held-out test split.
 
+        Classification: ``accuracy``, ``loss``, ``macro_f1``, ``client_accuracy`` (each client's
+        accuracy on held-out data of its own label mix, ``fedhello.fl.client_eval``) and its
+        ``client_accuracy_mean``, ``_worst`` and ``_p10`` (10th percentile) over the clients.
         Causal LM: ``loss`` (nats per target token), ``perplexity``, and ``client_perplexity``:
         for every client, the perplexity on the held-out rows of its own mix of groups (topics),
         weighted by its training tokens per group.
@@ -529,8 +583,12 @@ class FederatedRun:
         self.model.load_client_state(0, self.global_state)
         self.model.set_ranks({0: self.config.model.rank})
         if not self.causal_lm:
-            return evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
-                            device=self.device)
+            result = evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
+                              device=self.device)
+            clients = client_accuracies(result.pop("class_accuracy"),
+                                        [c["labels"].numpy() for c in self.client_data["clients"]])
+            spread = accuracy_spread(clients)
+            return {**result, "client_accuracy": clients, **{f"client_accuracy_{k}": v for k, v in spread.items()}}
         result = evaluate_lm(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
                              device=self.device)
         groups = result.pop("group_loss")
@@ -617,7 +675,8 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 _CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity", "bytes_up", "bytes_down",
-               "wall_time", "time_local", "time_aggregate", "time_eval", "participants")
+               "wall_time", "time_local", "time_aggregate", "time_eval", "participants", "test_client_accuracy_mean",
+               "test_client_accuracy_worst", "test_client_accuracy_p10")
 
 
 def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:

@@ -17,7 +17,7 @@ import torch
 from .losses import row_losses, row_terms
 from .model import MultiLoRAModel
 
-__all__ = ["evaluate_lm", "mixture_perplexity", "greedy_completions"]
+__all__ = ["evaluate_lm", "mixture_mean", "mixture_perplexity", "greedy_completions"]
 
 
 @torch.no_grad()
@@ -62,14 +62,19 @@ def evaluate_lm(model: MultiLoRAModel, data: dict[str, torch.Tensor], batch_size
     return out
 
 
-def mixture_perplexity(group_loss: dict[int, float], weights: dict[int, float]) -> float:
-    """Perplexity on a mix of groups: ``exp(sum_g w_g loss_g / sum_g w_g)`` over groups that
-    have held-out rows (a client's own topic mix, weighted by its training tokens per topic)."""
-    shared = {g: w for g, w in weights.items() if g in group_loss and w > 0}
+def mixture_mean(group_value: dict[int, float], weights: dict[int, float]) -> float:
+    """``sum_g w_g value_g / sum_g w_g`` over the groups that have a held-out value and weight > 0
+    (a client's own mix of topics or classes); NaN when none has."""
+    shared = {g: w for g, w in weights.items() if g in group_value and w > 0}
     if not shared:
         return math.nan
-    total = sum(shared.values())
-    return math.exp(sum(w * group_loss[g] for g, w in shared.items()) / total)
+    return sum(w * group_value[g] for g, w in shared.items()) / sum(shared.values())
+
+
+def mixture_perplexity(group_loss: dict[int, float], weights: dict[int, float]) -> float:
+    """Perplexity on a mix of groups: ``exp(mixture_mean(group_loss, weights))`` (a client's own
+    topic mix, weighted by its training tokens per topic)."""
+    return math.exp(mixture_mean(group_loss, weights))
 
 
 @torch.no_grad()

@@ -218,13 +218,23 @@ def test_find_nonfinite_names_client_loss_blocks_and_head():
 
 
 def test_one_writer_per_run_folder(tmp_path):
-    """The lock refuses a second holder (naming the first's pid), is free again after the block,
+    """The lock refuses a second holder (naming the first's pid) unless it reuses its own process's
+    hold (the command line holds it before the run loads its model), is free again after the block,
     and its file is not a run file: a folder holding only it holds no run, and --overwrite keeps it."""
     out = tmp_path / "new" / "run"
     with hold_run_dir(out) as held:
         assert held == out and (out / ckpt.LOCK_FILE).read_text() == f"{os.getpid()}\n"
         with pytest.raises(RunFolderError, match=rf"^output_dir: {out} is being written by another process "
                                                  rf"\(pid {os.getpid()}\)"):
+            with hold_run_dir(out):
+                pass
+        with hold_run_dir(out, reuse=True):
+            pass
+        with pytest.raises(RunFolderError, match="is being written by another process"):  # still held
+            with hold_run_dir(out):
+                pass
+    with pytest.raises(RunFolderError, match="is being written by another process"):
+        with hold_run_dir(out, reuse=True):  # not held here: reuse takes a hold like any other
             with hold_run_dir(out):
                 pass
     with hold_run_dir(out):
@@ -258,7 +268,7 @@ def test_read_jsonl_leaves_out_a_half_written_last_line(tmp_path):
     path.write_text('{"round": 0, "wall_time": 1.5}\n{"round": 1, "wall_time": 2.0}\n{"round": 2, "wal')
     assert [r["round"] for r in ckpt.read_jsonl(path)] == [0, 1]
     path.write_text('{"round": 0}\nnot json\n{"round": 2}\n')
-    with pytest.raises(json.JSONDecodeError):  # damage before the last line is not a kill: refused
+    with pytest.raises(ValueError, match=f"^{path}: line 2 is not a JSON record"):  # not a kill: refused
         ckpt.read_jsonl(path)
 
 

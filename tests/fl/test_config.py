@@ -160,3 +160,43 @@ def test_every_shipped_run_config_is_valid(name):
     """Each run config in configs/ passes validation (sources are checked where they are used)."""
     config = load_config(CONFIGS / name)
     assert config.rounds >= 1 and config.model.name
+
+
+def test_setting_another_strategy_starts_it_from_its_default_options(tmp_path):
+    """The options in the file belong to the file's strategy; another strategy must not get them."""
+    path = _write(tmp_path, {**BASE, "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck"}}})
+    assert load_config(path, ["strategy.name=fedra"]).strategy.options == {}
+    gd = load_config(path, ["strategy.name=gd", "strategy.options.pattern=triangle"])
+    assert (gd.strategy.name, gd.strategy.options) == ("gd", {"pattern": "triangle"})
+    # The options may come first; the same strategy keeps the file's options.
+    assert load_config(path, ["strategy.options.pattern=uniform", "strategy.name=gd"]).strategy.options == \
+        {"pattern": "uniform"}
+    same = load_config(path, ["strategy.name=fedhello", "strategy.options.warmup=2"])
+    assert same.strategy.options == {"pattern": "bottleneck", "warmup": 2}
+
+
+def test_a_partition_with_alpha_but_no_kind_is_refused():
+    """Without kind the partition would be IID and never read alpha."""
+    for partition, named in (({"alpha": 0.1}, "alpha"), ({"classes_per_client": 3}, "classes_per_client")):
+        with pytest.raises(ConfigError, match=f"^data.partition.kind: required when data.partition.{named} is set"):
+            RunConfig.from_dict(_with("data", {"name": "bbc_news", "num_clients": 10, "partition": partition}))
+    assert RunConfig.from_dict(_with("data", {"name": "bbc_news", "num_clients": 10,
+                                              "partition": {"kind": "dirichlet", "alpha": 0.1}})).data.partition.alpha == 0.1
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "rounds: 3\n")
+    with pytest.raises(ConfigError, match=r"^rounds: given twice in .*twice.yaml' \(lines \d+ and \d+\)"):
+        load_config(path)
+    path.write_text("model: {name: minilm, rank: 4, rank: 8}\ndata: {name: bbc_news}\n")
+    with pytest.raises(ConfigError, match="^model.rank: given twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="^data.partition.kind: given twice"):
+        load_config(_write(tmp_path, BASE), ["data.partition={kind: iid, kind: dirichlet}"])
+
+
+def test_an_output_folder_name_longer_than_the_file_system_takes_is_refused():
+    with pytest.raises(ConfigError, match="^output_dir: the folder name .* has 300 bytes; .* at most 255"):
+        RunConfig.from_dict({**BASE, "output_dir": "runs/" + "x" * 300})
+    assert RunConfig.from_dict({**BASE, "output_dir": "runs/" + "x" * 255}).output_dir.endswith("x")

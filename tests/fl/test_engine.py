@@ -398,3 +398,17 @@ def test_auto_waves_count_image_patches_not_pixels():
                        trainable_blocks=torch.ones(2, dtype=torch.bool), seed=0)
     assert _tokens_per_sample(images, SimpleNamespace(patch_size=16)) == 14 * 14 + 1  # ViT-B/16: 197
     assert _tokens_per_sample(images, SimpleNamespace()) == 3 * 224 * 224  # no patches known: the input size
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_a_batch_larger_than_the_clients_data_holds_each_sample_once(steps):
+    """Never a sample twice in one step's batch, and no allocation for a batch_size the client cannot fill."""
+    from fedhello.fl.engine import _Schedule
+
+    task = LocalTask(client=0, data={"labels": torch.arange(5)}, trainable_blocks=torch.ones(2, dtype=torch.bool),
+                     seed=1)
+    for batch_size in (8, 100_000):
+        schedule = _Schedule.build(task, 0, LocalTrainingConfig(steps=steps, batch_size=batch_size))
+        assert len(schedule.batches) == (steps or 1)
+        for batch in schedule.batches:
+            assert sorted(batch.tolist()) == [0, 1, 2, 3, 4]

@@ -444,3 +444,27 @@ def test_private_simulation_matches_fedhello_run(tiny_model, tmp_path, capfd):
     _assert_same_run(tmp_path / "flower", tmp_path / "single")
     for got, want in zip(_records(tmp_path / "flower"), _records(tmp_path / "single"), strict=True):
         assert got["epsilon"] == want["epsilon"] > 0
+
+
+def test_after_ctrl_c_flower_and_ray_processes_get_seconds_not_a_minute(tmp_path):
+    """What simulate does on Ctrl-C: the SuperLink's group and every process with the run's FLWR_HOME
+    (Ray's agents, re-parented) are killed once their short grace is over, even if they ignore SIGTERM."""
+    from fedhello.fl.flower import STOP_GRACE_S, _stop_all
+
+    home = str(tmp_path / "flwr-home")
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(300)\n"
+    env = {**os.environ, "FLWR_HOME": home}
+    superlink, agent = (subprocess.Popen([sys.executable, "-c", stubborn], env=env, start_new_session=True,
+                                         stdout=subprocess.PIPE, text=True) for _ in range(2))
+    try:
+        assert superlink.stdout.readline() == agent.stdout.readline() == "up\n"
+        start = time.monotonic()
+        _stop_all(superlink, home, grace=STOP_GRACE_S)
+        took = time.monotonic() - start
+        assert agent.wait(timeout=5) == -signal.SIGKILL and superlink.poll() == -signal.SIGKILL
+        assert took < 2 * STOP_GRACE_S + 2, took
+        assert not _processes_with_env("FLWR_HOME", home)
+    finally:
+        for process in (superlink, agent):
+            if process.poll() is None:
+                process.kill()

@@ -208,6 +208,7 @@ def test_a_private_config_loads():
     ({"aggregation": {"weighting": "samples"}}, "aggregation.weighting"),
     ({"aggregation": {"weighting": "norm"}}, "aggregation.weighting"),
     ({"aggregation": {"weighting": "uniform", "heads": "keep_initial"}}, "aggregation.heads"),
+    ({"clients": {"over_selection": 0.3}}, "clients.over_selection"),
     ({"strategy": {"name": "fedhello", "options": {"fisher_source": "client"}}}, "privacy.fisher_noise_multiplier"),
     ({"strategy": {"name": "fedhello", "options": {"fisher_source": "client"}}, "privacy__fisher_clip": 1.0,
       "privacy__fisher_noise_multiplier": 0}, "privacy.fisher_noise_multiplier"),

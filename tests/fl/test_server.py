@@ -90,10 +90,32 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, strategy):
         assert torch.equal(tensor, final_resumed[name]), name
 
 
+def _check_client_accuracy(run: FederatedRun, record: dict) -> None:
+    """Each client's held-out accuracy = the final global model's accuracy on each class's test rows
+    (measured here class by class), weighted by the client's training labels; and its spread."""
+    from fedhello.fl.server import evaluate
+
+    clients = record["test_client_accuracy"]
+    assert len(clients) == 6 and all(0 <= a <= 1 for a in clients)
+    test = run.client_data["test"]
+    run.model.load_client_state(0, run.global_state)
+    per_class = {int(k): evaluate(run.model, {n: v[test["labels"] == k] for n, v in test.items()}, 64)["accuracy"]
+                 for k in torch.unique(test["labels"])}
+    for c, data in enumerate(run.client_data["clients"]):
+        counts = {k: n for k, n in enumerate(torch.bincount(data["labels"]).tolist()) if n and k in per_class}
+        expected = sum(n * per_class[k] for k, n in counts.items()) / sum(counts.values())
+        assert clients[c] == pytest.approx(expected, abs=1e-12)
+    ordered = sorted(clients)
+    assert record["test_client_accuracy_mean"] == pytest.approx(sum(clients) / 6)
+    assert record["test_client_accuracy_worst"] == ordered[0]
+    assert record["test_client_accuracy_p10"] == pytest.approx(ordered[0] + 0.5 * (ordered[1] - ordered[0]))
+
+
 def test_run_outputs_and_learning(tmp_path):
     raw = _raw(tmp_path / "run", {"name": "full", "options": {}}, rounds=4)
     raw["local"]["steps"] = 4
-    records = FederatedRun(RunConfig.from_dict(raw), progress=False).run()
+    run = FederatedRun(RunConfig.from_dict(raw), progress=False)
+    records = run.run()
     out = tmp_path / "run"
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     evaluated = [r for r in records if "test_accuracy" in r]
@@ -105,9 +127,12 @@ def test_run_outputs_and_learning(tmp_path):
         assert all(blocks == list(range(6)) for blocks in r["allocation"].values())  # Full trains every block
     initial = json.loads((out / "initial_eval.json").read_text())
     assert initial["loss"] > evaluated[-1]["test_loss"]  # training lowered the test loss
+    _check_client_accuracy(run, evaluated[-1])
+    assert len(initial["client_accuracy"]) == 6 and initial["client_accuracy_worst"] <= initial["client_accuracy_mean"]
     assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 4
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("round,") and len(csv_lines) == 5
+    assert "test_client_accuracy_p10" in csv_lines[0]
 
 
 def test_cli_run_then_resume_finished_run(tmp_path, capsys):
