@@ -14,26 +14,29 @@ from typing import Sequence
 import torch
 
 from .checks import ClientParams, check_lora_inputs
-from .multi_lora import backend_for, lora_backward, lora_forward, prepare_dropout, rows2d, save_call
+from .multi_lora import Call, backend_for, lora_backward, lora_forward, prepare_dropout, rows2d
 from .plan import LoRAPlan
 
 __all__ = ["lora_delta"]
 
 
+def delta_forward(x, lora_a, lora_b, plan, params, keep, impl) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(delta [..., d_out], saved)``: the backend writes the LoRA term once (zeros on unrouted rows)."""
+    out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
+    return out.reshape(*x.shape[:-1], lora_b.shape[1]), saved
+
+
 class _LoRADeltaFn(torch.autograd.Function):
-    """``delta = LoRA term``: the backend writes it once (zeros on unrouted rows)."""
+    """``delta = LoRA term``, and its backward on the saved inputs (see ``multi_lora.lora_backward``)."""
 
     @staticmethod
     def forward(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
-        out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
-        return out.reshape(*x.shape[:-1], lora_b.shape[1]), saved
+        return delta_forward(x, lora_a, lora_b, plan, params, keep, impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
-        save_call(ctx, (x, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl, "lora_delta")
-        if output[1] is not None:
-            ctx.mark_non_differentiable(output[1])
+        _setup(ctx, x, lora_a, lora_b, output[1], keep, Call(impl, plan, params, grad_sqnorm, "lora_delta"))
 
     @staticmethod
     def backward(ctx, d_delta, _d_saved):
@@ -45,28 +48,33 @@ class _LoRADeltaIntoFn(torch.autograd.Function):
 
     @staticmethod
     def forward(y, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
-        out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
-        return y.add_(out.view(y.shape)), saved
+        delta, saved = delta_forward(x, lora_a, lora_b, plan, params, keep, impl)
+        return y.add_(delta), saved
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         y, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
-        save_call(ctx, (x, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl, "lora_delta")
+        _setup(ctx, x, lora_a, lora_b, output[1], keep, Call(impl, plan, params, grad_sqnorm, "lora_delta"))
         ctx.mark_dirty(y)
-        if output[1] is not None:
-            ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, dy, _d_saved):
         return (dy,) + _backward(ctx, dy) + (None,) * 5
 
 
+def _setup(ctx, x, lora_a, lora_b, saved, keep, call: Call) -> None:
+    ctx.save_for_backward(x, lora_a, lora_b, saved, keep)
+    ctx.call = call
+    if saved is not None:
+        ctx.mark_non_differentiable(saved)
+
+
 def _backward(ctx, d_delta: torch.Tensor) -> tuple:
     """``(dx, dA, dB)`` of the LoRA term for the output gradient ``d_delta``."""
     x, lora_a, lora_b, saved, keep = ctx.saved_tensors
     need_x, need_a, need_b = ctx.needs_input_grad[-8:-5]
-    rows = ctx.plan.num_rows
-    dx, d_a, d_b = lora_backward(ctx, rows2d(d_delta, rows), rows2d(x, rows), lora_a, lora_b, saved, keep,
+    rows = ctx.call.plan.num_rows
+    dx, d_a, d_b = lora_backward(ctx.call, rows2d(d_delta, rows), rows2d(x, rows), lora_a, lora_b, saved, keep,
                                  need_x, need_a or need_b)
     return (dx.reshape(x.shape) if dx is not None else None, d_a if need_a else None, d_b if need_b else None)
 
@@ -117,9 +125,16 @@ def lora_delta(
                                              dropout_p, dropout_seeds)
     impl = backend_for(backend, x)
     keep, params = prepare_dropout(x, plan, params, impl)
+    if out is not None:
+        _check_out(out, x, lora_b.shape[1])
+    if torch.compiler.is_compiling():  # one opaque graph node (see ops.py); the compiler fuses the add
+        from . import ops
+
+        delta = torch.ops.fedhello.lora_delta(x, lora_a, lora_b, *ops.op_arguments(plan, params, keep), grad_sqnorm,
+                                              ops.backend_name(impl))[0]
+        return delta if out is None else out.add_(delta)
     if out is None:
         return _LoRADeltaFn.apply(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
-    _check_out(out, x, lora_b.shape[1])
     return _LoRADeltaIntoFn.apply(out, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
 
 
