@@ -85,7 +85,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
 
 def prepare_dropout(x: torch.Tensor, plan: LoRAPlan, params: ClientParams,
                     impl: ModuleType) -> tuple[torch.Tensor | None, ClientParams]:
-    """The 0/1 keep mask ``[T, d_in]`` (x's dtype) and the settings a backend without fused dropout
+    """The bool keep mask ``[T, d_in]`` and the settings a backend without fused dropout
     runs with; ``(None, params)`` when there is no dropout or the backend's kernels apply it.
 
     ``s/(1-p) * (x * keep) A^T B^T`` equals ``s * (x * keep / (1-p)) A^T B^T``, and the backward of

@@ -40,7 +40,7 @@ from .multi_lora import refuse_create_graph
 from .multi_lora import resolve_backend, rows2d
 from .plan import LoRAPlan
 
-__all__ = ["op_arguments"]
+__all__ = ["backend_name", "op_arguments"]
 
 
 def backend_name(impl) -> str:
