@@ -62,6 +62,22 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(backend):
     assert (got[-1][:2] > 0).all() and got[-1][2] == 0  # rank-0 client: no norm
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_with_dynamic_rows_is_one_graph(backend):
+    """The fake implementations take symbolic row counts: batches of 3 sizes, one graph, eager results."""
+    model = TwoLayers(backend).to(DEVICE)
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    gen = torch.Generator().manual_seed(4)
+    for t in (13, 21, 34):
+        plan = LoRAPlan.build(torch.randint(-1, N, (t,), generator=gen).to(DEVICE), N)
+        x = torch.randn(t, D, generator=gen).to(DEVICE)
+        for g, e in zip(_run(compiled, x, plan), _run(model, x, plan)):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and dict(counters["graph_break"]) == {}
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_compiled_multi_lora_linear_layer(backend):
     """fedhello.nn's layer compiles whole (fullgraph) once its route and plan exist."""
