@@ -104,3 +104,17 @@ def test_the_readme_run_and_plot_commands_run(tmp_path, monkeypatch, capsys):
             assert main(["plot", *dict.fromkeys(runs)]) == 0, capsys.readouterr().err
     assert sorted(set(runs)) == ["runs/fedra", "runs/quickstart"]
     assert (tmp_path / "runs" / "accuracy.png").exists()  # the comparison of both runs
+
+
+def test_lora_delta_example_adds_into_a_users_base_layer(tmp_path):
+    section = README.read_text().split("## The kernel API\n", 1)[1].split("\n## ", 1)[0]
+    script = tmp_path / "delta_example.py"
+    script.write_text(section.split("```python\n")[2].split("```", 1)[0])
+    torch.manual_seed(0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        namespace = runpy.run_path(str(script))
+    assert out.getvalue().strip() == "True"
+    assert namespace["delta"].abs().max() > 0  # the example is not a zero delta
+    for name in ("x", "lora_a", "lora_b"):
+        assert namespace[name].grad is not None and namespace[name].grad.abs().max() > 0, name

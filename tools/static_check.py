@@ -65,12 +65,14 @@ class Scenario:
     contiguous: bool = False
     grad_sqnorm: bool = True
     dropout: bool = False
+    fp32_adapters: bool = False  # float32 master adapters under the half-precision activations
 
 
 SCENARIOS = (
     Scenario("scattered"),
     Scenario("contiguous-nonorm", contiguous=True, grad_sqnorm=False),
     Scenario("dropout", dropout=True),
+    Scenario("fp32-adapters", fp32_adapters=True),
 )
 
 
@@ -80,7 +82,7 @@ def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch]:
     if scenario.dropout:
         extra = {"dropout_p": 0.1, "dropout_seeds": torch.arange(HEADLINE["n"], dtype=torch.int64) + 1}
     return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
-                             extra=extra)
+                             extra=extra, adapter_dtype=torch.float32 if scenario.fp32_adapters else None)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Torch backend: the LoRA part of ``multi_lora_linear`` as a plain loop over clients.
 
-This is the readable statement of the contract (docs/design.md, section 1) and the CPU default
-where the csrc extension is not built.
+This is the readable statement of the contract (docs/design.md, section 1), the CPU default
+where the csrc extension is not built, and the backend of float64 inputs and of higher-order
+gradients: every op below is a differentiable torch op, so a backward run under
+``create_graph=True`` records its own graph.
 It is what PEFT-style code does when each client is a separate adapter: one small GEMM
 pair per client. All LoRA arithmetic runs in float32 whatever the input dtype; results are
 rounded once into the output dtype (float64 inputs stay in float64, for gradcheck).
@@ -11,6 +13,8 @@ Backends share one interface, used by the autograd function in ``multi_lora.py``
 * ``lora_forward(x2d, lora_a, lora_b, bias, plan, params)`` returns ``(out, saved)``: ``out
   [T, d_out]`` holds ``bias + LoRA term`` in every row (bias or zeros for rows without
   adapter; the caller adds ``x W^T`` into it), ``saved`` is what the backward needs;
+* ``saved_shape(rows, r_max)``: the shape of the float32 ``saved`` (what the registered ops'
+  fake implementations allocate);
 * ``lora_backward(dy2d, x2d, lora_a, lora_b, plan, params, saved, need_dx, weight_grads,
   grad_sqnorm)`` returns ``(dx_lora, dA, dB)``: the LoRA part of ``dx`` in every row (``None``
   unless ``need_dx``; the caller adds ``dy W``) and the adapter gradients (``None`` unless
@@ -36,6 +40,12 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _client_settings(params: ClientParams) -> tuple[list[float], list[int], list[bool]]:
     return params.scaling.tolist(), params.ranks.tolist(), params.trainable.tolist()
+
+
+def saved_shape(rows: int, r_max: int) -> tuple[int, ...]:
+    """Shape of what ``lora_forward`` keeps for the backward: nothing (the registered ops pass an
+    empty float32 tensor in its place)."""
+    return (0,)
 
 
 def lora_forward(
@@ -112,5 +122,5 @@ def lora_backward(
         d_a[c, :r] = grad_a.to(d_a.dtype)
         d_b[c, :, :r] = grad_b.to(d_b.dtype)
         if grad_sqnorm is not None:
-            grad_sqnorm[c] += grad_a.square().sum() + grad_b.square().sum()
+            grad_sqnorm[c] += (grad_a.square().sum() + grad_b.square().sum()).detach()  # a statistic, not part of any graph
     return dx, d_a, d_b
