@@ -20,6 +20,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
     eval_every, checkpoint_every, output_dir
+    report_to: none            # or [tensorboard, mlflow, wandb] (fedhello.fl.tracking)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.errors import UserError
 from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
 from fedhello.fl.capacity import CapacityTiers
+from fedhello.fl.tracking import check_installed, check_report_to
 from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
@@ -245,6 +247,8 @@ class RunConfig:
     eval_every: int = 1
     checkpoint_every: int = 10
     output_dir: str = "runs/default"
+    # Experiment trackers that also receive the run (fedhello.fl.tracking): none, a name, or a list.
+    report_to: str | list[str] = "none"
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -296,6 +300,10 @@ class RunConfig:
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         if not self.output_dir:
             raise ConfigError("output_dir: expected a directory path, got ''")
+        try:
+            check_report_to(self.report_to)
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
     def check_sources(self) -> None:
         """Check that ``model.name`` and the data source can load now, without loading them.
@@ -311,6 +319,7 @@ class RunConfig:
 
         check_backbone_name(self.model.name, "model.name")
         check_data_source(self.data, needs_label=self.task == "classification")
+        check_installed(check_report_to(self.report_to))
 
     def _validate_model(self) -> None:
         m = self.model

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
+from fedhello.fl.tracking import clear_tracking
+
 __all__ = [
     "RUN_FILES",
     "RESUME_ALLOWED",
@@ -70,6 +72,7 @@ RESUME_ALLOWED: dict[str, str] = {
     "eval_every": "when the global model is evaluated; evaluation changes no state",
     "checkpoint_every": "when checkpoints are written; they hold the exact state",
     "output_dir": "where the folder is (a run may be moved)",
+    "report_to": "which experiment trackers also receive the records; a tracker added on resume gets the earlier rounds",
 }
 
 _ROUND_KEY = "fedhello.next_round"  # in the safetensors metadata
@@ -188,7 +191,8 @@ def hold_run_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:
-    """Delete the run files (``RUN_FILES`` and unfinished checkpoint writes) in ``out``; the removed paths.
+    """Delete the run files (``RUN_FILES``, unfinished checkpoint writes, and what experiment trackers
+    wrote: ``fedhello.fl.tracking.OUTPUTS``) in ``out``; the removed paths.
 
     Only the files a run writes are removed, never the folder or anything else in it.
     """
@@ -197,7 +201,7 @@ def clear_run_dir(out: str | os.PathLike) -> list[Path]:
     removed = [out / n for n in names if (out / n).exists()]
     for path in removed:
         path.unlink()
-    return removed
+    return removed + clear_tracking(out)  # a new run must not continue the old one's tracked run
 
 
 def _alike(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ under ``config.output_dir``:
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
   macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
   would travel up and down, wall time);
+* ``tracking.json`` and the trackers' folders when ``report_to`` names experiment trackers
+  (``fedhello.fl.tracking``: every record, the config and the plots);
 * ``checkpoint.safetensors`` + ``checkpoint.json``: the global adapters and heads, and every
   piece of state the rest of the run depends on (round, the server's numpy generator, the
   strategy's state). Written every ``checkpoint_every`` rounds and at the end; ``run(resume=True)``
@@ -55,6 +57,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
+from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
@@ -296,7 +299,9 @@ class FederatedRun:
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
         check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
-        with hold_run_dir(self.out):  # then, as its only writer, decide again and play
+        # then, as its only writer, decide again and play (the trackers close however the run ends)
+        with hold_run_dir(self.out), Tracking(self.config.report_to, self.out, self.config.to_dict()) as tracking:
+            self.tracking = tracking
             return self._run(resume, play_round, overwrite)
 
     def _run(self, resume: bool, play_round: Callable[[int], dict[str, Any]] | None,
@@ -324,6 +329,7 @@ class FederatedRun:
             print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
         _write_jsonl(metrics_path, records)
+        self.tracking.start(self.start_round, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
             (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
             self._write_completions(0)
@@ -336,6 +342,7 @@ class FederatedRun:
             records.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
+            self.tracking.log(record)
             if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
             times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
@@ -350,6 +357,7 @@ class FederatedRun:
         _write_csv(self.out / "metrics.csv", records)
         if self.causal_lm:
             export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
+        self.tracking.finish()
         return records
 
     def _round(self, rnd: int) -> dict[str, Any]:
