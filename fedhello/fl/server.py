@@ -50,7 +50,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from fedhello.config import RunConfig, derive_seed, make_run_strategy, save_config
-from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
+from fedhello.data import FederatedData, prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
@@ -164,14 +164,14 @@ class FederatedRun:
     def _setup(self) -> None:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
-        self.data = prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
+        self.data = self.load_data()
         if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
-            backbone = load_backbone(cfg.model.name, task="causal-lm")
+            backbone = self.load_backbone(task="causal-lm")
         else:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
-            backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
-                                     task="image-classification" if images else "sequence-classification",
-                                     seed=derive_seed(cfg.seed, "head"))
+            backbone = self.load_backbone(num_labels=self.data.num_classes,
+                                          task="image-classification" if images else "sequence-classification",
+                                          seed=derive_seed(cfg.seed, "head"))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -204,11 +204,24 @@ class FederatedRun:
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
+    # The run's inputs, loaded by the names in the config; ``fedhello.fl.api`` passes objects instead.
+    def load_data(self) -> FederatedData:
+        """The run's data set, split and partitioned (``fedhello.data.prepare_federated_data``)."""
+        return prepare_federated_data(self.config.data, self.config.seed, causal_lm=self.causal_lm)
+
+    def load_backbone(self, **kwargs):
+        """The backbone ``model.name`` (``fedhello.models.load_backbone`` with ``kwargs``: task, num_labels, seed)."""
+        return load_backbone(self.config.model.name, **kwargs)
+
+    def load_tokenizer(self):
+        """The tokenizer of ``model.name``, with a padding token (``fedhello.models.load_tokenizer``)."""
+        return load_tokenizer(self.config.model.name)
+
     def _tensors(self, backbone) -> dict[str, Any]:
         """Every client's training tensors, the test tensors and the proxy tensors."""
         cfg, data = self.config, self.data
         if "text" in data.train.column_names:
-            tokenizer = load_tokenizer(cfg.model.name)
+            tokenizer = self.load_tokenizer()
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
 
@@ -234,7 +247,7 @@ class FederatedRun:
         from fedhello.data import lm_tensors
 
         cfg, data = self.config, self.data
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.tokenizer = self.load_tokenizer()
 
         def prepare(ds) -> Batch:
             return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
