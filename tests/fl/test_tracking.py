@@ -196,3 +196,18 @@ def test_overwrite_starts_a_new_tracked_run(tmp_path):
     first = json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"]
     FederatedRun(config, progress=False).run(overwrite=True)
     assert json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"] != first
+
+
+def test_cli_refuses_a_missing_tracker_in_one_line_before_loading(tmp_path):
+    import subprocess
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: nothing to refuse")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "fedhello", "run", str(root / "configs" / "quickstart.yaml"),
+                           "--set", "report_to=[tensorboard, wandb]", "--set", f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("fedhello run: error: report_to: 'wandb' needs the package 'wandb', which is not installed; "
+                                   "pip install 'fedhello[wandb]' (or 'fedhello[tracking]' for every tracker)")
+    assert not (tmp_path / "run").exists()
