@@ -130,3 +130,34 @@ def test_a_folder_holding_a_run_is_refused_before_the_model_is_touched(tmp_path)
     with pytest.raises(RunFolderError, match="already holds a run"):
         run(model=fresh, tokenizer=tokenizer, train=train, config=config, progress=False)
     assert str(fresh) == before
+
+
+def test_causal_lm_objects_give_the_same_run_as_yaml(tmp_path, tiny_lm_files):
+    from fedhello.models import load_backbone, load_tokenizer
+
+    model_dir, news = tiny_lm_files
+
+    def raw(out: str) -> dict:
+        return {"task": "causal_lm", "seed": 1, "model": {"name": str(model_dir), "rank": 4, "alpha": 8},
+                "data": {"path": str(news), "text_column": "text", "label_column": "topic", "max_length": 16,
+                         "num_clients": 4, "test_fraction": 0.25,
+                         "partition": {"kind": "pathological", "classes_per_client": 1}},
+                "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]}, "rounds": 2, "cohort_size": 3,
+                "local": {"steps": 2, "batch_size": 4, "lr": 0.05}, "engine": {"device": "cpu"},
+                "checkpoint_every": 0, "output_dir": str(tmp_path / out)}
+
+    by_name = FederatedRun(RunConfig.from_dict(raw("yaml")), progress=False)
+    want = by_name.run()
+    objects = raw("objects")
+    del objects["model"]["name"], objects["data"]["path"]
+    rows = datasets.load_dataset("csv", data_files=str(news), split="train")
+    classifier, _ = _minilm(2, 0)
+    with pytest.raises(UserError, match="^model: task causal_lm needs a causal LM .*, got BertForSequenceClassification"):
+        run(model=classifier, tokenizer=load_tokenizer(model_dir), train=rows, config=objects, progress=False)
+    result = run(model=load_backbone(model_dir, task="causal-lm"), tokenizer=load_tokenizer(model_dir), train=rows,
+                 config=objects, progress=False)
+    assert _without_times(result.records) == _without_times(want)
+    assert "test_client_perplexity" in result.records[-1]
+    for name, tensor in by_name.global_state.items():
+        assert torch.equal(result.global_state[name], tensor), name
+    assert (tmp_path / "objects" / "peft_adapter").is_dir()
