@@ -98,7 +98,8 @@ def federate(full: datasets.Dataset, config: "DataConfig", seed: int,
                                   classes_per_client=p.classes_per_client, min_size=p.min_size,
                                   seed=derive_seed(seed, "partition"))
     return _federated(full, train_idx, full.select(test_idx) if test is None else test,
-                      proxy_idx if config.proxy_fraction > 0 else None, partitions, f"{p.kind} partition of {len(train_idx)} samples")
+                      proxy_idx if config.proxy_fraction > 0 else None, partitions,
+                      f"{p.kind} partition of {len(train_idx)} samples")
 
 
 def federate_clients(full: datasets.Dataset, owners: np.ndarray, config: "DataConfig", seed: int,
@@ -125,7 +126,8 @@ def federate_clients(full: datasets.Dataset, owners: np.ndarray, config: "DataCo
     train_owners = owners[train_idx]
     partitions = [np.flatnonzero(train_owners == c).astype(np.int64) for c in range(config.num_clients)]
     return _federated(full, train_idx, full.select(test_idx) if test is None else test,
-                      proxy_idx if config.proxy_fraction > 0 else None, partitions, f"natural partition of {len(train_idx)} samples")
+                      proxy_idx if config.proxy_fraction > 0 else None, partitions,
+                      f"natural partition of {len(train_idx)} samples")
 
 
 def _federated(full: datasets.Dataset, train_idx: np.ndarray, test: datasets.Dataset, proxy_idx: np.ndarray | None,

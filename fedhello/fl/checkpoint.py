@@ -72,7 +72,7 @@ RESUME_ALLOWED: dict[str, str] = {
     "eval_every": "when the global model is evaluated; evaluation changes no state",
     "checkpoint_every": "when checkpoints are written; they hold the exact state",
     "output_dir": "where the folder is (a run may be moved)",
-    "report_to": "which experiment trackers also receive the records; a tracker added on resume gets the earlier rounds",
+    "report_to": "which experiment trackers also receive the records (one added on resume gets the earlier ones)",
 }
 
 _ROUND_KEY = "fedhello.next_round"  # in the safetensors metadata

@@ -112,8 +112,6 @@ class Tracker(ABC):
     update it), ``config`` the resolved run config as nested dicts, ``start_step`` the first
     round this process plays."""
 
-    name = ""
-
     @abstractmethod
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Log one round's scalars at ``step``; a step the tracked run already holds is not logged twice."""
@@ -128,9 +126,7 @@ class Tracker(ABC):
 
 
 class TensorBoardTracker(Tracker):
-    name = "tensorboard"
-
-    def __init__(self, out, state, config, start_step):
+    def __init__(self, out: Path, state: dict[str, Any], config: dict[str, Any], start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         resumed = bool(state)
@@ -159,9 +155,7 @@ class TensorBoardTracker(Tracker):
 
 
 class MLflowTracker(Tracker):
-    name = "mlflow"
-
-    def __init__(self, out, state, config, start_step):
+    def __init__(self, out: Path, state: dict[str, Any], config: dict[str, Any], start_step: int) -> None:
         # MLflow 3 keeps its file store behind this opt-out; a local folder is the point here.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
@@ -216,9 +210,7 @@ class MLflowTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    name = "wandb"
-
-    def __init__(self, out, state, config, start_step):
+    def __init__(self, out: Path, state: dict[str, Any], config: dict[str, Any], start_step: int) -> None:
         import wandb
 
         if "id" not in state:

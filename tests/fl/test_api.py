@@ -152,7 +152,7 @@ def test_causal_lm_objects_give_the_same_run_as_yaml(tmp_path, tiny_lm_files):
     del objects["model"]["name"], objects["data"]["path"]
     rows = datasets.load_dataset("csv", data_files=str(news), split="train")
     classifier, _ = _minilm(2, 0)
-    with pytest.raises(UserError, match="^model: task causal_lm needs a causal LM .*, got BertForSequenceClassification"):
+    with pytest.raises(UserError, match="^model: task causal_lm needs a causal LM .*, got BertForSequence"):
         run(model=classifier, tokenizer=load_tokenizer(model_dir), train=rows, config=objects, progress=False)
     result = run(model=load_backbone(model_dir, task="causal-lm"), tokenizer=load_tokenizer(model_dir), train=rows,
                  config=objects, progress=False)

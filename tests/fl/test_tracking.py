@@ -208,6 +208,7 @@ def test_cli_refuses_a_missing_tracker_in_one_line_before_loading(tmp_path):
                            "--set", "report_to=[tensorboard, wandb]", "--set", f"output_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, cwd=root, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("fedhello run: error: report_to: 'wandb' needs the package 'wandb', which is not installed; "
+    assert done.stderr.strip() == ("fedhello run: error: report_to: 'wandb' needs the package 'wandb', which is not "
+                                   "installed; "
                                    "pip install 'fedhello[wandb]' (or 'fedhello[tracking]' for every tracker)")
     assert not (tmp_path / "run").exists()
