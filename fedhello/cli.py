@@ -9,8 +9,10 @@
     fedhello doctor                                              backends, offline assets, what is missing
 
 Expected failures (a bad config, a missing file or package, a name the offline hub cannot
-serve) print one line on stderr and exit with status 2. The config and the names in it are
-checked before torch, transformers, datasets or flwr are imported, so such errors come at once.
+serve: ``fedhello.errors.UserError``) print one line on stderr and exit with status 2. Any other
+exception is a bug: it keeps its traceback, followed by a line saying so, and exits with status 1.
+The config and the names in it are checked before torch, transformers, datasets or flwr are
+imported, so such errors come at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
+
+from fedhello.errors import UserError, require_extra
 
 __all__ = ["main"]
 
@@ -78,7 +83,7 @@ def _time_rounds(config, k: int, progress: bool) -> int:
     from fedhello.fl.server import FederatedRun
 
     if k < 1:
-        raise ValueError(f"--time-rounds: expected >= 1, got {k}")
+        raise UserError(f"--time-rounds: expected >= 1, got {k}")
     timed = dataclasses.replace(config, rounds=min(k, config.rounds), output_dir=f"{config.output_dir}-time{k}")
     # A timing run is scratch: each one replaces the folder of the previous timing.
     records = FederatedRun(timed, progress=progress).run(overwrite=True)
@@ -193,23 +198,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user is expected to meet: reported in one line, not as a traceback.
-
-    ``ValueError`` covers ``fedhello.errors.UserError`` (config, names, checkpoints) and bad
-    arguments; the others are files and offline packages that are not there.
-    """
-    from fedhello.models.assets import MissingAssetError
-
-    return (ValueError, MissingAssetError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError)
+# The pip extra each command needs (doctor runs on the core install too).
+_COMMAND_EXTRAS = {"run": "fl", "suite": "fl", "plot": "fl", "flower": "flower"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in _COMMAND_EXTRAS:
+            require_extra(_COMMAND_EXTRAS[args.command], f"fedhello {args.command}")
         return args.func(args)
-    except _expected_errors() as err:
+    except UserError as err:  # a failure the user is expected to meet and can fix: one line
         message = " ".join(str(err).split())  # one line, whatever the library put in it
         print(f"fedhello {args.command}: error: {message}", file=sys.stderr)
         return 2
@@ -218,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command in ("run", "flower", "suite") else "")
         print(f"fedhello {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - anything else is a bug: keep its traceback and say so
+        traceback.print_exc()
+        print(f"fedhello {args.command}: internal error: this is a bug in fedhello, not a problem with the "
+              "input; the traceback above shows where it happened", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
                   partition: {kind, alpha, classes_per_client, min_size}}
     tiers:       {fractions: [1/2, 3/4, 1], shares: [1, 1, 1]}
     strategy:    {name: fedhello, options: {...}}   # options as in fedhello.fl.strategies
-    aggregation: {weighting: samples, rank_normalize: all}
+    aggregation: {weighting: samples, rank_normalize: all, heads: average}
+    fisher:      {estimator: standard}
     rounds, cohort_size
     local:       {epochs, steps, batch_size, lr, optimizer, weight_decay, momentum}
     engine:      {kind: batched, parallel, device, dtype, eval_batch_size}
     eval_every, checkpoint_every, output_dir
+    privacy:     null, or {noise_multiplier | target_epsilon, clip_norm, delta, fisher_clip,
+                  fisher_noise_multiplier, adaptive_clip: {target_quantile, learning_rate,
+                  count_noise_multiplier}, secure_rng}   # fedhello.fl.privacy
     report_to: none            # or [tensorboard, mlflow, wandb] (fedhello.fl.tracking)
 """
 
@@ -30,10 +34,13 @@ import math
 import os
 import types
 import typing
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from fedhello.errors import UserError, require_extra
+
+require_extra("fl", "fedhello.config")  # before yaml: without the extra, one line that names it
 
 import numpy as np
 import yaml
@@ -41,11 +48,12 @@ import yaml
 # Only light modules here (no torch, datasets, transformers): a bad config is reported in well
 # under a second, before the CLI imports the training stack.
 from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_source
-from fedhello.errors import UserError
-from fedhello.fl.strategies import AllocationContext, AllocationStrategy, available_strategies, make_strategy
+from fedhello.fl.strategies import (AllocationContext, AllocationStrategy, HetLoRAStrategy, available_strategies,
+                                   make_strategy)
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.tracking import check_installed, check_report_to
-from fedhello.names import PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
+from fedhello.seeds import purpose_seed
+from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 
 __all__ = [
     "ConfigError",
@@ -55,13 +63,15 @@ __all__ = [
     "TierConfig",
     "StrategyConfig",
     "AggregationConfig",
+    "FisherConfig",
     "LocalConfig",
     "EngineConfig",
+    "AdaptiveClipConfig",
+    "PrivacyConfig",
     "RunConfig",
     "apply_overrides",
     "load_config",
     "save_config",
-    "derive_seed",
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -72,11 +82,6 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class ConfigError(UserError):
     """An invalid run configuration; the message starts with the field's dotted name."""
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """An independent, stable 32-bit seed for one use (``"split"``, ``"partition"`` ...) of a run seed."""
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
 @dataclass
@@ -186,10 +191,25 @@ class AggregationConfig:
     its update ``B_c A_c``, as HetLoRA) and how HetLoRA's ranks are padded (``rank_normalize``:
     ``factors`` is HetLoRA's own zero-padding of the factors; ``all``, the default the published
     results used, pads the deltas; ``covering`` averages each rank slice over the clients that
-    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``)."""
+    have it; ``fedhello.fl.aggregation.aggregate_rank_padded``). ``heads``: ``average`` the
+    classification heads over the participants, or ``keep_initial``: never aggregate them, so the
+    head stays the initial one for the whole run — a reproduction of the paper's released code for
+    the ablation in docs/results.md, not a recommendation."""
 
     weighting: str = "samples"
     rank_normalize: str = "all"
+    heads: str = "average"
+
+
+@dataclass
+class FisherConfig:
+    """How the server estimates proxy-set Fisher scores (strategies with ``fisher_source: proxy``):
+    ``standard`` (each proxy sample's squared loss-gradient norm per block, averaged over all of
+    them) or ``released``: the paper's released code's estimate (the label's raw logit, only the
+    first batch, per-tensor mean squares summed as Frobenius norms; ``fedhello.fl.released``) — a
+    reproduction for the ablation in docs/results.md, not a recommendation."""
+
+    estimator: str = "standard"
 
 
 @dataclass
@@ -227,6 +247,51 @@ class EngineConfig:
 
 
 @dataclass
+class AdaptiveClipConfig:
+    """Adaptive clipping (Andrew et al., 2021): the clip norm tracks ``target_quantile`` of the
+    update norms, ``C <- C * exp(-learning_rate * (b - target_quantile))`` with ``b`` the share of
+    members within the clip, counted with Gaussian noise of std ``count_noise_multiplier``
+    (accounted; Andrew et al. suggest about cohort_size / 20)."""
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_multiplier: float | None = None
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy of the run (``fedhello.fl.privacy``); the unit of
+    privacy is one client's whole data set.
+
+    Attributes:
+        noise_multiplier: sigma: the sum of the clipped updates gets N(0, sigma^2 clip_norm^2) per
+            coordinate; 0 clips without noise (a robustness bound, no privacy claim). Exactly one
+            of ``noise_multiplier`` and ``target_epsilon``.
+        target_epsilon: calibrate sigma so that epsilon after ``rounds`` rounds is this.
+        clip_norm: C, the L2 bound of one client's whole update (the first round's C with
+            ``adaptive_clip``).
+        delta: the delta epsilon is reported at, in (0, 1).
+        fisher_clip: L2 bound of a client's Fisher score vector.
+        fisher_noise_multiplier: the noise std on the sum of the clipped scores over ``fisher_clip``.
+            Both are used (and accounted) only with a strategy that allocates from client-side
+            Fisher scores (``strategy.options.fisher_source: client``), and such a strategy
+            needs them under privacy; a suite may set them for every method.
+        adaptive_clip: adaptive clipping, or None for a fixed C.
+        secure_rng: draw the noise from the OS CSPRNG (not reproducible) instead of the run's
+            seeded generator.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    clip_norm: float | None = None
+    delta: float = 1e-5
+    fisher_clip: float | None = None
+    fisher_noise_multiplier: float | None = None
+    adaptive_clip: AdaptiveClipConfig | None = None
+    secure_rng: bool = False
+
+
+@dataclass
 class RunConfig:
     """A whole run. ``rounds`` of ``cohort_size`` clients; evaluate every ``eval_every`` rounds,
     checkpoint every ``checkpoint_every`` rounds (0: never) into ``output_dir``. ``task``:
@@ -240,6 +305,7 @@ class RunConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
     rounds: int = 50
     cohort_size: int = 10
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -247,6 +313,7 @@ class RunConfig:
     eval_every: int = 1
     checkpoint_every: int = 10
     output_dir: str = "runs/default"
+    privacy: PrivacyConfig | None = None
     # Experiment trackers that also receive the run (fedhello.fl.tracking): none, a name, or a list.
     report_to: str | list[str] = "none"
 
@@ -262,14 +329,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def seed_for(self, purpose: str) -> int:
-        """``derive_seed(self.seed, purpose)``."""
-        return derive_seed(self.seed, purpose)
+        """``fedhello.seeds.purpose_seed(self.seed, purpose)``."""
+        return purpose_seed(self.seed, purpose)
 
     def capacity_tiers(self) -> CapacityTiers:
         return self.tiers.tiers()
 
     def validate(self) -> None:
-        """Check every field; raise ``ConfigError`` naming the first bad one."""
+        """Check every field; raise ``ConfigError`` naming the first bad one.
+
+        Whatever validation refuses is the user's config to fix, never a bug: a check that raises a
+        plain ``ValueError`` (its message starts with the field, as every check here does) is
+        re-raised as ``ConfigError``, so the command line prints it in one line.
+        """
+        try:
+            self._validate_fields()
+        except UserError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+    def _validate_fields(self) -> None:
         _int_at_least("seed", self.seed, 0)
         _choice("task", self.task, TASKS)
         self._validate_model()
@@ -278,9 +358,10 @@ class RunConfig:
             tiers = self.tiers.tiers()
         except ValueError as err:
             raise ConfigError(f"tiers.{err}") from None
-        self._validate_strategy(tiers)
+        strategy = self._validate_strategy(tiers)
         _choice("aggregation.weighting", self.aggregation.weighting, WEIGHTINGS)
         _choice("aggregation.rank_normalize", self.aggregation.rank_normalize, RANK_NORMALIZATIONS)
+        _choice("aggregation.heads", self.aggregation.heads, HEADS)
         _int_at_least("rounds", self.rounds, 1)
         _int_at_least("cohort_size", self.cohort_size, 1)
         if self.cohort_size > self.data.num_clients:
@@ -300,6 +381,8 @@ class RunConfig:
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         if not self.output_dir:
             raise ConfigError("output_dir: expected a directory path, got ''")
+        if self.privacy is not None:
+            self._validate_privacy(strategy)
         try:
             check_report_to(self.report_to)
         except UserError as err:
@@ -409,7 +492,7 @@ class RunConfig:
             raise ConfigError("data.chat_template: formats instruction prompts; set data.prompt_column and "
                               "data.response_column")
 
-    def _validate_strategy(self, tiers: CapacityTiers) -> None:
+    def _validate_strategy(self, tiers: CapacityTiers) -> AllocationStrategy:
         s = self.strategy
         if s.name not in available_strategies():
             raise ConfigError(f"strategy.name: unknown strategy {s.name!r}; expected one of {available_strategies()}")
@@ -428,9 +511,73 @@ class RunConfig:
             if strategy is None:
                 raise ConfigError(f"{err}; no model depth from {PROBE_MIN_BLOCKS} to {PROBE_MAX_BLOCKS} blocks "
                                   f"gives one") from None
+        _choice("fisher.estimator", self.fisher.estimator, FISHER_ESTIMATORS)
+        if self.fisher.estimator == "released" and (getattr(strategy, "fisher_source", None) != "proxy"
+                                                    or self.task != "classification"):
+            raise ConfigError("fisher.estimator: 'released' estimates proxy-set scores of a classifier; it needs "
+                              "task: classification and a strategy with strategy.options.fisher_source: proxy")
         if getattr(strategy, "fisher_source", None) == "proxy" and self.data.proxy_fraction <= 0:
             raise ConfigError(f"data.proxy_fraction: strategy {s.name!r} uses proxy-set Fisher scores "
                               f"(strategy.options.fisher_source = 'proxy') and needs a proxy set, got 0")
+        return strategy
+
+    def _validate_privacy(self, strategy: AllocationStrategy) -> None:
+        p = self.privacy
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise ConfigError("privacy.noise_multiplier: expected exactly one of privacy.noise_multiplier and "
+                              f"privacy.target_epsilon, got {p.noise_multiplier} and {p.target_epsilon}")
+        if p.noise_multiplier is not None:
+            _at_least_zero("privacy.noise_multiplier", p.noise_multiplier)
+        else:
+            _positive("privacy.target_epsilon", p.target_epsilon)
+        if p.clip_norm is None:
+            raise ConfigError("privacy.clip_norm: required (the L2 bound of one client's update), got null")
+        _positive("privacy.clip_norm", p.clip_norm)
+        if not 0 < p.delta < 1:
+            raise ConfigError(f"privacy.delta: expected a number in (0, 1), got {p.delta}")
+        private = p.target_epsilon is not None or p.noise_multiplier > 0
+        if self.aggregation.weighting != "uniform":
+            raise ConfigError(f"aggregation.weighting: under privacy expected 'uniform' (weights from sample counts "
+                              f"or update norms are private and break the sensitivity bound), got "
+                              f"{self.aggregation.weighting!r}")
+        if self.aggregation.heads != "average":
+            # The clip and the noise cover everything a client sends, heads included.
+            raise ConfigError(f"aggregation.heads: under privacy expected 'average', got {self.aggregation.heads!r} "
+                              "(a reproduction switch of the released code, not combined with DP)")
+        if isinstance(strategy, HetLoRAStrategy):
+            raise ConfigError(f"strategy.name: {self.strategy.name!r} trains clients at different ranks, which has "
+                              "no private aggregation; choose a layer-allocation strategy")
+        client_fisher = strategy.uses_fisher and getattr(strategy, "fisher_source", None) == "client"
+        if p.fisher_noise_multiplier is not None or p.fisher_clip is not None:  # used by client-side FIM only
+            if p.fisher_clip is None or p.fisher_noise_multiplier is None:
+                missing = "fisher_clip" if p.fisher_clip is None else "fisher_noise_multiplier"
+                raise ConfigError(f"privacy.{missing}: client-side Fisher scores need both privacy.fisher_clip and "
+                                  "privacy.fisher_noise_multiplier")
+            _positive("privacy.fisher_clip", p.fisher_clip)
+            _at_least_zero("privacy.fisher_noise_multiplier", p.fisher_noise_multiplier)
+        if client_fisher and private and not (p.fisher_noise_multiplier or 0) > 0:
+            raise ConfigError(f"privacy.fisher_noise_multiplier: strategy {self.strategy.name!r} allocates from "
+                              "client-side Fisher scores, private data sent in the clear; set it > 0 (with "
+                              "privacy.fisher_clip) or use strategy.options.fisher_source: proxy")
+        a = p.adaptive_clip
+        if a is not None:
+            if not 0 < a.target_quantile < 1:
+                raise ConfigError(f"privacy.adaptive_clip.target_quantile: expected a number in (0, 1), got "
+                                  f"{a.target_quantile}")
+            _positive("privacy.adaptive_clip.learning_rate", a.learning_rate)
+            if a.count_noise_multiplier is None:
+                raise ConfigError("privacy.adaptive_clip.count_noise_multiplier: required (the noise on the count "
+                                  "of clients within the clip; about cohort_size / 20), got null")
+            (_positive if private else _at_least_zero)("privacy.adaptive_clip.count_noise_multiplier",
+                                                       a.count_noise_multiplier)
+        if private:  # dp-accounting is imported for DP configs only (an optional extra)
+            from fedhello.fl.accounting import calibrate_noise_multiplier, dp_accounting
+
+            dp_accounting()
+        if p.target_epsilon is not None:
+            calibrate_noise_multiplier(p.target_epsilon, p.delta, self.rounds, self.data.num_clients,
+                                       self.cohort_size, p.fisher_noise_multiplier,
+                                       None if a is None else a.count_noise_multiplier)
 
     def _validate_local(self) -> None:
         lc = self.local
@@ -481,6 +628,11 @@ def _strategy_or_none(config: "RunConfig", num_blocks: int,
 def _int_at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name}: expected an int >= {low}, got {value}")
+
+
+def _at_least_zero(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name}: expected a finite number >= 0, got {value}")
 
 
 def _positive(name: str, value: float) -> None:

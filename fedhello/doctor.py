@@ -11,7 +11,13 @@ import platform
 from collections import defaultdict
 from typing import Callable
 
-__all__ = ["report"]
+from fedhello.errors import MissingExtraError
+
+__all__ = ["EXTENSION_ROLE", "report"]
+
+# What the csrc extension is for, given how ``resolve_backend("auto", ...)`` chooses.
+EXTENSION_ROLE = ("the csrc extension is the fast path for CPU tensors, and for CUDA tensors the fallback "
+                  "where Triton is not installed ('auto' takes Triton whenever it is)")
 
 
 def _backend_name(module: object) -> str:
@@ -50,6 +56,7 @@ def _backend_lines(missing: list[str]) -> list[str]:
     devices = ["cpu"] + (["cuda"] if cuda else [])
     picks = ", ".join(f"{d} tensors -> {_backend_name(resolve_backend('auto', torch.device(d)))}" for d in devices)
     lines.append(f"  'auto' picks: {picks}")
+    lines.append(f"  {EXTENSION_ROLE}")
     return lines
 
 
@@ -100,7 +107,10 @@ def report() -> tuple[list[str], list[str]]:
     lines = [f"fedhello {fedhello.__version__}: python {platform.python_version()}, torch {torch.__version__}, "
              f"{cuda}"]
     lines += _backend_lines(missing)
-    lines += _asset_lines(missing)
+    try:
+        lines += _asset_lines(missing)
+    except MissingExtraError as err:  # a core install: the kernels only
+        lines.append(f"offline assets: not checked: {err}")
     reason = hub_offline_reason()
     lines.append("hub: reachable (hub ids load)" if reason is None else
                  f"hub: {reason}; only offline aliases, local folders and cached hub ids load")

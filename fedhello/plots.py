@@ -26,6 +26,8 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedhello.errors import UserError
+
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
            "plot_allocation_grid", "plot_fisher", "plot_run"]
@@ -35,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a run folder (``metrics.jsonl``)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
+        raise UserError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -157,7 +159,7 @@ def plot_allocation_grid(run_dirs: Sequence[str | Path], out: str | Path, labels
     """The allocation heat maps of several runs side by side, on one colour scale."""
     labels = list(labels) if labels is not None else [run_label(d) for d in run_dirs]
     if not run_dirs:
-        raise ValueError("run_dirs: expected at least one run folder")
+        raise UserError("run_dirs: expected at least one run folder")
     cols = min(columns, len(run_dirs))
     rows = -(-len(run_dirs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols + 1.2, 2.2 * rows + 0.6), squeeze=False,
@@ -182,7 +184,7 @@ def plot_fisher(run_dir: str | Path, out: str | Path, title: str | None = None) 
     """The server's Fisher score estimate of every block against round (log scale)."""
     recs = [r for r in read_metrics(run_dir) if r.get("fisher_scores") is not None]
     if not recs:
-        raise ValueError(f"run_dir: {run_dir} has no Fisher scores (its strategy does not use them)")
+        raise UserError(f"run_dir: {run_dir} has no Fisher scores (its strategy does not use them)")
     scores = np.array([[np.nan if v is None else v for v in r["fisher_scores"]] for r in recs], dtype=float)
     rounds = [r["round"] + 1 for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from fedhello.config import ConfigError, load_config
+from fedhello.errors import UserError
 from fedhello.fl.checkpoint import read_jsonl
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
@@ -389,7 +390,7 @@ def publish(suite: Suite, dest: str | Path) -> Path:
     src = suite.output_dir
     for name in ("results.md", "summary.json"):
         if not (src / name).exists():
-            raise ValueError(f"publish: {src / name} does not exist; run or summarize the suite first")
+            raise UserError(f"publish: {src / name} does not exist; run or summarize the suite first")
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("results.md", "summary.json"):
         shutil.copy2(src / name, dest / name)

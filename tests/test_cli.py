@@ -118,11 +118,56 @@ def test_expected_errors_raised_later_are_one_line(monkeypatch, capsys):
     assert err == "fedhello run: error: all-MiniLM-L6-v2 needs the package 'x', which is not installed: pip install x\n"
 
 
+@pytest.mark.parametrize("error", [ValueError("model.rank: looks like a config message"), KeyError("step"),
+                                   RuntimeError("boom")], ids=["ValueError", "KeyError", "RuntimeError"])
+def test_any_other_exception_is_a_bug_with_its_traceback(monkeypatch, capsys, error):
+    def broken(self):
+        raise error
+
+    monkeypatch.setattr(RunConfig, "check_sources", broken)
+    assert cli.main(["run", QUICKSTART]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+    assert f"{type(error).__name__}: " in err
+    assert err.rstrip().splitlines()[-1].startswith("fedhello run: internal error: this is a bug in fedhello")
+
+
+def test_the_user_facing_errors_are_user_errors():
+    from fedhello.config import ConfigError
+    from fedhello.errors import UserError
+    from fedhello.fl.checkpoint import CheckpointError, RunFolderError
+    from fedhello.fl.health import NonFiniteRoundError
+    from fedhello.models.assets import MissingAssetError
+
+    for cls in (ConfigError, CheckpointError, RunFolderError, NonFiniteRoundError, MissingAssetError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
+    assert issubclass(MissingAssetError, ImportError)  # callers catching ImportError keep working
+
+
+def test_a_plain_value_error_of_a_config_check_is_a_config_error(monkeypatch, capsys):
+    from fedhello.config import ConfigError, load_config
+
+    def check(self):
+        raise ValueError("model.rank: expected a new kind of check to pass, got 3")
+
+    monkeypatch.setattr(RunConfig, "_validate_model", check)
+    with pytest.raises(ConfigError, match="^model.rank: expected a new kind"):
+        load_config(QUICKSTART)
+    assert cli.main(["run", QUICKSTART]) == 2
+    assert capsys.readouterr().err == "fedhello run: error: model.rank: expected a new kind of check to pass, got 3\n"
+
+
+def test_time_rounds_below_one_is_a_user_error(capsys):
+    assert cli.main(["run", QUICKSTART, "--time-rounds", "0"]) == 2
+    assert capsys.readouterr().err == "fedhello run: error: --time-rounds: expected >= 1, got 0\n"
+
+
 def test_doctor_lists_backends_and_assets():
     result = _fedhello("doctor")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "'auto' picks: cpu tensors ->" in out
+    assert "fallback where Triton is not installed" in out  # the extension's role is stated
     for name in ("triton", "cpu", "cuda", "bbc_news", "fashion_mnist", "minilm", "smollm2"):
         assert name in out
     assert ("nothing is missing" in out) != ("missing (" in out)

@@ -4,6 +4,7 @@ Only the configs are built (no model is loaded); the suite's ``smoke`` preset ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from fedhello.suite import _run_config, load_suite
@@ -54,3 +55,31 @@ def test_smoke_preset_runs_one_round_of_every_method():
     configs = _configs(suite)
     assert set(suite.methods) == KEY_METHODS and len(configs) == 10 and all(c.rounds == 1 for c in configs.values())
     assert configs[("path2-tiers111", "Fed-HeLLo (proxy FIM)", 0)].strategy.options["warmup"] == 0
+
+
+def test_released_code_ablation_switches_only_the_released_behaviours():
+    """configs/suites/mpnet-released.yaml: Fed-HeLLo (proxy FIM) and Full as the mpnet track runs them,
+    and each with the released code's behaviours on; nothing else differs between a pair."""
+    suite = load_suite(SUITE.with_name("mpnet-released.yaml"))
+    configs = _configs(suite)
+    assert suite.seeds == [0, 1, 2] and len(configs) == 4 * 3
+    mpnet = _configs(load_suite(SUITE))
+    for method, estimator in (("Fed-HeLLo (proxy FIM)", "released"), ("Full", "standard")):
+        off = configs[("path2-tiers111", method, 0)]
+        quirks = method.replace(")", ", released quirks)") if "(" in method else f"{method} (released quirks)"
+        on = configs[("path2-tiers111", quirks, 0)]
+        # The "off" cell is the mpnet track's own run, so its published metrics can be reused.
+        assert replace(off, output_dir="") == replace(mpnet[("path2-tiers111", method, 0)], output_dir="")
+        assert (on.aggregation.heads, on.aggregation.weighting, on.strategy.options["released_freeze"],
+                on.fisher.estimator) == ("keep_initial", "uniform", True, estimator)
+        on.aggregation, on.fisher = off.aggregation, off.fisher
+        on.strategy.options.pop("released_freeze")
+        assert replace(on, output_dir="") == replace(off, output_dir="")
+
+
+def test_released_code_ablation_smoke_computes_released_fisher_scores_in_its_one_round():
+    suite = load_suite(SUITE.with_name("mpnet-released.yaml"), preset="smoke")
+    configs = _configs(suite)
+    assert len(configs) == 4 and all(c.rounds == 1 for c in configs.values())
+    quirks = configs[("path2-tiers111", "Fed-HeLLo (proxy FIM, released quirks)", 0)]
+    assert quirks.strategy.options["warmup"] == 0 and quirks.fisher.estimator == "released"

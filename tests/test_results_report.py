@@ -8,8 +8,11 @@ fails here.
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedhello.stats import METRICS, compare, render_markdown
@@ -51,3 +54,61 @@ def test_suite_tables_in_the_report_match_the_published_ones(suite: str) -> None
     assert quoted, f"the report quotes no table of docs/results/{suite}/results.md"
     missing = [line for table in quoted for line in table if line not in report]
     assert not missing, f"rows of docs/results/{suite}/results.md not in the report:\n" + "\n".join(missing)
+
+
+def _section(title: str) -> str:
+    text = REPORT.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def _frozen_draw_probability(probabilities: np.ndarray, capacity: int) -> float:
+    """Exact probability that ``capacity`` blocks drawn without replacement (successive sampling from
+    ``probabilities``, as numpy's ``choice``) include a block the released name-match freeze stops."""
+    from fedhello.fl.released import released_frozen_blocks
+
+    p, L = [Fraction(float(x)).limit_denominator(10_000) for x in probabilities], len(probabilities)
+    chance = {0: Fraction(1)}  # drawn set (bit mask) -> probability of having drawn exactly it first
+    for _ in range(capacity):
+        following: dict[int, Fraction] = {}
+        for mask, pr in chance.items():
+            left = 1 - sum(p[b] for b in range(L) if mask >> b & 1)
+            for b in range(L):
+                if not mask >> b & 1:
+                    following[mask | 1 << b] = following.get(mask | 1 << b, 0) + pr * p[b] / left
+        chance = following
+    hit = sum(pr for mask, pr in chance.items()
+              if released_frozen_blocks(np.array([bool(mask >> b & 1) for b in range(L)])).any())
+    return float(hit)
+
+
+def test_numbers_of_the_released_code_section_are_regenerated_or_read_off_the_code():
+    """Each derived number of "Relation to the released code" is recomputed here; every other number
+    in it is a constant of the released code (block ids, config values), listed below."""
+    from fedhello.fl.capacity import CapacityTiers
+    from fedhello.fl.released import released_frozen_blocks
+    from fedhello.fl.strategies.patterns import gd_blocks, rgd_probabilities, strided_blocks
+
+    section = " ".join(_section("Relation to the released code").split())
+    prior = rgd_probabilities("bottleneck", 12, (6, 9, 12))
+    strided = strided_blocks(12, 6)
+    trains = strided[~released_frozen_blocks(np.isin(np.arange(12), strided))[strided]]
+    six, nine = (_frozen_draw_probability(prior, k) for k in (6, 9))
+    derived = [
+        f"{100 * six:.1f} % of the six-block draws", f"{100 * nine:.1f} % of the nine-block draws",
+        f"[{', '.join(str(int(round(27 * x))) for x in prior)}] / 27",
+        "{" + ", ".join(map(str, gd_blocks("bottleneck", 12, 6))) + "}",
+        f"[{', '.join(map(str, strided))}] therefore trains [{', '.join(map(str, trains))}]",
+        f"fedhello assigns [{', '.join(map(str, CapacityTiers().tier_sizes(100)))}] clients",
+        f"`int(100 / 3)` = {int(100 * float(Fraction(1, 3)))} client ids",
+    ]
+    missing = [d for d in derived if d not in section]
+    assert not missing, "derived numbers not in the section:\n" + "\n".join(missing)
+    # Constants of the released code (block ids 0-12, tiers 6/9/12, the 27ths of the prior, group
+    # weights, 100 clients / proxy samples, batch 128, 500 rounds, 50-round Fisher schedule and
+    # Dirichlet minimum, 10/16 pathological minimum, RandomState(2), 33/34 tier sizes), the item
+    # numbers 1-7, and the setting name tiers111.
+    constants = {str(i) for i in range(13)} | {"16", "27", "33", "34", "50", "100", "111", "128", "450", "500"}
+    regenerated = {f"{100 * six:.1f}", f"{100 * nine:.1f}"}
+    stray = sorted(set(re.findall(r"\d+(?:\.\d+)?", section)) - constants - regenerated)
+    assert not stray, f"numbers in the section that nothing regenerates: {stray}"

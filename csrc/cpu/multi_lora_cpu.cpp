@@ -1,5 +1,5 @@
 // CPU backend of multi_lora_linear: the LoRA part of the forward and backward passes for
-// N clients in one call (DESIGN.md section 3), parallel over (client, row-tile) and
+// N clients in one call (docs/design.md, section 1), parallel over (client, row-tile) and
 // (client, column-block) work items with OpenMP, fp32 accumulation and an fp32 rank
 // intermediate whatever the input dtype (float32, float16, bfloat16).
 //

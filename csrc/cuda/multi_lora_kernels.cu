@@ -1,4 +1,4 @@
-// CUDA kernels for the LoRA part of multi_lora_linear (DESIGN.md section 3).
+// CUDA kernels for the LoRA part of multi_lora_linear (docs/design.md, section 1).
 //
 // Launch grids depend only on the shapes and on the plan's fixed-size work list, never on
 // the routing values, so every launch can be captured in a CUDA graph; items past the end

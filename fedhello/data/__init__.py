@@ -9,6 +9,9 @@ config's data-set name (``fedhello.data.sources``) does not import datasets or t
 """
 
 from fedhello._lazy import lazy_exports
+from fedhello.errors import require_extra
+
+require_extra("fl", "fedhello.data")
 
 _EXPORTS = {
     **dict.fromkeys(["FederatedData", "federate", "federate_clients", "prepare_federated_data"], "federated"),

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 
 from fedhello.errors import UserError
+from fedhello.seeds import purpose_seed
 
 from .lm import load_lm_dataset
 from .partition import partition_labels
@@ -61,7 +62,7 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     the label column, when there is one, only shapes the splits and the partition.
 
     Sub-seeds for subsampling, splitting and partitioning are derived from ``seed``
-    (``fedhello.config.derive_seed``), so changing one step does not reshuffle the others.
+    (``fedhello.seeds.purpose_seed``), so changing one step does not reshuffle the others.
     """
     load = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
     if causal_lm:
@@ -85,18 +86,16 @@ def federate(full: datasets.Dataset, config: "DataConfig", seed: int,
         config: the run's ``data`` section (its source fields are not read).
         test: the test set; None holds out ``config.test_fraction`` of ``full``.
     """
-    from fedhello.config import derive_seed  # the config module imports this package
-
     if config.max_samples is not None and config.max_samples < len(full):
-        rng = np.random.default_rng(derive_seed(seed, "subsample"))
+        rng = np.random.default_rng(purpose_seed(seed, "subsample"))
         full = full.select(np.sort(rng.choice(len(full), size=config.max_samples, replace=False)))
     labels = np.asarray(full["label"])
     train_idx, test_idx, proxy_idx = split_indices(labels, 0.0 if test is not None else config.test_fraction,
-                                                   config.proxy_fraction, seed=derive_seed(seed, "split"))
+                                                   config.proxy_fraction, seed=purpose_seed(seed, "split"))
     p = config.partition
     partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
                                   classes_per_client=p.classes_per_client, min_size=p.min_size,
-                                  seed=derive_seed(seed, "partition"))
+                                  seed=purpose_seed(seed, "partition"))
     return _federated(full, train_idx, full.select(test_idx) if test is None else test,
                       proxy_idx if config.proxy_fraction > 0 else None, partitions,
                       f"{p.kind} partition of {len(train_idx)} samples")
@@ -115,14 +114,12 @@ def federate_clients(full: datasets.Dataset, owners: np.ndarray, config: "DataCo
         owners: int ``[len(full)]``, client ids ``0..config.num_clients - 1``.
         test: the test set; None holds out ``config.test_fraction`` of ``full``.
     """
-    from fedhello.config import derive_seed
-
     owners = np.asarray(owners)
     if owners.shape != (len(full),):
         raise ValueError(f"owners: expected one client id per row, shape ({len(full)},), got {owners.shape}")
     train_idx, test_idx, proxy_idx = split_indices(np.asarray(full["label"]),
                                                    0.0 if test is not None else config.test_fraction,
-                                                   config.proxy_fraction, seed=derive_seed(seed, "split"))
+                                                   config.proxy_fraction, seed=purpose_seed(seed, "split"))
     train_owners = owners[train_idx]
     partitions = [np.flatnonzero(train_owners == c).astype(np.int64) for c in range(config.num_clients)]
     return _federated(full, train_idx, full.select(test_idx) if test is None else test,

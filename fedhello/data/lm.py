@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fedhello.errors import UserError
 from fedhello.nn.losses import IGNORE_INDEX
 
 from .sources import LOCAL_FORMATS, load_labelled_dataset
@@ -49,7 +50,7 @@ def bbc_headlines(news: "datasets.Dataset") -> "datasets.Dataset":
     for i, text in enumerate(news["text"]):
         headline, _, story = text.strip().partition("\n")
         if not headline.strip() or not story.strip():
-            raise ValueError(f"data.name: bbc_headlines needs a headline line and a story; article {i} has "
+            raise UserError(f"data.name: bbc_headlines needs a headline line and a story; article {i} has "
                              f"{'no story' if headline.strip() else 'no headline'}")
         prompts.append(f"{HEADLINE_INSTRUCTION}\n\n{' '.join(story.split()[:HEADLINE_STORY_WORDS])}")
         responses.append(headline.strip())
@@ -66,10 +67,10 @@ def _raw_dataset(config: "DataConfig", split: str) -> "datasets.Dataset":
         return datasets.load_dataset(config.name, split=split)
     path = Path(os.path.expanduser(config.path))
     if split != "train":
-        raise ValueError(f"data.split: local files have a single split 'train', got {split!r}")
+        raise UserError(f"data.split: local files have a single split 'train', got {split!r}")
     fmt = LOCAL_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"data.path: expected a {sorted(LOCAL_FORMATS)} file for task: causal_lm, got {str(path)!r}")
+        raise UserError(f"data.path: expected a {sorted(LOCAL_FORMATS)} file for task: causal_lm, got {str(path)!r}")
     extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     return datasets.load_dataset(fmt, data_files=str(path), split="train", **extra)
 
@@ -92,7 +93,7 @@ def load_lm_dataset(config: "DataConfig", split: str | None = None) -> "datasets
     if config.name in ("bbc_news", "bbc_headlines"):
         ds = load_labelled_dataset("bbc_news", config.path, split=split)
         if config.prompt_column is not None:
-            raise ValueError(f"data.prompt_column: {config.name} has fixed columns; leave data.prompt_column unset")
+            raise UserError(f"data.prompt_column: {config.name} has fixed columns; leave data.prompt_column unset")
         return bbc_headlines(ds) if config.name == "bbc_headlines" else ds
     return standardize_lm_dataset(_raw_dataset(config, split), config)
 
@@ -117,10 +118,10 @@ def standardize_lm_dataset(raw: "datasets.Dataset", config: "DataConfig") -> "da
     for target, source in inputs.items():
         if source not in columns:
             field = f"{target}_column"
-            raise ValueError(f"data.{field}: {source!r} is not a column of the data (columns: {', '.join(columns)})")
+            raise UserError(f"data.{field}: {source!r} is not a column of the data (columns: {', '.join(columns)})")
     label = config.label_column
     if label is not None and label not in columns:
-        raise ValueError(f"data.label_column: {label!r} is not a column of the data (columns: {', '.join(columns)})")
+        raise UserError(f"data.label_column: {label!r} is not a column of the data (columns: {', '.join(columns)})")
     out = {target: [str(v) if v is not None else "" for v in raw[source]] for target, source in inputs.items()}
     if label is None:
         names, ids = ["all"], np.zeros(len(raw), dtype=np.int64)
@@ -170,7 +171,7 @@ def instruction_rows(prompts: list[str], responses: list[str], tokenizer: Any, m
         if not r or len(p) >= max_length:
             why = "is empty" if not r else f"has no token left after truncation to data.max_length={max_length} " \
                                             f"(its prompt alone has {len(p)} tokens)"
-            raise ValueError(f"data.response_column: the response of row {i} {why}")
+            raise UserError(f"data.response_column: the response of row {i} {why}")
         rows.append((list(p) + list(r) + eos)[:max_length])
         prompt_lengths.append(len(p))
     return rows, prompt_lengths
@@ -190,7 +191,7 @@ def lm_tensors(dataset: "datasets.Dataset", tokenizer: Any, max_length: int,
         ``label``, for per-group evaluation). ``S = max_length``; ``n`` counts chunks for text.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"data.max_length: expected an int >= 2 for task: causal_lm, got {max_length!r}")
+        raise UserError(f"data.max_length: expected an int >= 2 for task: causal_lm, got {max_length!r}")
     groups = list(dataset["label"])
     if "prompt" in dataset.column_names:
         rows, prompt_lengths = instruction_rows(list(dataset["prompt"]), list(dataset["response"]), tokenizer,

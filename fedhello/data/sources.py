@@ -28,7 +28,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -37,8 +37,6 @@ from fedhello.hub import hub_problem, looks_like_hub_id
 
 if TYPE_CHECKING:  # imported where used: checking a config's names must not wait for datasets (~2 s)
     import datasets
-
-    from fedhello.config import DataConfig
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -350,7 +348,20 @@ def _local_columns(path: Path) -> list[str] | None:
     return None
 
 
-def _check_columns(data: "DataConfig", path: Path, needs_label: bool) -> None:
+class DataSource(Protocol):
+    """The fields of a run config's ``data`` section that ``check_data_source`` reads (a
+    ``fedhello.config.DataConfig`` has them; typed here so this module needs no config import)."""
+
+    name: str | None
+    path: str | None
+    split: str
+    test_split: str | None
+    label_column: str | None
+    text_column: str | None
+    image_column: str | None
+
+
+def _check_columns(data: DataSource, path: Path, needs_label: bool) -> None:
     columns = _local_columns(path)
     if columns is None:
         return
@@ -363,7 +374,7 @@ def _check_columns(data: "DataConfig", path: Path, needs_label: bool) -> None:
         raise UserError(f"data.label_column: no 'label' or 'labels' column {where}; set data.label_column")
 
 
-def check_data_source(data: "DataConfig", needs_label: bool = True) -> None:
+def check_data_source(data: DataSource, needs_label: bool = True) -> None:
     """Check that ``data`` (a ``DataConfig``) names a source that can load now, without loading it.
 
     ``needs_label``: a local file must have a label column (classification; causal LM text

@@ -9,6 +9,9 @@ does not import torch or datasets.
 """
 
 from fedhello._lazy import lazy_exports
+from fedhello.errors import require_extra
+
+require_extra("fl", "fedhello.fl")
 
 _EXPORTS = {
     **dict.fromkeys(["ClientUpdate", "aggregate_layerwise", "aggregate_rank_padded", "lora_rank_dims"],

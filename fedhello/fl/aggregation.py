@@ -8,8 +8,10 @@ every participant trains (the classification head, like PEFT's ``modules_to_save
 block index, from ``ClientUpdate.trained_blocks``) contribute their deltas, weighted by their
 sample counts, uniformly, or (``"norm"``, HetLoRA's sparsity-weighted aggregation) by the
 Frobenius norm of the client's adapters after local training (``client_norm_weights``); a tensor
-no client trained keeps its value; head tensors are averaged over all participants. Deltas of
-blocks a client did not train are ignored even if present, so an engine may send full states.
+no client trained keeps its value; head tensors are averaged over all participants, or with
+``heads="keep_initial"`` (a reproduction of the paper's released code, which sends back LoRA
+tensors only) never change. Deltas of blocks a client did not train are ignored even if present,
+so an engine may send full states.
 
 ``aggregate_rank_padded`` (HetLoRA): clients train every block at different ranks. Three ways
 to average rank slice i (row i of ``A``) over clients of different ranks: ``"factors"`` pads the
@@ -28,11 +30,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from fedhello.names import RANK_NORMALIZATIONS, WEIGHTINGS
+from fedhello.names import HEADS, RANK_NORMALIZATIONS, WEIGHTINGS
 
 __all__ = [
     "WEIGHTINGS",
     "RANK_NORMALIZATIONS",
+    "HEADS",
     "ClientUpdate",
     "aggregate_layerwise",
     "aggregate_rank_padded",
@@ -107,9 +110,11 @@ class ClientUpdate:
 
 
 def _check_common(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  tensor_blocks: Mapping[str, int | None], weighting: str) -> list[float]:
+                  tensor_blocks: Mapping[str, int | None], weighting: str, heads: str) -> list[float]:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+    if heads not in HEADS:
+        raise ValueError(f"heads: expected one of {HEADS}, got {heads!r}")
     if len(updates) == 0:
         raise ValueError("updates: expected at least one client update, got none")
     for i, u in enumerate(updates):
@@ -198,7 +203,7 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                         tensor_blocks: Mapping[str, int | None], *,
-                        weighting: str = "samples") -> dict[str, torch.Tensor]:
+                        weighting: str = "samples", heads: str = "average") -> dict[str, torch.Tensor]:
     """Layer-wise weighted average of the deltas, over the clients that trained each tensor.
 
     Args:
@@ -207,22 +212,26 @@ def aggregate_layerwise(global_state: Mapping[str, torch.Tensor], updates: Seque
         tensor_blocks: ``name -> block index`` of every global tensor, None for head tensors.
         weighting: ``"samples"`` (weights = ``num_samples``), ``"uniform"`` or ``"norm"``
             (``client_norm_weights``).
+        heads: ``"average"`` the head tensors (block None) over all participants, or
+            ``"keep_initial"``: return them unchanged (the released code's behaviour).
 
     Returns:
         the new global state: ``g + sum_c w_c d_c / sum_c w_c`` over the contributors of each
         tensor, accumulated in fp32 (fp64 for fp64 tensors) and cast back to the global dtype;
         tensors without contributors are returned as the same objects.
     """
-    return _average(global_state, updates, tensor_blocks, _check_common(global_state, updates, tensor_blocks,
-                                                                          weighting))
+    weights = _check_common(global_state, updates, tensor_blocks, weighting, heads)
+    return _average(global_state, updates, tensor_blocks, weights, heads)
 
 
 def _average(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-             tensor_blocks: Mapping[str, int | None], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+             tensor_blocks: Mapping[str, int | None], weights: Sequence[float],
+             heads: str) -> dict[str, torch.Tensor]:
     """``aggregate_layerwise`` with the per-client weights given (after the common checks)."""
     new: dict[str, torch.Tensor] = {}
     for name, g in global_state.items():
-        chosen = _contributors(name, tensor_blocks[name], updates)
+        kept_head = tensor_blocks[name] is None and heads == "keep_initial"
+        chosen = [] if kept_head else _contributors(name, tensor_blocks[name], updates)
         if not chosen:
             new[name] = g
             continue
@@ -252,11 +261,12 @@ def lora_rank_dims(names: Iterable[str]) -> dict[str, int]:
 
 def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                           tensor_blocks: Mapping[str, int | None], rank_dims: Mapping[str, int], *,
-                          weighting: str = "samples", normalize: str = "all") -> dict[str, torch.Tensor]:
+                          weighting: str = "samples", normalize: str = "all",
+                          heads: str = "average") -> dict[str, torch.Tensor]:
     """HetLoRA aggregation: clients of different ranks averaged rank slice by rank slice.
 
     Args:
-        global_state, updates, tensor_blocks, weighting: as for ``aggregate_layerwise``.
+        global_state, updates, tensor_blocks, weighting, heads: as for ``aggregate_layerwise``.
         rank_dims: ``name -> rank dimension`` of each LoRA factor (see ``lora_rank_dims``);
             other tensors are averaged as in ``aggregate_layerwise``.
         normalize: with ``W`` the weight of all contributors and ``W_i`` that of those whose rank
@@ -273,12 +283,12 @@ def aggregate_rank_padded(global_state: Mapping[str, torch.Tensor], updates: Seq
     """
     if normalize not in RANK_NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {RANK_NORMALIZATIONS}, got {normalize!r}")
-    weights = _check_common(global_state, updates, tensor_blocks, weighting)
+    weights = _check_common(global_state, updates, tensor_blocks, weighting, heads)
     unknown = sorted(set(rank_dims) - set(global_state))
     if unknown:
         raise ValueError(f"rank_dims: tensor {unknown[0]!r} is not in the global state")
     plain = {n: g for n, g in global_state.items() if n not in rank_dims}
-    new = _average(plain, updates, tensor_blocks, weights)
+    new = _average(plain, updates, tensor_blocks, weights, heads)
     for name, g in global_state.items():
         if name not in rank_dims:
             continue

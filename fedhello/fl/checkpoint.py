@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
+from fedhello.errors import UserError
 from fedhello.fl.tracking import clear_tracking
 
 __all__ = [
@@ -79,11 +80,11 @@ _ROUND_KEY = "fedhello.next_round"  # in the safetensors metadata
 _META_KEYS = ("next_round", "weights", "rng", "strategy")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """The run folder holds a run that this start would overwrite or continue inconsistently."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that is missing, corrupt or does not match its partner."""
 
 

@@ -14,6 +14,15 @@ Where one GPU is not enough, a run goes to Flower (``flwr``) instead of ``fedhel
   resident ``FederatedRun`` (backbone, adapter banks, its clients' tensors) per process and
   trains its whole group of virtual clients in one batched pass.
 
+Client-level differential privacy (the run config's ``privacy:`` section) is the same as in
+``fedhello run``: ``finish_round`` clips each participant's update, adds the noise and accounts the
+round (``fedhello.fl.privacy``), so a Flower run reports the same epsilon. Flower's own
+``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` wrappers do not apply: they
+subtract the global arrays from each reply element by element, so every client must return the
+same keys and shapes, while under heterogeneous allocation each participant returns only the
+blocks it trained (and their noise would skip blocks nobody returned); their accounting also
+assumes plain FedAvg.
+
 A node that fails (an error reply: its ClientApp raised, or the SuperLink declared the node
 unavailable; or no reply within the round's timeout) loses its clients for that round: the
 failure is logged, the round aggregates what arrived, the next round proceeds.
@@ -93,7 +102,7 @@ def split_tasks(tasks: list[LocalTask], num_nodes: int) -> list[list[LocalTask]]
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):
         raise TypeError(f"num_nodes: expected an int, got {type(num_nodes).__name__}")
     if num_nodes < 1:
-        raise ValueError(f"num_nodes: expected >= 1, got {num_nodes}")
+        raise UserError(f"num_nodes: expected >= 1, got {num_nodes}")
     base, extra = divmod(len(tasks), num_nodes)
     groups, start = [], 0
     for i in range(num_nodes):
@@ -120,7 +129,7 @@ class FedHelloStrategy(Strategy):
         if not isinstance(run, FederatedRun):
             raise TypeError(f"run: expected a FederatedRun, got {type(run).__name__}")
         if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
+            raise UserError(f"timeout: expected seconds > 0 or None, got {timeout}")
         self.run, self.timeout = run, timeout
         self.config_yaml = yaml.safe_dump(run.config.to_dict(), sort_keys=False)
         self.last_record: dict[str, Any] | None = None
@@ -264,7 +273,7 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
     later take part from the next round on).
     """
     if min_nodes < 1:
-        raise ValueError(f"min_nodes: expected >= 1, got {min_nodes}")
+        raise UserError(f"min_nodes: expected >= 1, got {min_nodes}")
     deadline = time.monotonic() + node_wait
     while len(list(grid.get_node_ids())) < min_nodes:
         if time.monotonic() > deadline:
@@ -278,10 +287,11 @@ def run_on_grid(grid: Grid, config: RunConfig, *, min_nodes: int = 1, timeout: f
         record = strategy.play_round(grid, rnd)
         # One line per round (a progress bar does not survive Flower's log streaming).
         accuracy, perplexity = record.get("test_accuracy"), record.get("test_perplexity")
-        loss = record["train_loss"]
+        loss, epsilon = record["train_loss"], record.get("epsilon")
         print(f"round {rnd + 1}/{config.rounds}: train loss " + ("-" if loss is None else f"{loss:.4f}")
               + ("" if accuracy is None else f", test accuracy {100 * accuracy:.2f}%")
               + ("" if perplexity is None else f", held-out perplexity {perplexity:.3f}")
+              + ("" if epsilon is None else f", epsilon {epsilon:.3f}")
               + f", {len(record['participants'])} participants", flush=True)
         return record
 
@@ -301,7 +311,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     settings = context.run_config
     path = str(settings.get("config", ""))
     if not path:
-        raise ValueError("config: set the run config's path, e.g. flwr run --run-config \"config='/abs/run.yaml'\"")
+        raise UserError("config: set the run config's path, e.g. flwr run --run-config \"config='/abs/run.yaml'\"")
     overrides = [o.strip() for o in str(settings.get("overrides", "")).split(";") if o.strip()]
     run_on_grid(grid, load_config(path, overrides), min_nodes=int(settings.get("min-nodes", 1)),
                 timeout=float(settings.get("round-timeout", 0)) or None, resume=bool(settings.get("resume", False)))
@@ -429,14 +439,14 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: 
     if not isinstance(config, RunConfig):
         raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ValueError(f"nodes: expected an int >= 1, got {nodes!r}")
+        raise UserError(f"nodes: expected an int >= 1, got {nodes!r}")
     # Flower's simulation config holds whole CPUs per node and fractions of a GPU.
     if isinstance(num_cpus, bool) or num_cpus != int(num_cpus) or num_cpus < 1:
-        raise ValueError(f"num_cpus: expected a whole number of CPUs >= 1, got {num_cpus}")
+        raise UserError(f"num_cpus: expected a whole number of CPUs >= 1, got {num_cpus}")
     if num_gpus < 0:
-        raise ValueError(f"num_gpus: expected >= 0, got {num_gpus}")
+        raise UserError(f"num_gpus: expected >= 0, got {num_gpus}")
     if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0 or None, got {timeout}")
+        raise UserError(f"timeout: expected seconds > 0 or None, got {timeout}")
     if not (APP_DIR / "pyproject.toml").is_file():
         raise UserError(f"fedhello flower: the Flower app folder {APP_DIR} is missing (it ships with a source "
                         f"checkout of fedhello; use fedhello run, or flwr run with your own app folder)")

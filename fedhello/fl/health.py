@@ -15,10 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from fedhello.errors import UserError
+
 __all__ = ["NonFiniteUpdate", "NonFiniteRoundError", "find_nonfinite"]
 
 
-class NonFiniteRoundError(ValueError):
+class NonFiniteRoundError(UserError):
     """Every participant of a round sent a non-finite update; nothing could be aggregated."""
 
 

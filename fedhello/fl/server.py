@@ -26,7 +26,8 @@ A client whose update holds a NaN or Inf is left out of its round (``fedhello.fl
 round's record lists it under ``nonfinite_dropped``.
 
 Determinism: all server-side randomness (cohorts, allocations) comes from one numpy generator
-that is checkpointed; each client's shuffling and dropout in round t is seeded from
+that is checkpointed (a ``privacy:`` run's noise from a second one, also checkpointed,
+``fedhello.fl.privacy``); each client's shuffling and dropout in round t is seeded from
 ``(seed, t, client)``; nothing else draws random numbers after setup.
 """
 
@@ -49,7 +50,7 @@ from safetensors.torch import load as load_safetensors
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from fedhello.config import RunConfig, derive_seed, make_run_strategy, save_config
+from fedhello.config import RunConfig, make_run_strategy, save_config
 from fedhello.data import FederatedData, prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
@@ -57,12 +58,15 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
                                    read_jsonl, save_checkpoint)
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
+from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
+from fedhello.fl.released import released_proxy_fisher
 from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
+from fedhello.seeds import purpose_seed
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
 
@@ -144,6 +148,11 @@ class RoundPlan:
     members: list[int]
     tasks: list[LocalTask]
 
+    def sent_blocks(self) -> dict[int, list[int]]:
+        """Client id -> the blocks whose adapters it sends back: all it was allotted, those frozen
+        by the option ``released_freeze`` included (they come back as exact-zero deltas)."""
+        return {int(self.cohort[i]): self.allocation.blocks(i) for i in self.members}
+
 
 class FederatedRun:
     """One federated experiment, built from a ``RunConfig``.
@@ -171,7 +180,7 @@ class FederatedRun:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
             backbone = self.load_backbone(num_labels=self.data.num_classes,
                                           task="image-classification" if images else "sequence-classification",
-                                          seed=derive_seed(cfg.seed, "head"))
+                                          seed=purpose_seed(cfg.seed, "head"))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -180,13 +189,13 @@ class FederatedRun:
         model_type = getattr(backbone.config, "model_type", "")
         targets = cfg.model.target_modules or DEFAULT_TARGET_MODULES.get(model_type)
         if targets is None:
-            raise ValueError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
+            raise UserError(f"model.target_modules: no default for model type {model_type!r}; name the modules")
         parallel = 1 if cfg.engine.kind == "sequential" else cfg.engine.parallel  # int, "auto" or None
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
             backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
             dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto",
-            seed=derive_seed(cfg.seed, "adapters"),
+            seed=purpose_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
         local = LocalTrainingConfig(**asdict(cfg.local))
@@ -194,13 +203,18 @@ class FederatedRun:
                                            device=self.device, dtype=resolve_dtype(cfg.engine.dtype, self.device))
         self.num_blocks = self.model.num_blocks
         self.tiers = cfg.capacity_tiers()
-        self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, derive_seed(cfg.seed, "tiers"))
+        self.capacities = self.tiers.assign(self.data.num_clients, self.num_blocks, purpose_seed(cfg.seed, "tiers"))
         # The config was checked before L was known: tier settings are checked again for this model.
         self.strategy = make_run_strategy(cfg, self.num_blocks, self.capacities.tier_capacities,
                                           population=self.capacities.capacity)
         self.tensor_blocks = self.model.tensor_blocks()
         self.global_state = self.model.client_state(0)
-        self.rng = np.random.default_rng(derive_seed(cfg.seed, "server"))
+        self.rng = np.random.default_rng(purpose_seed(cfg.seed, "server"))
+        # Its own noise generator: a private run draws the same cohorts and allocations as the
+        # non-private run of its seed (paired comparisons).
+        self.privacy: PrivateAggregation | None = None if cfg.privacy is None else private_aggregation(
+            cfg.privacy, self.data.num_clients, cfg.cohort_size, cfg.rounds, purpose_seed(cfg.seed, "privacy"),
+            client_fisher=self.strategy.uses_fisher and getattr(self.strategy, "fisher_source", None) == "client")
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
@@ -269,8 +283,11 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
+        state = {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
-                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}, _json_default)
+                        state, _json_default)
         self.checkpoint_round = next_round
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -290,6 +307,8 @@ class FederatedRun:
         try:
             self.rng.bit_generator.state = checkpoint.meta["rng"]
             self.strategy.load_state_dict(checkpoint.meta["strategy"])
+            if self.privacy is not None:
+                self.privacy.load_state_dict(checkpoint.meta["privacy"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where.with_name('checkpoint.json')}: server state not loadable "
                                   f"({type(err).__name__}: {err})") from None
@@ -366,6 +385,8 @@ class FederatedRun:
                 times.update(ppl=f"{record['test_perplexity']:.2f}")
             if evaluated and record["train_loss"] is not None:
                 times.update(train_loss=f"{record['train_loss']:.3f}")
+            if record.get("epsilon") is not None:
+                times.update(eps=f"{record['epsilon']:.2f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
         if self.causal_lm:
@@ -387,12 +408,13 @@ class FederatedRun:
             self.strategy.observe_proxy_scores(rnd, self.proxy_fisher_scores())
         alloc = self.strategy.allocate(rnd, cohort, self.capacities.of(cohort), self.rng)
         members = [i for i in range(len(cohort)) if alloc.participating[i]]
+        trains = alloc.trainable if alloc.frozen is None else alloc.trainable & ~alloc.frozen
         tasks = [
             LocalTask(
                 client=int(cohort[i]),
                 data=self.client_data["clients"][int(cohort[i])],
-                trainable_blocks=torch.as_tensor(alloc.trainable[:, i], dtype=torch.bool),
-                seed=derive_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
+                trainable_blocks=torch.as_tensor(trains[:, i], dtype=torch.bool),
+                seed=purpose_seed(cfg.seed, f"client/{rnd}/{int(cohort[i])}"),
                 rank=None if alloc.ranks is None else int(alloc.ranks[i]),
             )
             for i in members
@@ -414,16 +436,22 @@ class FederatedRun:
         if not plan.members:
             tqdm.write(f"warning: round {rnd + 1}: no client of the cohort {cohort.tolist()} trains a block "
                        f"(strategy {cfg.strategy.name!r}); the global model stays as it was", file=sys.stderr)
-        self._aggregate(results)
+        sent_blocks = plan.sent_blocks()
+        self._aggregate(results, plan, sent_blocks)
         position = {int(cohort[i]): i for i in plan.members}
         scores = np.zeros((self.num_blocks, len(cohort)), dtype=np.float64)
         trained = np.zeros((self.num_blocks, len(cohort)), dtype=bool)
         for res in results:
             scores[:, position[res.client]] = res.fisher.double().numpy()
             trained[:, position[res.client]] = res.trainable_blocks.numpy()
-        self.strategy.observe_fisher(rnd, scores, trained)
+        if self.privacy is not None and self.privacy.fisher_clip is not None:
+            # Client-side Fisher scores under DP: only noisy means of clipped scores reach the strategy.
+            means = self.privacy.fisher_means(scores, trained, alloc.trainable[:, plan.members].sum(axis=1))
+            self.strategy.observe_fisher(rnd, np.nan_to_num(means)[:, None], ~np.isnan(means)[:, None])
+        else:
+            self.strategy.observe_fisher(rnd, scores, trained)
 
-        down, up = self._traffic(sent)
+        down, up = self._traffic(sent, sent_blocks)
         record: dict[str, Any] = {
             "round": rnd,
             "cohort": cohort.tolist(),
@@ -434,6 +462,8 @@ class FederatedRun:
             "ranks": None if alloc.ranks is None else {
                 str(res.client): int(alloc.ranks[position[res.client]]) for res in results},
             "probabilities": _as_list(alloc.probabilities),
+            **({} if alloc.frozen is None else {"frozen": {
+                str(res.client): np.flatnonzero(alloc.frozen[:, position[res.client]]).tolist() for res in results}}),
             "fisher_scores": _as_list(self.strategy.fisher_scores),
             # None (JSON null) when nobody trained: NaN is not JSON.
             "train_loss": float(np.mean([r.loss for r in results])) if results else None,
@@ -441,6 +471,8 @@ class FederatedRun:
             "bytes_up": up,
             "nonfinite_dropped": dropped,
         }
+        if self.privacy is not None:
+            record.update(self.privacy.end_round())
         t_aggregate = time.perf_counter()
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
@@ -468,33 +500,42 @@ class FederatedRun:
                        "left out of this round's aggregation", file=sys.stderr)
         return [r for i, r in enumerate(results) if i not in bad], [b.to_record() for b in bad.values()]
 
-    def _aggregate(self, results: list[LocalResult]) -> None:
-        if not results:
-            return
+    def _aggregate(self, results: list[LocalResult], plan: RoundPlan, sent_blocks: dict[int, list[int]]) -> None:
+        """Fold the results into the global state; ``sent_blocks``: client id -> the blocks whose
+        deltas count (``RoundPlan.sent_blocks``)."""
         updates = [
-            ClientUpdate.from_states(r.state, self.global_state, r.num_samples,
-                                     r.trainable_blocks.nonzero().flatten().tolist(), self.tensor_blocks, rank=r.rank)
+            ClientUpdate.from_states(r.state, self.global_state, r.num_samples, sent_blocks[r.client],
+                                     self.tensor_blocks, rank=r.rank)
             for r in results
         ]
+        if self.privacy is not None:  # noise on every assigned block, even when no update arrived
+            if plan.members:
+                self.global_state = self.privacy.aggregate(self.global_state, updates, self.tensor_blocks,
+                                                           assigned_counts(plan.allocation.trainable[:, plan.members]))
+            return
+        if not results:
+            return
         agg = self.config.aggregation
         if any(r.rank is not None for r in results):
             self.global_state = aggregate_rank_padded(
                 self.global_state, updates, self.tensor_blocks, lora_rank_dims(self.global_state),
-                weighting=agg.weighting, normalize=agg.rank_normalize)
+                weighting=agg.weighting, normalize=agg.rank_normalize, heads=agg.heads)
         else:
             self.global_state = aggregate_layerwise(self.global_state, updates, self.tensor_blocks,
-                                                    weighting=agg.weighting)
+                                                    weighting=agg.weighting, heads=agg.heads)
 
-    def _traffic(self, results: list[LocalResult]) -> tuple[int, int]:
+    def _traffic(self, results: list[LocalResult], sent_blocks: dict[int, list[int]]) -> tuple[int, int]:
         """Bytes the round would move: the whole global state down to each participant, and up
-        the tensors of the blocks each trained (rank-sliced for HetLoRA) plus its head."""
+        the tensors of the blocks each sends back (rank-sliced for HetLoRA) plus its head (none
+        with ``aggregation.heads: keep_initial``)."""
         names = list(self.global_state)
         down = _state_bytes(self.global_state, names) * len(results)
+        sends_head = self.config.aggregation.heads == "average"
         up = 0
         for r in results:
-            blocks = set(r.trainable_blocks.nonzero().flatten().tolist())
+            blocks = set(sent_blocks[r.client])
             lora = [n for n in names if self.tensor_blocks[n] in blocks]
-            head = [n for n in names if self.tensor_blocks[n] is None]
+            head = [n for n in names if self.tensor_blocks[n] is None and sends_head]
             fraction = 1.0 if r.rank is None else r.rank / self.config.model.rank
             up += _state_bytes(self.global_state, lora, fraction) + _state_bytes(self.global_state, head)
         return down, up
@@ -533,16 +574,19 @@ class FederatedRun:
     def proxy_fisher_scores(self) -> np.ndarray:
         """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
         the per-sample squared gradient norm. Each sample of a batch is routed to its own bank
-        slot, so one batched backward yields per-sample norms."""
+        slot, so one batched backward yields per-sample norms. With ``fisher.estimator: released``
+        the released code's estimate instead (``fedhello.fl.released.released_proxy_fisher``)."""
         proxy = self.client_data["proxy"]
         if proxy is None:
-            raise ValueError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
+            raise UserError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
         model, slots = self.model, self.model.num_clients
         model.broadcast_state(self.global_state, range(slots))
         model.set_ranks({s: self.config.model.rank for s in range(slots)})
         model.set_trainable(torch.ones(self.num_blocks, slots, dtype=torch.bool))
         model.reset_fisher_norms()
         model.eval()
+        if self.config.fisher.estimator == "released":
+            return released_proxy_fisher(model, proxy, self.config.local.batch_size, self.device)
         n = proxy["labels"].shape[0]
         for start in range(0, n, slots):
             batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}

@@ -140,7 +140,7 @@ _JIT_SOURCES = {"cpu": ["cpu/multi_lora_cpu.cpp"], "cuda": ["cuda/multi_lora_cud
 
 def _build_dir(device_type: str) -> Path:
     """Cache folder of the ``device_type`` build for this torch and Python."""
-    from fedhello.models.assets import cache_dir
+    from fedhello.cache import cache_dir
 
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}".replace("+", "_")
     return cache_dir() / "extensions" / tag / device_type

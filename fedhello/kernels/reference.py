@@ -1,6 +1,7 @@
 """Torch backend: the LoRA part of ``multi_lora_linear`` as a plain loop over clients.
 
-This is the readable statement of the contract (DESIGN.md section 3) and the CPU default.
+This is the readable statement of the contract (docs/design.md, section 1) and the CPU default
+where the csrc extension is not built.
 It is what PEFT-style code does when each client is a separate adapter: one small GEMM
 pair per client. All LoRA arithmetic runs in float32 whatever the input dtype; results are
 rounded once into the output dtype (float64 inputs stay in float64, for gradcheck).

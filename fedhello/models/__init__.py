@@ -8,6 +8,10 @@ Public API::
     model = load_backbone("all-mpnet-base-v2", num_labels=5)     # split zip unpacked once, then cached
 """
 
+from fedhello.errors import require_extra
+
+require_extra("hf", "fedhello.models")
+
 from .assets import MissingAssetError, cache_dir, minilm_path, mpnet_parts, mpnet_path, smollm2_gguf, smollm2_path
 from .loading import TASKS, load_backbone, load_tokenizer, resolve_backbone
 

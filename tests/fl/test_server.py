@@ -133,7 +133,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert "strategy.name" in err and "greedy" in err and "Traceback" not in err
 
 
-# ---------------------------------------------------------------- never lose a run (issue 14)
+# ---------------------------------------------------------------- never lose a run
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -1,5 +1,6 @@
-"""The static sm_90 gate (fedhello.kernels.static_check): every Triton kernel the public API
-launches compiles for Hopper with Triton's own compiler, without spills or scalar 2-byte loads.
+"""The static sm_90 gate (tools/static_check.py, with tools/sm90_record.py and tools/sm90_analyse.py):
+every Triton kernel the public API launches compiles for Hopper with Triton's own compiler, without
+spills or scalar 2-byte loads.
 
 The gate runs in a child process started without ``TRITON_INTERPRET`` (conftest sets it for this
 process on machines without CUDA, and the interpreter replaces ``@triton.jit`` kernels); no GPU is
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhello.kernels import static_check
 from fedhello.kernels import triton_available, triton_interpreting
+from tools import sm90_analyse, sm90_record
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -35,7 +36,7 @@ def _child_env(tmp_path: Path) -> dict[str, str]:
 @needs_triton
 def test_public_api_kernels_pass_the_sm90_gate(tmp_path) -> None:
     out = tmp_path / "gate.json"
-    done = subprocess.run([sys.executable, "-m", "fedhello.kernels.static_check", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "tools.static_check", "--json", str(out)],
                           cwd=ROOT, env=_child_env(tmp_path), capture_output=True, text=True, timeout=600)
     print(done.stdout)  # the table (shown with -s, and on failure)
     assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
@@ -82,11 +83,12 @@ import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import probe
-from fedhello.kernels import static_check as sc
-with sc.record_launches(probe) as launches:
+from tools.sm90_analyse import check_reports, compile_launch, report_compiled
+from tools.sm90_record import record_launches
+with record_launches(probe) as launches:
     probe.launch(torch.empty(4096, dtype=torch.bfloat16), torch.empty(4096, dtype=torch.bfloat16), 5)
-reports = [sc.report_compiled(sc.compile_launch(l), "bf16", [l.name]) for l in launches]
-failures = sc.check_reports(reports)
+reports = [report_compiled(compile_launch(l), "bf16", [l.name]) for l in launches]
+failures = check_reports(reports)
 print(json.dumps({"kernels": [r.kernel for r in reports], "failures": failures,
                   "loads": [r.ptx["loads"] for r in reports], "divisible": [r.divisible_by_16 for r in reports]}))
 '''
@@ -121,22 +123,22 @@ def test_analyse_ptx_counts_widths_and_mma_kinds() -> None:
         wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%f1}, %rd8, %rd9, %p3, 1, 1, 0, 1;
         mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f2}, {%r9}, {%r10}, {%f3};
     """)
-    got = static_check.analyse_ptx(ptx)
+    got = sm90_analyse.analyse_ptx(ptx)
     assert got["loads"] == {"b16": 2, "v2.b16": 1, "v4.b32": 1}
     assert got["scalar_2byte_loads"] == 2  # v2.b16 is 4 bytes per thread, not scalar
     assert got["stores"] == {"v4.b32": 1}
     assert got["cp_async"] == {"16B": 1, "4B": 1}
     assert got["mma"] == {"mma.sync m16n8k8 tf32": 1, "wgmma m64n16k16 bf16": 1}
-    assert static_check.analyse_ptx("")["mma"] == {}
+    assert sm90_analyse.analyse_ptx("")["mma"] == {}
 
 
-def _report(dtype: str, **changes) -> static_check.KernelReport:
+def _report(dtype: str, **changes) -> sm90_analyse.KernelReport:
     base = dict(dtype=dtype, kernel="k", uses=["scattered/forward"], constexprs={}, divisible_by_16=[],
                 num_warps=4, num_stages=3, shared_bytes=0, registers=64, stack=0, spill_stores=0,
                 spill_loads=0, sass={"LDL": 0, "STL": 0},
                 ptx={"loads": {"v4.b32": 2}, "scalar_2byte_loads": 0, "cp_async": {}, "bulk_copies": 0,
                      "mma": {}, "stores": {}})
-    return static_check.KernelReport(**{**base, **changes})
+    return sm90_analyse.KernelReport(**{**base, **changes})
 
 
 def test_check_reports_gates_half_precision_only() -> None:
@@ -145,7 +147,7 @@ def test_check_reports_gates_half_precision_only() -> None:
     local_only = _report("bf16", sass={"LDL": 1, "STL": 0})
     scalar = _report("bf16", ptx={**clean.ptx, "scalar_2byte_loads": 3})
     fp32 = _report("fp32", spill_stores=12, spill_loads=12, sass={"LDL": 4, "STL": 4})
-    failures = static_check.check_reports([clean, spilling, local_only, scalar, fp32])
+    failures = sm90_analyse.check_reports([clean, spilling, local_only, scalar, fp32])
     assert len(failures) == 3
     assert not clean.failures and not fp32.failures
     assert "register spills" in spilling.failures[0] and "register spills" in local_only.failures[0]
@@ -157,7 +159,7 @@ def test_dense_products_skipped_only_when_large() -> None:
     small_a, small_b = torch.randn(4, 8), torch.randn(8, 3)
     big_a, big_b = torch.randn(512, 256), torch.randn(256, 512)  # 2^26 multiply-adds
     acc = torch.zeros(512, 512)
-    with static_check._SkipDenseProducts():
+    with sm90_record._SkipDenseProducts():
         small = small_a @ small_b
         big = big_a @ big_b
         same = acc.addmm_(big_a, big_b)
@@ -174,11 +176,26 @@ def test_record_launches_swaps_and_restores_kernels() -> None:
     if triton_interpreting():
         # Under the interpreter there is no JITFunction to record: the gate must say so.
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            with static_check.record_launches(triton_lora):
+            with sm90_record.record_launches(triton_lora):
                 pass
     else:
-        with static_check.record_launches(triton_lora) as launches:
-            swapped = [k for k, v in vars(triton_lora).items() if isinstance(v, static_check._LaunchRecorder)]
+        with sm90_record.record_launches(triton_lora) as launches:
+            swapped = [k for k, v in vars(triton_lora).items() if isinstance(v, sm90_record._LaunchRecorder)]
             assert swapped
         assert launches == []
     assert {k: v for k, v in vars(triton_lora).items()} == before
+
+
+@needs_triton
+@pytest.mark.parametrize("module, name", [("triton_lora", "_sm_count"), ("triton_lora", "_programs_wanted"),
+                                          ("multi_lora", "resolve_backend")])
+def test_a_patched_name_that_is_gone_stops_the_gate(monkeypatch, module, name) -> None:
+    from fedhello.kernels import multi_lora, triton_lora
+
+    before = (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count)
+    monkeypatch.delattr({"triton_lora": triton_lora, "multi_lora": multi_lora}[module], name)
+    with pytest.raises(sm90_record.PatchTargetMissing, match=f"{module}.{name} is gone"):
+        with sm90_record._triton_backend_on_cpu():
+            pass
+    monkeypatch.undo()
+    assert (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count) == before

@@ -10,6 +10,10 @@ Every method is one ``AllocationStrategy`` subclass registered under a name, bui
 * in proxy-set Fisher mode, before ``allocate``: if ``needs_proxy_scores(round_idx)``, compute
   the per-block proxy-set scores and pass them to ``observe_proxy_scores``.
 
+Every strategy also takes the option ``released_freeze`` (default False): a reproduction of the
+paper's released code, whose clients freeze some allotted blocks by a name match and still send
+them back (``fedhello.fl.released``); ``Allocation.frozen`` then marks those blocks.
+
 Strategies draw only from the ``numpy.random.Generator`` they are given (the caller owns and
 checkpoints it), and keep everything else in ``state_dict()`` (plain JSON types), so a resumed
 run allocates exactly like an uninterrupted one.
@@ -17,12 +21,15 @@ run allocates exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
+
+from fedhello.fl.released import released_frozen_blocks
 
 __all__ = [
     "Allocation",
@@ -61,12 +68,16 @@ class Allocation:
         ranks: int64 ``[n]`` per-member LoRA ranks (HetLoRA), else None (the model's rank).
         probabilities: float64 ``[L]``, the distribution the blocks were drawn from this round,
             None for deterministic strategies.
+        frozen: bool ``[L, n]`` within ``trainable``, or None: allotted blocks that a member does
+            not train but still sends back, an exact-zero delta that counts in the average
+            (option ``released_freeze``); the member trains ``trainable & ~frozen``.
     """
 
     trainable: np.ndarray
     participating: np.ndarray
     ranks: np.ndarray | None = None
     probabilities: np.ndarray | None = None
+    frozen: np.ndarray | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -81,13 +92,17 @@ class Allocation:
         return np.flatnonzero(self.trainable[:, member]).tolist()
 
     def to_dict(self) -> dict:
-        """JSON-serialisable summary (blocks per member, participation, ranks, probabilities)."""
-        return {
+        """JSON-serialisable summary (blocks per member, participation, ranks, probabilities, and
+        with the option ``released_freeze`` the frozen blocks per member)."""
+        summary = {
             "blocks": [self.blocks(i) for i in range(self.num_clients)],
             "participating": self.participating.tolist(),
             "ranks": None if self.ranks is None else self.ranks.tolist(),
             "probabilities": None if self.probabilities is None else self.probabilities.tolist(),
         }
+        if self.frozen is not None:
+            summary["frozen"] = [np.flatnonzero(self.frozen[:, i]).tolist() for i in range(self.num_clients)]
+        return summary
 
 
 def _allocation(num_blocks: int, sets: Sequence[np.ndarray], participating: np.ndarray | None = None,
@@ -142,6 +157,8 @@ class AllocationStrategy(ABC):
     name: ClassVar[str] = ""
     respects_capacity: ClassVar[bool] = True
     uses_fisher: ClassVar[bool] = False
+    # Set by ``make_strategy`` from the common option of the same name.
+    released_freeze: bool = False
 
     def __init__(self, context: AllocationContext) -> None:
         if not isinstance(context, AllocationContext):
@@ -178,7 +195,10 @@ class AllocationStrategy(ABC):
             raise ValueError(f"capacities: expected values in 1..{self.num_blocks} (L), got {caps.tolist()}")
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
-        return self._allocate(int(round_idx), ids.astype(np.int64), caps.astype(np.int64), rng)
+        allocation = self._allocate(int(round_idx), ids.astype(np.int64), caps.astype(np.int64), rng)
+        if not self.released_freeze:
+            return allocation
+        return dataclasses.replace(allocation, frozen=released_frozen_blocks(allocation.trainable))
 
     @abstractmethod
     def _allocate(self, round_idx: int, cohort: np.ndarray, capacities: np.ndarray,
@@ -241,10 +261,15 @@ def _lookup(name: str) -> type[AllocationStrategy]:
     return _REGISTRY[name]
 
 
+# Options every strategy takes, with their defaults (handled here, not by the subclasses).
+COMMON_OPTIONS: dict[str, Any] = {"released_freeze": False}
+
+
 def strategy_options(name: str) -> dict[str, Any]:
-    """The options of strategy ``name`` and their defaults."""
+    """The options of strategy ``name`` and their defaults (``COMMON_OPTIONS`` included)."""
     params = inspect.signature(_lookup(name).__init__).parameters
-    return {p.name: p.default for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    own = {p.name: p.default for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {**own, **COMMON_OPTIONS}
 
 
 def make_strategy(name: str, context: AllocationContext,
@@ -261,4 +286,9 @@ def make_strategy(name: str, context: AllocationContext,
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown option of strategy {name!r}; expected a subset of {sorted(known)}")
-    return cls(context, **options)
+    released_freeze = options.pop("released_freeze", False)
+    if not isinstance(released_freeze, bool):
+        raise ValueError(f"released_freeze: expected true or false, got {released_freeze!r}")
+    strategy = cls(context, **options)
+    strategy.released_freeze = released_freeze
+    return strategy

@@ -67,8 +67,9 @@ def gd_blocks(pattern: str, num_blocks: int, capacity: int, offset: int = 0) -> 
 def strided_blocks(num_blocks: int, capacity: int) -> np.ndarray:
     """``capacity`` blocks evenly spaced over depth: ``floor(i * L / k)`` for ``i < k``, int64 ``[k]``.
 
-    6 of 12 gives ``[0, 2, 4, 6, 8, 10]``, the set every client trains in the released
-    Straggler runs of Fed-HeLLo.
+    6 of 12 gives ``[0, 2, 4, 6, 8, 10]``, the set every client is allotted in the released
+    Straggler runs of Fed-HeLLo (whose name-match freeze then leaves block 10 untrained:
+    ``fedhello.fl.released``).
     """
     L = _check_int("num_blocks", num_blocks, 1)
     k = _check_int("capacity", capacity, 1, L)
