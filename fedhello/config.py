@@ -25,6 +25,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
     privacy:     null, or {noise_multiplier | target_epsilon, clip_norm, delta, fisher_clip,
                   fisher_noise_multiplier, adaptive_clip: {target_quantile, learning_rate,
                   count_noise_multiplier}, secure_rng}   # fedhello.fl.privacy
+    report_to: none            # or [tensorboard, mlflow, wandb] (fedhello.fl.tracking)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from fedhello.data.sources import BUILTIN_DATASETS, LOCAL_FORMATS, check_data_so
 from fedhello.fl.strategies import (AllocationContext, AllocationStrategy, HetLoRAStrategy, available_strategies,
                                    make_strategy)
 from fedhello.fl.capacity import CapacityTiers
+from fedhello.fl.tracking import check_installed, check_report_to
 from fedhello.seeds import purpose_seed
 from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
@@ -340,6 +342,8 @@ class RunConfig:
     checkpoint_every: int = 10
     output_dir: str = "runs/default"
     privacy: PrivacyConfig | None = None
+    # Experiment trackers that also receive the run (fedhello.fl.tracking): none, a name, or a list.
+    report_to: str | list[str] = "none"
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -412,6 +416,10 @@ class RunConfig:
         if long:  # the OS refuses such a folder name (ENAMETOOLONG) only once the run starts writing
             raise ConfigError(f"output_dir: the folder name {long[0][:40]!r}... has {len(os.fsencode(long[0]))} "
                               f"bytes; file systems take at most {NAME_MAX} per name")
+        try:
+            check_report_to(self.report_to)
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
     def check_sources(self) -> None:
         """Check that ``model.name`` and the data source can load now, without loading them.
@@ -427,6 +435,7 @@ class RunConfig:
 
         check_backbone_name(self.model.name, "model.name")
         check_data_source(self.data, needs_label=self.task == "classification")
+        check_installed(check_report_to(self.report_to))
 
     def _validate_model(self) -> None:
         m = self.model

@@ -28,6 +28,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedhello.errors import UserError
+from fedhello.jsonl_io import read_jsonl
 
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
@@ -36,8 +37,6 @@ __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a run folder (``metrics.jsonl``); ``"round"`` counts from 0 there."""
-    from fedhello.fl.checkpoint import read_jsonl
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedhello.errors import UserError
-from fedhello.fl.checkpoint import read_jsonl
+from fedhello.jsonl_io import read_jsonl
 
 __all__ = ["METRICS", "PairedDifference", "run_metric", "seed_values", "paired_difference", "compare",
            "render_markdown", "main"]

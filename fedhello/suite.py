@@ -35,7 +35,7 @@ import yaml
 
 from fedhello.config import ConfigError, load_config, parse_override_value
 from fedhello.errors import UserError
-from fedhello.fl.checkpoint import read_jsonl
+from fedhello.jsonl_io import read_jsonl
 from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]

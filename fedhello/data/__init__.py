@@ -14,13 +14,14 @@ from fedhello.errors import require_extra
 require_extra("fl", "fedhello.data")
 
 _EXPORTS = {
-    **dict.fromkeys(["FederatedData", "federated_from_datasets", "prepare_federated_data"], "federated"),
-    **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names",
+    **dict.fromkeys(["FederatedData", "federate", "federate_clients", "prepare_federated_data"], "federated"),
+    **dict.fromkeys(["BUILTIN_DATASETS", "FASHION_MNIST_CLASSES", "check_data_source", "label_names", "standardize",
                      "load_bbc_news", "load_fashion_mnist", "load_labelled_dataset", "load_local",
                      "load_text_folder"], "sources"),
     **dict.fromkeys(["PARTITION_KINDS", "label_counts", "partition_dataset", "partition_labels"], "partition"),
     **dict.fromkeys(["DataSplits", "split_dataset", "split_indices"], "splits"),
-    **dict.fromkeys(["IGNORE_INDEX", "instruction_rows", "lm_tensors", "load_lm_dataset", "text_rows"], "lm"),
+    **dict.fromkeys(["IGNORE_INDEX", "instruction_rows", "lm_tensors", "load_lm_dataset", "standardize_lm_dataset",
+                     "text_rows"], "lm"),
     **dict.fromkeys(["ImageTransform", "to_tensors", "tokenize_text"], "transforms"),
 }
 

@@ -19,7 +19,7 @@ from .splits import split_indices
 if TYPE_CHECKING:
     from fedhello.config import DataConfig
 
-__all__ = ["FederatedData", "prepare_federated_data", "federated_from_datasets"]
+__all__ = ["FederatedData", "federate", "federate_clients", "prepare_federated_data"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,6 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     Sub-seeds for subsampling, splitting and partitioning are derived from ``seed``
     (``fedhello.seeds.purpose_seed``), so changing one step does not reshuffle the others.
     """
-
     load = dict(text_column=config.text_column, image_column=config.image_column, label_column=config.label_column)
     if causal_lm:
         def read(split: str):
@@ -72,67 +71,73 @@ def prepare_federated_data(config: "DataConfig", seed: int, causal_lm: bool = Fa
     else:
         def read(split: str):
             return load_labelled_dataset(config.name, config.path, split=split, **load)
-    full = read(config.split)
+    return federate(read(config.split), config, seed,
+                    test=read(config.test_split) if config.test_split is not None else None)
+
+
+def federate(full: datasets.Dataset, config: "DataConfig", seed: int,
+             test: datasets.Dataset | None = None) -> FederatedData:
+    """Split an already loaded data set for a run seeded by ``seed``: subsample
+    (``config.max_samples``), hold out test and proxy rows, partition the rest over
+    ``config.num_clients`` clients (``config.partition``).
+
+    Args:
+        full: standardised rows (a ``label`` ``ClassLabel`` column; ``fedhello.data.sources``).
+        config: the run's ``data`` section (its source fields are not read).
+        test: the test set; None holds out ``config.test_fraction`` of ``full``.
+    """
     if config.max_samples is not None and config.max_samples < len(full):
         rng = np.random.default_rng(purpose_seed(seed, "subsample"))
         full = full.select(np.sort(rng.choice(len(full), size=config.max_samples, replace=False)))
     labels = np.asarray(full["label"])
-    test_fraction = 0.0 if config.test_split is not None else config.test_fraction
-    train_idx, test_idx, proxy_idx = split_indices(labels, test_fraction, config.proxy_fraction,
-                                                   seed=purpose_seed(seed, "split"))
-    train = full.select(train_idx)
-    if config.test_split is not None:
-        test = read(config.test_split)
-    else:
-        test = full.select(test_idx)
-    proxy = full.select(proxy_idx) if config.proxy_fraction > 0 else None
-    return FederatedData(train, test, proxy, _partition(labels[train_idx], config, seed), label_names(full))
-
-
-def federated_from_datasets(train: "datasets.Dataset | Mapping[Any, datasets.Dataset]", test: "datasets.Dataset",
-                            config: "DataConfig", seed: int) -> FederatedData:
-    """A run's data from ``datasets.Dataset`` objects instead of a source name.
-
-    ``train`` is either one data set, partitioned over ``config.num_clients`` clients by
-    ``config.partition`` exactly as ``prepare_federated_data`` partitions its training split,
-    or a mapping ``client -> data set`` (a natural partition: client ``i`` is the ``i``-th entry,
-    ``config.num_clients`` must equal its length). Columns as the loaders give them: ``text``
-    (or ``image``) and a ``ClassLabel`` column ``label``. No proxy set (``proxy_fraction`` 0).
-    """
-    for name in ("max_samples", "test_split"):  # they act on a source, which objects replace
-        if getattr(config, name) is not None:
-            raise UserError(f"data.{name}: not used with data set objects (pass the rows to use), got "
-                            f"{getattr(config, name)!r}")
-    if config.proxy_fraction > 0:
-        raise UserError(f"data.proxy_fraction: data set objects bring no proxy set, got {config.proxy_fraction}")
-    if isinstance(train, Mapping):
-        if len(train) != config.num_clients:
-            raise UserError(f"data.num_clients: expected the {len(train)} clients of the train mapping, "
-                            f"got {config.num_clients}")
-        parts = list(train.values())
-        ends = np.cumsum([0] + [len(ds) for ds in parts])
-        pool = datasets.concatenate_datasets(parts)
-        partitions = [np.arange(a, b, dtype=np.int64) for a, b in zip(ends[:-1], ends[1:])]
-        if any(len(part) == 0 for part in partitions):
-            raise UserError("train: every client of the mapping needs at least one row")
-        return FederatedData(pool, test, None, partitions, label_names(pool))
-    return FederatedData(train, test, None, _partition(np.asarray(train["label"]), config, seed), label_names(train))
-
-
-def _partition(labels: np.ndarray, config: "DataConfig", seed: int) -> list[np.ndarray]:
-    """The clients' index arrays into the training rows (``labels``: int ``[n]``), seeded by ``seed``."""
+    train_idx, test_idx, proxy_idx = split_indices(labels, 0.0 if test is not None else config.test_fraction,
+                                                   config.proxy_fraction, seed=purpose_seed(seed, "split"))
     p = config.partition
     try:
-        partitions = partition_labels(labels, config.num_clients, p.kind, alpha=p.alpha,
+        partitions = partition_labels(labels[train_idx], config.num_clients, p.kind, alpha=p.alpha,
                                       classes_per_client=p.classes_per_client, min_size=p.min_size,
                                       seed=purpose_seed(seed, "partition"))
     except ValueError as err:  # the partition functions name their arguments; the user knows the config fields
         field, _, rest = str(err).partition(":")
         dotted = {"num_clients": "data.num_clients"}.get(field, f"data.partition.{field}")
         raise UserError(f"{dotted}:{rest}") from None
+    return _federated(full, train_idx, full.select(test_idx) if test is None else test,
+                      proxy_idx if config.proxy_fraction > 0 else None, partitions,
+                      f"{p.kind} partition of {len(train_idx)} samples")
+
+
+def federate_clients(full: datasets.Dataset, owners: np.ndarray, config: "DataConfig", seed: int,
+                     test: datasets.Dataset | None = None) -> FederatedData:
+    """Split a naturally partitioned data set: row ``i`` of ``full`` belongs to client ``owners[i]``.
+
+    Test and proxy rows are held out of the union as in ``federate`` (stratified by label); each
+    client keeps the rest of its own rows. ``config.max_samples`` and ``config.partition`` do not
+    apply (the owners are the partition).
+
+    Args:
+        full: standardised rows of every client.
+        owners: int ``[len(full)]``, client ids ``0..config.num_clients - 1``.
+        test: the test set; None holds out ``config.test_fraction`` of ``full``.
+    """
+    owners = np.asarray(owners)
+    if owners.shape != (len(full),):
+        raise ValueError(f"owners: expected one client id per row, shape ({len(full)},), got {owners.shape}")
+    train_idx, test_idx, proxy_idx = split_indices(np.asarray(full["label"]),
+                                                   0.0 if test is not None else config.test_fraction,
+                                                   config.proxy_fraction, seed=purpose_seed(seed, "split"))
+    train_owners = owners[train_idx]
+    partitions = [np.flatnonzero(train_owners == c).astype(np.int64) for c in range(config.num_clients)]
+    return _federated(full, train_idx, full.select(test_idx) if test is None else test,
+                      proxy_idx if config.proxy_fraction > 0 else None, partitions,
+                      f"natural partition of {len(train_idx)} samples")
+
+
+def _federated(full: datasets.Dataset, train_idx: np.ndarray, test: datasets.Dataset, proxy_idx: np.ndarray | None,
+               partitions: list[np.ndarray], described: str) -> FederatedData:
     empty = [c for c, part in enumerate(partitions) if len(part) == 0]
     if empty:  # caught here, not when the client is first sampled (perhaps many rounds in)
-        raise UserError(f"data.partition: {len(empty)} of {config.num_clients} clients get no training sample "
-                        f"(first: client {empty[0]}, {p.kind} partition of {len(labels)} samples); use fewer "
-                        f"clients, more samples or another partition")
-    return partitions
+        raise UserError(f"data.partition: {len(empty)} of {len(partitions)} clients get no training sample "
+                        f"(first: client {empty[0]}, {described}); use fewer clients, more samples or another "
+                        f"partition")
+    proxy = full.select(proxy_idx) if proxy_idx is not None else None
+    return FederatedData(full.select(train_idx), test, proxy, partitions, label_names(full))

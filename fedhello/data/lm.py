@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fedhello.config import DataConfig
 
 __all__ = ["IGNORE_INDEX", "HEADLINE_INSTRUCTION", "HEADLINE_STORY_WORDS", "bbc_headlines", "load_lm_dataset",
-           "lm_tensors", "instruction_rows", "text_rows"]
+           "standardize_lm_dataset", "lm_tensors", "instruction_rows", "text_rows"]
 
 HEADLINE_INSTRUCTION = "Write the headline of this BBC News story."
 HEADLINE_STORY_WORDS = 32  # about 50 SmolLM2 tokens: with the chat template and a headline, within 128
@@ -89,15 +89,27 @@ def load_lm_dataset(config: "DataConfig", split: str | None = None) -> "datasets
     Raises:
         ValueError: naming the ``data.`` field of a missing column.
     """
-    import datasets
-
     split = split or config.split
     if config.name in ("bbc_news", "bbc_headlines"):
         ds = load_labelled_dataset("bbc_news", config.path, split=split)
         if config.prompt_column is not None:
             raise UserError(f"data.prompt_column: {config.name} has fixed columns; leave data.prompt_column unset")
         return bbc_headlines(ds) if config.name == "bbc_headlines" else ds
-    raw = _raw_dataset(config, split)
+    return standardize_lm_dataset(_raw_dataset(config, split), config)
+
+
+def standardize_lm_dataset(raw: "datasets.Dataset", config: "DataConfig") -> "datasets.Dataset":
+    """``raw``'s rows for a causal-LM run, read through ``config``'s column fields.
+
+    Returns:
+        columns ``text`` or ``prompt`` + ``response`` (str), and ``label`` (``ClassLabel``: the
+        ``label_column``'s values in sorted order, or one class ``all`` without it).
+
+    Raises:
+        ValueError: naming the ``data.`` field of a missing column.
+    """
+    import datasets
+
     columns = raw.column_names
     if config.prompt_column is not None:
         inputs = {"prompt": config.prompt_column, "response": config.response_column}

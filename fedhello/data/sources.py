@@ -52,6 +52,7 @@ __all__ = [
     "load_hub",
     "load_labelled_dataset",
     "check_data_source",
+    "standardize",
 ]
 
 BUILTIN_DATASETS = ("bbc_news", "bbc_headlines", "fashion_mnist")
@@ -189,9 +190,14 @@ def _is_string(feature: object) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def _standardize(ds: datasets.Dataset, text_column: str | None, image_column: str | None,
+def standardize(ds: datasets.Dataset, text_column: str | None, image_column: str | None,
                  label_column: str | None) -> datasets.Dataset:
-    """Rename to ``text``/``image`` + ``label``, drop other columns, make the label a ClassLabel."""
+    """A labelled data set as runs read it: ``text`` or ``image``, and a ``ClassLabel`` ``label``.
+
+    Renames the input and label columns (found by name when None: ``text`` or the one string
+    column, the image column, ``label``/``labels``), drops the others and turns other labels into
+    class ids in sorted order of their values.
+    """
     import datasets
 
     columns = ds.column_names
@@ -259,7 +265,7 @@ def load_local(path: str | os.PathLike, *, text_column: str | None = None, image
                              f"or a folder")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **extra)
-    return _standardize(ds, text_column, image_column, label_column)
+    return standardize(ds, text_column, image_column, label_column)
 
 
 def load_hub(name: str, split: str = "train", *, text_column: str | None = None, image_column: str | None = None,
@@ -267,7 +273,7 @@ def load_hub(name: str, split: str = "train", *, text_column: str | None = None,
     """A Hugging Face Hub data set (``datasets.load_dataset(name, split=split)``), standardised."""
     import datasets
 
-    return _standardize(datasets.load_dataset(name, split=split), text_column, image_column, label_column)
+    return standardize(datasets.load_dataset(name, split=split), text_column, image_column, label_column)
 
 
 def load_labelled_dataset(name: str | None = None, path: str | os.PathLike | None = None, *, split: str = "train",

@@ -4,7 +4,8 @@
 The engine (``fedhello.fl.engine``) is imported from its module directly: it needs the model
 layer, these building blocks do not. Its masked optimizers are the model layer's
 (``fedhello.nn.optim``).
-Names load on first use, so ``fedhello.fl.strategies`` alone (what config validation needs)
+``fedhello.fl.run`` (``fedhello.fl.api``) runs federated training over your own model and
+``datasets.Dataset`` objects. Names load on first use, so ``fedhello.fl.strategies`` alone (what config validation needs)
 does not import torch or datasets.
 """
 
@@ -21,7 +22,7 @@ _EXPORTS = {
                      "strategy_options"], "strategies"),
     **dict.fromkeys(["CapacityTiers", "ClientCapacities"], "capacity"),
     **dict.fromkeys(["FisherTracker", "fisher_probabilities", "kmeans_1d"], "fisher"),
-    **dict.fromkeys(["RunResult", "run"], "api"),
+    **dict.fromkeys(["run", "RunResult"], "api"),
 }
 
 __all__ = list(_EXPORTS)

@@ -1,33 +1,36 @@
-"""A federated run over your own objects: a transformers model and ``datasets.Dataset`` objects.
+"""A federated run over your own objects: a ``transformers`` model and ``datasets.Dataset`` rows.
 
-``run(model=..., tokenizer=..., train=..., test=..., config=...)`` is ``fedhello run`` without
-names: the model is used as given (built, quantized or not; LoRA adapters are injected into it in
-place), ``train`` is partitioned over the clients by ``config``'s ``data.partition`` exactly as
-the YAML path partitions its training split (or is a ``client -> Dataset`` mapping, a natural
-partition), and ``test`` evaluates the global model. Everything else (strategy, tiers, local
-training, dropout, checkpoints and resume in ``output_dir``) comes from the config, so the same
-config over the same rows gives the metrics of the YAML run to the digit::
+``fedhello.fl.run(model=..., tokenizer=..., train=..., test=..., config=...)`` plays the same
+run as ``fedhello run`` on a YAML file (``FederatedRun``, same allocation, training,
+aggregation, evaluation, files, checkpoints, resume and trackers); only where the model and the
+data come from differs. ``train`` is one data set, split over ``data.num_clients`` clients by
+``data.partition`` (as a data set loaded by name would be), or a mapping client -> data set: a
+natural partition, the clients numbered in the mapping's order.
 
-    from fedhello.fl.api import run
-
-    result = run(model=AutoModelForSequenceClassification.from_pretrained(path, num_labels=5),
-                 tokenizer=AutoTokenizer.from_pretrained(path), train=train_ds, test=test_ds,
-                 config={"rounds": 10, "cohort_size": 5, "data": {"num_clients": 20,
-                         "partition": {"kind": "dirichlet", "alpha": 0.5}}, "output_dir": "runs/mine"})
-    result.records[-1]["test_accuracy"], result.global_state  # per-round records, adapters + heads
+Rows are read through the config's column fields (``data.text_column``, ``image_column``,
+``label_column``; for ``task: causal_lm`` also ``prompt_column``/``response_column``), as for
+local files; ``train`` and ``test`` (and every client's rows) are read together, so string
+labels get the same class ids in all of them. The run's ``config.yaml`` records the model and
+the data by labels (``model.name: <object ...>``), not by names a later ``fedhello run`` could load.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+import torch
+from torch import nn
+
 from fedhello.config import ConfigError, RunConfig
+from fedhello.data import FederatedData, federate, federate_clients, standardize, standardize_lm_dataset
+from fedhello.errors import UserError
+from fedhello.fl.checkpoint import check_run_dir
+from fedhello.fl.server import FederatedRun
+from fedhello.fl.tracking import check_installed, check_report_to
 
-__all__ = ["RunResult", "run"]
-
-OBJECT_DATA = "<datasets objects>"  # data.name of a config whose data came as objects
+__all__ = ["RunResult", "ObjectRun", "run"]
 
 
 @dataclass
@@ -35,51 +38,170 @@ class RunResult:
     """What ``run`` returns.
 
     Attributes:
-        records: one metrics record per round (as in ``metrics.jsonl``).
-        global_state: the final global adapters and heads, name -> tensor (``MultiLoRAModel.client_state``).
-        config: the resolved config (written to ``output_dir/config.yaml``).
+        records: one dict per round, as the lines of ``metrics.jsonl``.
+        global_state: the final global adapters and heads, name -> float32 tensor (the tensors
+            of ``checkpoint.safetensors``; a client's slot of ``run.model`` loads them with
+            ``load_client_state``).
+        run: the ``FederatedRun`` itself: ``run.model`` (the model with its adapter banks),
+            ``run.data`` (the split and partitioned data), ``run.out`` (the run folder).
     """
 
     records: list[dict[str, Any]]
-    global_state: dict[str, Any]
-    config: RunConfig
+    global_state: dict[str, torch.Tensor]
+    run: FederatedRun
 
 
-def run(*, model: Any, train: Any, test: Any, config: RunConfig | Mapping[str, Any], tokenizer: Any = None,
-        resume: bool = False, overwrite: bool = False, progress: bool = False) -> RunResult:
-    """Run ``config`` on ``model`` and the given data sets (see the module doc).
+class ObjectRun(FederatedRun):
+    """A ``FederatedRun`` whose backbone, tokenizer and data are given objects, not names.
 
     Args:
-        model: a transformers model: a sequence/image classifier whose ``config.num_labels`` is the
-            number of classes (``task: classification``), or a causal LM (``task: causal_lm``).
-        train: a ``datasets.Dataset`` with ``text`` (or ``image``) and a ``ClassLabel`` ``label``, or
-            a mapping client -> such a data set.
-        test: the held-out ``datasets.Dataset``, same columns.
-        config: a ``RunConfig`` or its nested mapping; ``model.name`` and ``data.name`` may be left
-            out (they only label the run here).
-        tokenizer: the model's tokenizer (text data).
-        resume, overwrite: as ``fedhello run --resume/--overwrite`` for ``config.output_dir``.
+        config: the run's configuration (its ``model.name`` and data source fields are labels).
+        model: the backbone, adapted in place (``inject_multi_lora``).
+        tokenizer: its tokenizer (text data), or None (images).
+        data: the split and partitioned rows (``fedhello.data.federate``/``federate_clients``).
+        progress: show a progress bar over rounds.
+    """
+
+    def __init__(self, config: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData,
+                 progress: bool = True) -> None:
+        self._model, self._tokenizer, self._data = model, tokenizer, data
+        super().__init__(config, progress)
+
+    def load_data(self) -> FederatedData:
+        return self._data
+
+    def load_backbone(self, task: str, num_labels: int | None = None, seed: int | None = None) -> nn.Module:
+        """The given model, checked against the run: a causal LM for ``task: causal_lm``, a head of
+        ``num_labels`` classes otherwise, floating-point weights. ``seed`` (the head's
+        initialisation by name) does not apply: the model comes with its head."""
+        model = self._model
+        if task == "causal-lm":
+            if not getattr(model, "can_generate", lambda: False)():
+                raise UserError(f"model: task causal_lm needs a causal LM (AutoModelForCausalLM), got "
+                                f"{type(model).__name__}")
+        else:
+            labels = getattr(model.config, "num_labels", None)
+            if labels != num_labels:
+                raise UserError(f"model: its head has {labels} labels (config.num_labels), the data has "
+                                f"{num_labels} classes ({', '.join(self._data.label_names)})")
+            if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
+                # As fedhello.models.load_backbone: the head reads the last non-padding token.
+                model.config.pad_token_id = self.load_tokenizer().pad_token_id
+        return model.eval()
+
+    def load_tokenizer(self):
+        if self._tokenizer is None:
+            raise UserError("tokenizer: required for text data (its rows are tokenized with it); pass tokenizer=")
+        if self._tokenizer.pad_token is None and self._tokenizer.eos_token is not None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+
+def run(*, model: nn.Module, train: Any, tokenizer: Any = None, test: Any = None,
+        config: RunConfig | Mapping[str, Any] | None = None, resume: bool = False, overwrite: bool = False,
+        progress: bool = True) -> RunResult:
+    """Run federated training of ``model`` over ``train``'s clients; the records and the global state.
+
+    Args:
+        model: a ``transformers`` model, built and loaded (``AutoModelForSequenceClassification``
+            or ``AutoModelForImageClassification`` with ``num_labels`` = the data's classes and
+            its head, ``AutoModelForCausalLM`` for ``task: causal_lm``), with floating-point
+            weights (GGUF checkpoints are dequantized on load; bitsandbytes' packed 8/4-bit
+            weights are refused: the LoRA kernels read the base weights directly). It is
+            changed in place: its target modules get the run's adapter banks.
+        train: a ``datasets.Dataset`` (partitioned by ``data.partition``) or a mapping client ->
+            ``datasets.Dataset`` (a natural partition; ``data.num_clients`` defaults to its size).
+        tokenizer: the model's tokenizer; required for text.
+        test: a ``datasets.Dataset`` to evaluate on; None holds out ``data.test_fraction`` of ``train``.
+        config: a ``RunConfig`` or the nested mapping a YAML file holds (``model.name`` and
+            ``data.name`` may be left out; ``data.name``, ``path``, ``split`` and ``test_split``
+            are not read).
+        resume, overwrite: as ``FederatedRun.run``.
+        progress: show a progress bar over rounds.
 
     Raises:
-        ConfigError: a bad config field, or objects that do not fit it (naming the field).
+        UserError: naming the argument or config field, before the model is touched.
     """
-    from fedhello.data import federated_from_datasets
-    from fedhello.fl.server import FederatedRun, RunObjects
+    clients = isinstance(train, Mapping)
+    cfg = _run_config(config, model, train)
+    check_installed(check_report_to(cfg.report_to))
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers model (PreTrainedModel), got {type(model).__name__}")
+    _check_floating(model)
+    data = _federated_data(train, test, cfg, clients)
+    check_run_dir(cfg, resume=resume, overwrite=overwrite)  # before the model gets its adapters
+    federated = ObjectRun(cfg, model, tokenizer, data, progress=progress)
+    records = federated.run(resume=resume, overwrite=overwrite)
+    return RunResult(records, federated.global_state, federated)
 
-    if not isinstance(config, RunConfig):
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"config: expected a RunConfig or a mapping, got {type(config).__name__}")
-        raw = copy.deepcopy(dict(config))
-        raw.setdefault("model", {}).setdefault("name", getattr(model, "name_or_path", None) or "model")
-        data = raw.setdefault("data", {})
-        if not data.get("name") and not data.get("path"):
-            data["name"] = OBJECT_DATA
-        config = RunConfig.from_dict(raw)
-    federated = federated_from_datasets(train, test, config.data, config.seed)
-    labels = getattr(getattr(model, "config", None), "num_labels", None)
-    if config.task == "classification" and labels != federated.num_classes:
-        raise ConfigError(f"model: its head has {labels} labels (config.num_labels), the data "
-                          f"{federated.num_classes} classes ({federated.label_names})")
-    federated_run = FederatedRun(config, progress=progress, objects=RunObjects(model, tokenizer, federated))
-    records = federated_run.run(resume=resume, overwrite=overwrite)
-    return RunResult(records, federated_run.global_state, config)
+
+def _label(obj: Any) -> str:
+    return f"<object {obj}>"
+
+
+def _run_config(config: RunConfig | Mapping[str, Any] | None, model: Any, train: Any) -> RunConfig:
+    """``config`` with the objects' labels in place of the source names, validated."""
+    if isinstance(config, RunConfig):
+        raw = config.to_dict()
+    elif config is None or isinstance(config, Mapping):
+        raw = dict(config or {})
+    else:
+        raise TypeError(f"config: expected a RunConfig or a mapping, got {type(config).__name__}")
+    clients = isinstance(train, Mapping)
+    data = raw["data"] = dict(raw.get("data") or {})
+    if clients:
+        if not train:
+            raise UserError("train: the client mapping is empty")
+        data.setdefault("num_clients", len(train))
+        if data["num_clients"] != len(train):
+            raise ConfigError(f"data.num_clients: the train mapping has {len(train)} clients, the config says "
+                              f"{data['num_clients']}")
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    raw["model"] = {**(raw.get("model") or {}), "name": _label(name)}
+    data.update(name=_label(f"{len(train)} clients" if clients else "datasets.Dataset"), path=None, split="train",
+                test_split=None)
+    return RunConfig.from_dict(raw)
+
+
+def _check_floating(model: nn.Module) -> None:
+    """Refuse packed quantized weights, which the kernels would read as numbers."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+            raise UserError(f"model: {name}.weight is {weight.dtype} (quantized, e.g. bitsandbytes); the LoRA kernels "
+                            "read base weights as numbers: pass a model with floating-point weights "
+                            "(dequantize it, or load it without quantization_config)")
+
+
+def _federated_data(train: Any, test: Any, cfg: RunConfig, clients: bool) -> FederatedData:
+    """Read the rows through the config's column fields (all sets together), then split them."""
+    import datasets
+
+    named = [(f"train[{k!r}]", v) for k, v in train.items()] if clients else [("train", train)]
+    for where, ds in named + ([("test", test)] if test is not None else []):
+        if not isinstance(ds, datasets.Dataset):
+            raise TypeError(f"{where}: expected a datasets.Dataset, got {type(ds).__name__}")
+    sets = [ds for _, ds in named] + ([test] if test is not None else [])
+    try:
+        joined = sets[0] if len(sets) == 1 else datasets.concatenate_datasets(sets)
+    except ValueError as err:
+        raise UserError(f"{'test' if test is not None else 'train'}: the data sets do not have the same columns and "
+                        f"features ({err})") from None
+    d = cfg.data
+    try:
+        rows = (standardize_lm_dataset(joined, d) if cfg.task == "causal_lm"
+                else standardize(joined, d.text_column, d.image_column, d.label_column))
+    except ValueError as err:
+        message = str(err)
+        raise UserError(message if message.startswith("data.") else f"data.{message}") from None
+    n_train = sum(len(ds) for _, ds in named)
+    test_rows = rows.select(range(n_train, len(rows))) if test is not None else None
+    train_rows = rows.select(range(n_train)) if test is not None else rows
+    if not clients:
+        return federate(train_rows, d, cfg.seed, test=test_rows)
+    if d.partition.kind != "iid" or d.max_samples is not None:
+        field = "partition.kind" if d.partition.kind != "iid" else "max_samples"
+        raise ConfigError(f"data.{field}: a client mapping is its own partition of all its rows; leave data.{field} "
+                          "unset")
+    owners = np.repeat(np.arange(len(named)), [len(ds) for _, ds in named])
+    return federate_clients(train_rows, owners, d, cfg.seed, test=test_rows)

@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 
 from fedhello.errors import UserError
+from fedhello.jsonl_io import read_jsonl
+from fedhello.fl.tracking import clear_tracking
 
 __all__ = [
     "RUN_FILES",
@@ -72,6 +74,7 @@ RESUME_ALLOWED: dict[str, str] = {
     "eval_every": "when the global model is evaluated; evaluation changes no state",
     "checkpoint_every": "when checkpoints are written; they hold the exact state",
     "output_dir": "where the folder is (a run may be moved)",
+    "report_to": "which experiment trackers also receive the records (one added on resume gets the earlier ones)",
 }
 
 _ROUND_KEY = "fedhello.next_round"  # in the safetensors metadata
@@ -206,7 +209,8 @@ _HELD: set[Path] = set()  # run folders whose lock this process holds (hold_run_
 
 
 def clear_run_dir(out: str | os.PathLike) -> list[Path]:
-    """Delete the run files (``RUN_FILES`` and unfinished checkpoint writes) in ``out``; the removed paths.
+    """Delete the run files (``RUN_FILES``, unfinished checkpoint writes, and what experiment trackers
+    wrote: ``fedhello.fl.tracking.OUTPUTS``) in ``out``; the removed paths.
 
     Only the files a run writes are removed, never the folder or anything else in it.
     """
@@ -215,7 +219,7 @@ def clear_run_dir(out: str | os.PathLike) -> list[Path]:
     removed = [out / n for n in names if (out / n).exists()]
     for path in removed:
         path.unlink()
-    return removed
+    return removed + clear_tracking(out)  # a new run must not continue the old one's tracked run
 
 
 def _alike(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -270,26 +274,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     return repr(value) if isinstance(value, (str, _Missing)) else json.dumps(value)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (``metrics.jsonl``, ``completions.jsonl``), ``[]`` when it is
-    missing; an unreadable last line (a run killed while appending it) is left out."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines[:-1]):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {i + 1} is not a JSON record ({err}); only the last line may be "
-                             "cut short (a run killed while writing it)") from None
-    try:
-        return records + [json.loads(lines[-1])] if lines else records
-    except json.JSONDecodeError:
-        return records
 
 
 def _check_metrics(path: Path, next_round: int) -> None:

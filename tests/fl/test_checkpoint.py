@@ -142,7 +142,7 @@ def test_refuses_a_folder_with_a_run_unless_told(tmp_path):
 
 def test_resume_allows_only_fields_that_keep_the_run(tmp_path):
     out = _run_folder(tmp_path, done=2)
-    allowed = _config(tmp_path / "moved", rounds=9, eval_every=3, checkpoint_every=2)
+    allowed = _config(tmp_path / "moved", rounds=9, eval_every=3, checkpoint_every=2, report_to=["tensorboard"])
     allowed.output_dir = str(out)
     assert check_run_dir(allowed, resume=True).next_round == 2
     with pytest.raises(RunFolderError) as err:
@@ -156,7 +156,7 @@ def test_resume_allows_only_fields_that_keep_the_run(tmp_path):
     assert "rounds" in text and str(out / "config.yaml") in text
     with pytest.raises(RunFolderError, match="^rounds: 1 is below the 2 rounds already done"):
         check_run_dir(_config(out, rounds=1), resume=True)
-    assert set(RESUME_ALLOWED) == {"rounds", "eval_every", "checkpoint_every", "output_dir"}
+    assert set(RESUME_ALLOWED) == {"rounds", "eval_every", "checkpoint_every", "output_dir", "report_to"}
 
 
 def test_resume_of_a_run_saved_before_a_field_existed(tmp_path):
