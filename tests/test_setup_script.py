@@ -31,4 +31,4 @@ def test_one_line_per_step_and_quiet_pip(tmp_path):
     assert lines[-1] == "fedhello is installed in .venv (0.1.0)"
     installs = [c for c in (python.parent / "calls.log").read_text().splitlines() if " install " in c]
     assert len(installs) == 5 and all(" -q " in c for c in installs)
-    assert "torch==2.13.0" in installs[1] and "--no-build-isolation -e .[test,assets]" in installs[3]
+    assert "torch==2.13.0" in installs[1] and "--no-build-isolation -e .[test,assets,quant]" in installs[3]
