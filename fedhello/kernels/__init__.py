@@ -5,8 +5,10 @@ Public API::
     from fedhello.kernels import LoRAPlan, multi_lora_linear
     plan = LoRAPlan.build(client_ids, num_clients)
     y = multi_lora_linear(x, weight, bias, lora_a, lora_b, plan, scaling)
+    y = lora_delta(x, lora_a, lora_b, plan, scaling, out=base_layer(x))  # any base layer
 """
 
+from .delta import lora_delta
 from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend
 from .runtime import triton_available, triton_interpreting
 from .plan import LoRAPlan, TileList
@@ -15,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "LoRAPlan",
     "TileList",
+    "lora_delta",
     "multi_lora_linear",
     "resolve_backend",
     "triton_available",

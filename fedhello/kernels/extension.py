@@ -85,6 +85,7 @@ class CompiledBackend(ModuleType):
         kernels write every row of ``out`` once (LoRA term plus bias summed in fp32, rounded once; only the
         bias, or zeros, on rows without adapter and rows of rank-0 clients), so it starts empty.
         """
+        lora_a, lora_b = _in_dtype(x2d.dtype, lora_a, lora_b)
         out = torch.empty(x2d.shape[0], lora_b.shape[1], dtype=x2d.dtype, device=x2d.device)
         h = self.native.lora_forward(
             x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
@@ -116,6 +117,8 @@ class CompiledBackend(ModuleType):
         ||dB_c||^2`` of each trainable client, computed from the complete fp32 gradients.
         ``saved`` is the ``H`` that ``lora_forward`` returned.
         """
+        adapter_dtype = lora_a.dtype
+        lora_a, lora_b = _in_dtype(x2d.dtype, lora_a, lora_b)
         dx = torch.empty_like(x2d) if need_dx else None
         d_a, d_b = self.native.lora_backward(
             dy2d, x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
@@ -123,7 +126,15 @@ class CompiledBackend(ModuleType):
         )
         if not weight_grads:
             return dx, None, None
-        return dx, d_a, d_b
+        return dx, d_a.to(adapter_dtype), d_b.to(adapter_dtype)
+
+
+def _in_dtype(dtype: torch.dtype, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters in the activations' dtype: the compiled kernels take one dtype for all inputs, so
+    float32 master adapters under half-precision activations cost a cast copy per call here."""
+    if lora_a.dtype == dtype:
+        return lora_a, lora_b
+    return lora_a.to(dtype), lora_b.to(dtype)
 
 
 def _check_device_type(device_type: object) -> str:

@@ -7,9 +7,12 @@ no pass reads and rewrites ``y`` or ``dx`` a second time. Backends:
 
 * ``"triton"``: fused Triton kernels (``triton_lora.py``); CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``;
-* ``"torch"``: a per-client loop (``reference.py``), the readable contract and CPU default;
+* ``"torch"``: a per-client loop (``reference.py``), the readable contract, the only backend for
+  float64 and the one with higher-order gradients;
 * ``"cpu"`` / ``"cuda"``: the compiled extension from ``csrc/`` when it is built;
-* ``"auto"``: the fastest one available for the tensors' device.
+* ``"auto"``: the fastest one available for the tensors' device: on CUDA tensors Triton, on CPU
+  tensors the compiled ``cpu`` extension when it is built (or can be built on first use), else
+  torch; float64 always goes to torch.
 """
 
 from __future__ import annotations
@@ -79,16 +82,63 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     return impl if dtype is None or dtype in impl.DTYPES else reference
 
 
-def _unfused_dropout(x2d: torch.Tensor, plan: LoRAPlan, params: ClientParams) -> tuple[torch.Tensor, ClientParams]:
-    """Dropout for backends without it in their kernels: a 0/1 mask on x and ``s_c / (1 - p)``.
+def prepare_dropout(x: torch.Tensor, plan: LoRAPlan, params: ClientParams,
+                    impl: ModuleType) -> tuple[torch.Tensor | None, ClientParams]:
+    """The 0/1 keep mask ``[T, d_in]`` (x's dtype) and the settings a backend without fused dropout
+    runs with; ``(None, params)`` when there is no dropout or the backend's kernels apply it.
 
     ``s/(1-p) * (x * keep) A^T B^T`` equals ``s * (x * keep / (1-p)) A^T B^T``, and the backward of
     that call gives exactly dropout's ``dA``/``dB``; only ``dx`` still needs the mask, applied by
-    the caller. The mask is the counter-based one of ``dropout.py``, the same bits as the kernels.
+    ``lora_backward``. The mask is the counter-based one of ``dropout.py``, the same bits as the kernels.
     """
-    keep = dropout.row_keep(plan, params.dropout_seeds, params.dropout_p, x2d.shape[1])
-    scaled = ClientParams(params.scaling / (1.0 - params.dropout_p), params.ranks, params.trainable)
-    return keep, scaled
+    if params.dropout_p == 0 or getattr(impl, "FUSED_DROPOUT", False):
+        return None, params
+    keep = dropout.row_keep(plan, params.dropout_seeds, params.dropout_p, x.shape[-1])
+    return keep, ClientParams(params.scaling / (1.0 - params.dropout_p), params.ranks, params.trainable)
+
+
+def rows2d(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t [..., d]`` as a contiguous ``[rows, d]`` matrix (a view when it already is one)."""
+    return t.reshape(rows, t.shape[-1]).contiguous()
+
+
+def lora_forward(impl: ModuleType, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 bias: torch.Tensor | None, plan: LoRAPlan, params: ClientParams,
+                 keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(bias + LoRA term [T, d_out], saved)`` from backend ``impl`` (see ``reference.py``)."""
+    x_lora = x2d if keep is None else x2d * keep
+    return impl.lora_forward(x_lora, lora_a.contiguous(), lora_b.contiguous(), bias, plan, params)
+
+
+def lora_backward(ctx, dy2d: torch.Tensor, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  saved: torch.Tensor | None, keep: torch.Tensor | None, need_dx: bool,
+                  weight_grads: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx_lora, dA, dB)`` of the LoRA term from the backend in ``ctx.impl``, dropout's mask on dx.
+
+    ``ctx`` carries ``impl``, ``plan``, ``params``, ``grad_sqnorm`` and ``op`` (the public name, for
+    errors). A backward that records a graph (``create_graph=True``) is refused on the kernel
+    backends, whose backward is not itself differentiable, instead of returning gradients that
+    silently lack their dependence on the inputs; the torch backend's backward is made of
+    differentiable torch ops on the saved *inputs* (views and copies redone here, under the
+    engine's grad mode), so it supports higher-order gradients.
+    """
+    if torch.is_grad_enabled() and ctx.impl is not reference:  # grad mode is on only for create_graph=True
+        raise RuntimeError(
+            f"{ctx.op}: the {ctx.impl.__name__.rsplit('.', 1)[-1]} backend's backward is not differentiable "
+            "(create_graph=True); backend='torch' supports higher-order gradients")
+    x_lora = x2d if keep is None else x2d * keep
+    dx, d_a, d_b = ctx.impl.lora_backward(
+        dy2d, x_lora, lora_a.contiguous(), lora_b.contiguous(), ctx.plan, ctx.params, saved, need_dx,
+        weight_grads, ctx.grad_sqnorm,
+    )
+    if dx is not None and keep is not None:
+        dx = dx * keep
+    return dx, d_a, d_b
+
+
+def save_call(ctx, inputs: tuple, plan: LoRAPlan, params: ClientParams, grad_sqnorm, impl, op: str) -> None:
+    ctx.save_for_backward(*inputs)
+    ctx.plan, ctx.params, ctx.grad_sqnorm, ctx.impl, ctx.op = plan, params, grad_sqnorm, impl, op
 
 
 class _MultiLoRALinearFn(torch.autograd.Function):
@@ -96,58 +146,41 @@ class _MultiLoRALinearFn(torch.autograd.Function):
 
     The backward is built the same way: the backend writes the LoRA share of ``dx`` and the BLAS
     adds ``dy W`` into it, so neither ``y`` nor ``dx`` is read and written again by a second pass.
+    The forward returns ``(y, saved)`` (the backend's intermediate) so that ``setup_context`` can keep
+    it: that split is what ``torch.func`` transforms need.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, backend):
-        x2d = x.reshape(plan.num_rows, weight.shape[1]).contiguous()
-        lora_a = lora_a.contiguous()
-        lora_b = lora_b.contiguous()
-        keep = None
-        x_lora, lora_params = x2d, params
-        if params.dropout_p > 0 and not getattr(backend, "FUSED_DROPOUT", False):
-            keep, lora_params = _unfused_dropout(x2d, plan, params)
-            x_lora = x2d * keep
-        out, saved = backend.lora_forward(x_lora, lora_a, lora_b, bias, plan, lora_params)
+    def forward(x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
+        x2d = rows2d(x, plan.num_rows)
+        out, saved = lora_forward(impl, x2d, lora_a, lora_b, bias, plan, params, keep)
         out.addmm_(x2d, weight.t())
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, saved, keep)
-        ctx.plan, ctx.params, ctx.grad_sqnorm, ctx.backend = plan, lora_params, grad_sqnorm, backend
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return out.reshape(*x.shape[:-1], weight.shape[0]), saved
 
     @staticmethod
-    def backward(ctx, dy):
-        x2d, weight, lora_a, lora_b, saved, keep = ctx.saved_tensors
-        x_lora = x2d if keep is None else x2d * keep
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
+        # The inputs themselves (not contiguous copies made in forward) are saved, so that a
+        # backward under create_graph=True differentiates through the views it redoes.
+        save_call(ctx, (x, weight, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl,
+                   "multi_lora_linear")
+        ctx.has_bias = bias is not None
+        if output[1] is not None:
+            ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dy, _d_saved):
+        x, weight, lora_a, lora_b, saved, keep = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        dy2d = dy.reshape(ctx.plan.num_rows, weight.shape[0]).contiguous()
-        dx, d_a, d_b = ctx.backend.lora_backward(
-            dy2d, x_lora, lora_a, lora_b, ctx.plan, ctx.params, saved, need_x,
-            need_a or need_lb, ctx.grad_sqnorm,
-        )
+        x2d = rows2d(x, ctx.plan.num_rows)
+        dy2d = rows2d(dy, ctx.plan.num_rows)
+        dx, d_a, d_b = lora_backward(ctx, dy2d, x2d, lora_a, lora_b, saved, keep, need_x, need_a or need_lb)
         if dx is not None:
-            if keep is not None:
-                dx = dx * keep
-            dx = dx.addmm_(dy2d, weight).reshape(ctx.x_shape)
+            dx = dx.addmm(dy2d, weight).reshape(x.shape)
         d_w = dy2d.t() @ x2d if need_w else None  # the base path sees x without dropout
         d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
         return (dx, d_w, d_bias, d_a if need_a else None, d_b if need_lb else None,
-                None, None, None, None)
-
-
-class _MultiLoRALinearOnceFn(_MultiLoRALinearFn):
-    """The same function for the kernel backends, whose backward is not itself differentiable: a
-    backward that records a graph (``create_graph=True``, e.g. a gradient penalty) raises instead of
-    returning gradients that silently lack their dependence on the adapters. The torch backend's
-    backward is made of differentiable torch ops and keeps ``_MultiLoRALinearFn``."""
-
-    @staticmethod
-    def backward(ctx, dy):
-        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
-            raise RuntimeError(
-                f"multi_lora_linear: the {ctx.backend.__name__.rsplit('.', 1)[-1]} backend's backward is not "
-                "differentiable (create_graph=True); backend='torch' supports higher-order gradients")
-        return _MultiLoRALinearFn.backward(ctx, dy)
+                None, None, None, None, None)
 
 
 def multi_lora_linear(
@@ -175,8 +208,11 @@ def multi_lora_linear(
             ``plan.num_rows``. float32, float16 or bfloat16 (float64 on the torch backend).
         weight: ``[d_out, d_in]`` frozen base weight, same dtype and device as ``x``.
         bias: ``[d_out]`` or ``None``.
-        lora_a: ``[N, r_max, d_in]`` down-projections.
-        lora_b: ``[N, d_out, r_max]`` up-projections.
+        lora_a: ``[N, r_max, d_in]`` down-projections, in x's dtype, or float32 (master adapters)
+            under float16/bfloat16 activations: the torch and Triton backends read those as they
+            are, the compiled ``cpu``/``cuda`` ones cast them to x's dtype in every call (and their
+            gradients back to float32).
+        lora_b: ``[N, d_out, r_max]`` up-projections, in ``lora_a``'s dtype.
         plan: the batch's ``LoRAPlan`` (``LoRAPlan.build(client_ids, N)``).
         scaling: one float for all clients or ``[N]`` per-client scales ``s_c``.
         ranks: ``None`` (every client uses ``r_max``) or int ``[N]`` ranks in ``[0, r_max]``;
@@ -201,9 +237,15 @@ def multi_lora_linear(
     params: ClientParams = check_inputs(
         x, weight, bias, lora_a, lora_b, plan, scaling, ranks, trainable, grad_sqnorm, dropout_p, dropout_seeds
     )
-    impl = resolve_backend(backend, x.device, x.dtype)
+    impl = backend_for(backend, x)
+    keep, params = prepare_dropout(x, plan, params, impl)
+    return _MultiLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
+
+
+def backend_for(name: str, x: torch.Tensor) -> ModuleType:
+    """``resolve_backend`` for the tensors of a call, refusing an ``x`` dtype the backend lacks."""
+    impl = resolve_backend(name, x.device, x.dtype)
     if x.dtype not in impl.DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in impl.DTYPES)
-        raise TypeError(f"x: backend {backend!r} supports dtypes {names}, got {x.dtype}")
-    fn = _MultiLoRALinearFn if impl is reference else _MultiLoRALinearOnceFn
-    return fn.apply(x, weight, bias, lora_a, lora_b, plan, params, grad_sqnorm, impl)
+        raise TypeError(f"x: backend {name!r} supports dtypes {names}, got {x.dtype}")
+    return impl

@@ -1,6 +1,8 @@
 """Torch backend: the LoRA part of ``multi_lora_linear`` as a plain loop over clients.
 
-This is the readable statement of the contract (DESIGN.md section 3) and the CPU default.
+This is the readable statement of the contract, and the backend of float64 inputs and of
+higher-order gradients: every op below is a differentiable torch op, so a backward run under
+``create_graph=True`` records its own graph.
 It is what PEFT-style code does when each client is a separate adapter: one small GEMM
 pair per client. All LoRA arithmetic runs in float32 whatever the input dtype; results are
 rounded once into the output dtype (float64 inputs stay in float64, for gradcheck).
@@ -111,5 +113,5 @@ def lora_backward(
         d_a[c, :r] = grad_a.to(d_a.dtype)
         d_b[c, :, :r] = grad_b.to(d_b.dtype)
         if grad_sqnorm is not None:
-            grad_sqnorm[c] += grad_a.square().sum() + grad_b.square().sum()
+            grad_sqnorm[c] += (grad_a.square().sum() + grad_b.square().sum()).detach()  # a statistic, not part of any graph
     return dx, d_a, d_b

@@ -37,6 +37,9 @@ LoRA dropout lives in the kernels: the mask bit of (client c, its j-th row, colu
 counter-based hash of ``dropout.py``; the shrink and ``dA`` zero dropped entries of X and scale
 their fp32 result by ``1 / (1 - p)``, the ``dx`` expand masks its output the same way.
 
+Adapters may be float32 under float16/bfloat16 activations (fp32 master banks): the kernels load
+them as stored and convert the tile in registers, so no cast copy is made per call.
+
 Loads: adapter tiles are bounded by the constexprs ``R_PAD``/``R_MAX``, never by the run-time
 rank, so the loads along a contiguous dimension stay vectorised; the rank tail is zeroed with
 ``tl.where``. The interpreter (``TRITON_INTERPRET=1``) runs the same kernels on CPU tensors; there
@@ -164,6 +167,8 @@ def _shrink_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             a = a.to(tl.float32)
+        else:  # float32 master adapters under half activations: converted in registers, no copy
+            a = a.to(x.dtype)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
     if DROPOUT:
         acc *= inv_keep
@@ -295,7 +300,7 @@ def _weight_grad_kernel(
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if FUSE_G:
             qg = q.to(tl.float32) if UPCAST else q
-            g = tl.dot(qg, b, input_precision=PRECISION)
+            g = tl.dot(qg, b.to(qg.dtype), input_precision=PRECISION)
             tl.store(gpart_ptr + pid_n.to(tl.int64) * gpart_stride + pos[:, None].to(tl.int64) * R_PAD + r[None, :], g,
                      mask=row_mask[:, None])
         if train:
