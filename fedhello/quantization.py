@@ -14,9 +14,13 @@ About a message bitsandbytes 0.50 logs on import: on CPUs with AVX512-BF16 it lo
 optional 4-bit *inference* kernel that the ``kernels`` package would download from the Hugging
 Face Hub ("Failed to load CPU gemm_4bit_forward from kernels-community"). fedhello does not
 install ``kernels``, so nothing is fetched and bitsandbytes uses its bundled CPU library; that
-kernel serves bitsandbytes' repacked inference layout, which ``fedhello.nn`` switches off for the
-layers it wraps (it computes in bfloat16 and has no backward). ``quiet_bitsandbytes`` (installed
-by ``import fedhello``) drops that one message and nothing else.
+kernel serves bitsandbytes' repacked bfloat16 inference layout, which ``fedhello.nn`` switches
+off for the layers it wraps (see ``fedhello.nn.quantized.prepare_quantized_base``).
+``quiet_bitsandbytes`` (installed by ``import fedhello``) drops that one message.
+
+It also drops bitsandbytes' "MatMul8bitLt: inputs will be cast from torch.float32 to float16"
+warning: an int8 layer in eval mode quantizes its input through float16 by design (LLM.int8()),
+as it does under PEFT; training mode on CPU multiplies by the dequantized weight instead.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 # The pip requirement of the [quant] extra (pyproject.toml), named in the "what to install" errors.
 BNB_REQUIREMENT = "bitsandbytes>=0.50,<0.51"
 _BNB_SERIES = (0, 50)
-_HUB_KERNEL_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# logger name -> the start of the one message dropped from it (see the module doc)
+_DROPPED = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+}
 
 
 def bitsandbytes_problem() -> str | None:
@@ -55,17 +63,23 @@ def require_bitsandbytes(field: str = "model.quantize", value: str = "nf4") -> N
                         f"pip install '{BNB_REQUIREMENT}' (or pip install -e '.[quant]')")
 
 
-class _DropHubKernelNote(logging.Filter):
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_HUB_KERNEL_NOTE)
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' note about its optional Hub inference kernel (see the module doc); idempotent.
+    """Drop bitsandbytes' note about its optional Hub inference kernel and its int8 float16-cast
+    warning (see the module doc), nothing else; idempotent.
 
-    A filter on the logger that emits it, so it holds whoever imports bitsandbytes first (PEFT
+    Filters on the loggers that emit them, so they hold whoever imports bitsandbytes first (PEFT
     imports it as soon as it is installed).
     """
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropHubKernelNote) for f in logger.filters):
-        logger.addFilter(_DropHubKernelNote())
+    for name, prefix in _DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))

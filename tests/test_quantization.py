@@ -28,9 +28,12 @@ def test_other_bitsandbytes_series_is_named(monkeypatch):
 
 
 def test_import_is_quiet_and_offline():
-    """PEFT imports bitsandbytes when it is installed; its Hub-kernel note is dropped, nothing else printed."""
+    """PEFT imports bitsandbytes when it is installed: its Hub-kernel note and the int8 eval path's
+    float16 note are dropped, nothing else is printed."""
     pytest.importorskip("bitsandbytes")
-    code = "import fedhello, peft, bitsandbytes, bitsandbytes.nn; print('ok')"
+    code = ("import fedhello, peft, torch; from fedhello.nn.quantized import quantize_linear; "
+            "m = quantize_linear(torch.nn.Linear(8, 8), 'int8', torch.float32).eval(); m(torch.randn(2, 8)); "
+            "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert done.returncode == 0, done.stderr

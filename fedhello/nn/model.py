@@ -189,7 +189,9 @@ class MultiLoRAModel(nn.Module):
                     # checkpoint only then. Their dropout modules are children, switched off here.
                     module.training = getattr(module, "gradient_checkpointing", False) is True
             for _, module in self._lora + self._heads:
-                module.base.training = False
+                # A bitsandbytes base follows the mode, as under PEFT: its flag picks bitsandbytes'
+                # training matmul (int8 on CPU: dequantized weight, no activation quantization).
+                module.base.training = getattr(module, "quantization", None) is not None
         return self
 
     # ------------------------------------------------------------------ per-client settings
@@ -252,8 +254,10 @@ class MultiLoRAModel(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of the frozen backbone, in which the forward and backward passes compute."""
-        return self._lora[0][1].base.weight.dtype
+        """The dtype of the frozen backbone, in which the forward and backward passes compute (a
+        quantized base's 4-bit layers multiply in their own ``compute_dtype``, see ``fedhello.nn.quantized``)."""
+        banks = {id(p) for _, _, p in self.lora_banks()} | {id(p) for _, p in self.head_banks()}
+        return next(p.dtype for p in self.backbone.parameters() if p.is_floating_point() and id(p) not in banks)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Cast the frozen backbone (base layers, embeddings, norms) to ``dtype``, in place.
