@@ -234,6 +234,10 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"x: {self.name} has a {self.quantization} base, whose bitsandbytes ops compute in "
                             f"float32, bfloat16 or float16; got float64")
         y = self.base(x)
+        if y._is_view() and torch.is_grad_enabled():
+            # bitsandbytes' int8 eval matmul hands back a reshaped view; autograd refuses an in-place
+            # update of a view by a function with two outputs (lora_delta's y and its saved state).
+            y = y.clone()
         y = lora_delta(x, lora_a, lora_b, plan, self.scaling, **lora, out=y)
         return _NoDoubleBackward.apply(y, self.name, self.quantization)
 

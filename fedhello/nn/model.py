@@ -30,6 +30,7 @@ from torch import nn
 from .discovery import BlockMap, find_blocks, is_linear_like, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
+from .quantized import quantization_of
 from .routing import RoutingContext
 
 __all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
@@ -187,11 +188,11 @@ class MultiLoRAModel(nn.Module):
                 if not isinstance(module, (MultiLoRALinear, ClientHeadBank)):
                     # Layers with transformers' gradient checkpointing on stay in training mode: they
                     # checkpoint only then. Their dropout modules are children, switched off here.
-                    module.training = getattr(module, "gradient_checkpointing", False) is True
-            for _, module in self._lora + self._heads:
-                # A bitsandbytes base follows the mode, as under PEFT: its flag picks bitsandbytes'
-                # training matmul (int8 on CPU: dequantized weight, no activation quantization).
-                module.base.training = getattr(module, "quantization", None) is not None
+                    # bitsandbytes layers (wrapped bases or not) follow the mode, as under PEFT: their
+                    # flag picks bitsandbytes' training matmul (int8 on CPU: the dequantized weight,
+                    # no activation quantization); they have no dropout.
+                    module.training = (getattr(module, "gradient_checkpointing", False) is True
+                                       or quantization_of(module) is not None)
         return self
 
     # ------------------------------------------------------------------ per-client settings

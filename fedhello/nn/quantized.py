@@ -47,8 +47,8 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
         compute_dtype: the dtype 4-bit layers dequantize to and multiply in (bitsandbytes'
             ``compute_dtype``); int8 layers compute in the activations' dtype and ignore it.
 
-    The bias (if any) stays in its dtype, frozen; the caller drops ``linear`` afterwards, so only
-    the quantized weight stays alive.
+    The bias (if any) stays in its dtype, frozen, and the layer takes ``linear``'s train/eval mode;
+    the caller drops ``linear`` afterwards, so only the quantized weight stays alive.
     """
     if kind not in QUANTIZATIONS[1:]:
         raise ValueError(f"kind: expected one of {QUANTIZATIONS[1:]}, got {kind!r}")
@@ -71,7 +71,8 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer = layer.to(weight.device)  # bitsandbytes quantizes on the move to a real device
-    return prepare_quantized_base(layer.requires_grad_(False), "linear")
+    # linear's mode too: it picks bitsandbytes' int8 matmul (a fresh module would be in training mode).
+    return prepare_quantized_base(layer.requires_grad_(False).train(linear.training), "linear")
 
 
 def prepare_quantized_base(layer: nn.Module, arg: str = "base") -> nn.Module:
