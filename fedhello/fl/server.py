@@ -56,6 +56,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
+from fedhello.models.quantize import MemoryReport, memory_report, quantize_backbone
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses, row_terms
@@ -169,6 +170,9 @@ class FederatedRun:
             backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
                                      task="image-classification" if images else "sequence-classification",
                                      seed=derive_seed(cfg.seed, "head"))
+        if cfg.model.quantize != "none":  # on the run's device: bitsandbytes quantizes where the weight is
+            compute = cfg.model.compute_dtype if cfg.model.compute_dtype != "auto" else cfg.engine.dtype
+            quantize_backbone(backbone.to(self.device), cfg.model.quantize, resolve_dtype(compute, self.device))
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -253,8 +257,12 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
+        # Adapters and heads only; "base" records how the frozen backbone they belong to was quantized.
+        base = {"name": self.config.model.name, "quantize": self.config.model.quantize,
+                "compute_dtype": self.config.model.compute_dtype}
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
-                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}, _json_default)
+                        {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict(), "base": base},
+                        _json_default)
         self.checkpoint_round = next_round
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -323,6 +331,7 @@ class FederatedRun:
         elif resume:  # a mistyped output_dir shows up here, not as a silent new run
             print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
+        print("\n".join(self.memory().lines()), flush=True)
         _write_jsonl(metrics_path, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
             (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
@@ -351,6 +360,12 @@ class FederatedRun:
         if self.causal_lm:
             export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
         return records
+
+    def memory(self) -> MemoryReport:
+        """Bytes of the frozen base, of the adapter and head banks and of their optimizer state."""
+        local = self.config.local
+        slots = 2 if local.optimizer == "adamw" else int(local.momentum > 0)
+        return memory_report(self.model, slots)
 
     def _round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
