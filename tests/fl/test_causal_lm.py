@@ -22,7 +22,7 @@ from fedhello.nn import export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import IGNORE_INDEX, row_losses, row_terms
 
-from tests.nn.tiny import tiny_causal_lm
+from tests.nn.tiny import tiny_causal_lm, tiny_lm_run_config
 
 VOCAB, SEQ = 96, 12
 
@@ -289,16 +289,7 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tiny_lm_files, tokenizer, c
 
     model_dir, data = tiny_lm_files
     out = tmp_path / "run"
-    config = {
-        "task": "causal_lm", "seed": 1,
-        "model": {"name": str(model_dir), "rank": 4, "alpha": 8},
-        "data": {"path": str(data), "text_column": "text", "label_column": "topic", "max_length": 16,
-                 "num_clients": 4, "test_fraction": 0.25, "partition": {"kind": "pathological", "classes_per_client": 1}},
-        "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}},
-        "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]},
-        "rounds": 2, "cohort_size": 3, "local": {"steps": 3, "batch_size": 4, "lr": 0.05},
-        "engine": {"device": "cpu"}, "eval_every": 1, "checkpoint_every": 1, "output_dir": str(out),
-    }
+    config = tiny_lm_run_config(model_dir, data, out)
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli_main(["run", str(path), "--no-progress"]) == 0

@@ -20,7 +20,7 @@ from fedhello.models.quantize import quantize_backbone  # noqa: E402
 from fedhello.nn import inject_multi_lora  # noqa: E402
 
 from tests.fl.test_causal_lm import VOCAB, _lm_tasks  # noqa: E402
-from tests.nn.tiny import tiny_causal_lm  # noqa: E402
+from tests.nn.tiny import tiny_causal_lm, tiny_lm_run_config  # noqa: E402
 
 BASE = {"model": {"name": "smollm2", "rank": 4}, "data": {"name": "bbc_headlines", "num_clients": 4},
         "task": "causal_lm", "cohort_size": 2}
@@ -92,16 +92,7 @@ def test_quantized_run_end_to_end_and_resume_with_another_quantization(tmp_path,
 
     model_dir, data = tiny_lm_files
     out = tmp_path / "run"
-    config = {
-        "task": "causal_lm", "seed": 1,
-        "model": {"name": str(model_dir), "rank": 4, "alpha": 8, "quantize": "nf4"},
-        "data": {"path": str(data), "text_column": "text", "label_column": "topic", "max_length": 16,
-                 "num_clients": 4, "test_fraction": 0.25, "partition": {"kind": "pathological", "classes_per_client": 1}},
-        "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}},
-        "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]},
-        "rounds": 2, "cohort_size": 3, "local": {"steps": 3, "batch_size": 4, "lr": 0.05},
-        "engine": {"device": "cpu"}, "eval_every": 1, "checkpoint_every": 1, "output_dir": str(out),
-    }
+    config = tiny_lm_run_config(model_dir, data, out, quantize="nf4")
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli_main(["run", str(path), "--no-progress"]) == 0

@@ -18,6 +18,8 @@ from fedhello.models import load_backbone, load_tokenizer, smollm2_path  # noqa:
 from fedhello.models.quantize import quantize_backbone  # noqa: E402
 from fedhello.nn import inject_multi_lora  # noqa: E402
 
+from .tiny import write_peft_state  # noqa: E402
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
@@ -53,14 +55,7 @@ def _peft(pristine, state, rank):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(copy.deepcopy(pristine), LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=TARGETS))
-    with torch.no_grad():
-        for key, value in state.items():
-            module_name, _, tensor = key.rpartition(".")
-            module = model.base_model.model.get_submodule(module_name)
-            if tensor == "lora_a":
-                module.lora_A["default"].weight.copy_(value[:rank])
-            else:
-                module.lora_B["default"].weight.copy_(value[:, :rank])
+    write_peft_state(model, state, rank)
     return model.train()
 
 
