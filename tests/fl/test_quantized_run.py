@@ -113,3 +113,37 @@ def test_quantized_run_end_to_end_and_resume_with_another_quantization(tmp_path,
     assert cli_main(["run", str(path), "--no-progress", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "model.quantize: 'nf4' -> 'int8'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_memory_report_counts_packed_base_banks_and_optimizer(kind):
+    from fedhello.models.quantize import memory_report
+
+    backbone = tiny_causal_lm(VOCAB, tie=False)
+    linears = sum(m.weight.numel() * 4 for n, m in backbone.named_modules() if ".layers." in n
+                  and isinstance(m, torch.nn.Linear))
+    quantize_backbone(backbone, kind, torch.float32)
+    # What a state_dict of the quantized model writes: packed weights with all their scales and code tables.
+    saved = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
+    model = inject_multi_lora(backbone, ["q_proj", "v_proj"], num_clients=3, rank=4, head_modules=None)
+    report = memory_report(model, optimizer_slots=2)
+    banks = sum(p.numel() * 4 for _, _, p in model.lora_banks())
+    assert report.banks == banks and report.optimizer == 2 * banks and report.quantization == kind
+    assert 0 < report.quantized < linears / 2
+    # The state_dict leaves out the rotary embedding's non-persistent buffer and adds int8's 1-byte
+    # weight_format per layer: a few dozen bytes either way.
+    assert abs(report.base - saved) < 200
+    assert f"({kind}; quantized layers" in report.lines()[0]
+
+
+def test_doctor_prints_the_memory_of_a_quantized_run(tmp_path, tiny_lm_files, capsys):
+    from fedhello.cli import main as cli_main
+
+    model_dir, data = tiny_lm_files
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(tiny_lm_run_config(model_dir, data, tmp_path / "run", quantize="int8")))
+    assert cli_main(["doctor", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantized backbones: bitsandbytes 0.50." in printed
+    assert "model.quantize int8" in printed and "memory: frozen base" in printed and "(int8; quantized layers" in printed
+    assert not (tmp_path / "run").exists()  # the doctor builds the model, it does not start the run
