@@ -56,7 +56,7 @@ from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, 
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.models import load_backbone, load_tokenizer
-from fedhello.models.quantize import MemoryReport, memory_report, quantize_backbone
+from fedhello.models.quantize import MemoryReport, memory_report
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses, row_terms
@@ -163,16 +163,22 @@ class FederatedRun:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
         self.data = prepare_federated_data(cfg.data, cfg.seed, causal_lm=self.causal_lm)
-        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
-            backbone = load_backbone(cfg.model.name, task="causal-lm")
-        else:
-            images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
-            backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
-                                     task="image-classification" if images else "sequence-classification",
-                                     seed=derive_seed(cfg.seed, "head"))
-        if cfg.model.quantize != "none":  # on the run's device: bitsandbytes quantizes where the weight is
-            compute = cfg.model.compute_dtype if cfg.model.compute_dtype != "auto" else cfg.engine.dtype
-            quantize_backbone(backbone.to(self.device), cfg.model.quantize, resolve_dtype(compute, self.device))
+        compute = cfg.model.compute_dtype if cfg.model.compute_dtype != "auto" else cfg.engine.dtype
+        # A quantized base is quantized on the run's device (bitsandbytes quantizes where the weight is).
+        base = dict(quantize=cfg.model.quantize, compute_dtype=resolve_dtype(compute, self.device),
+                    device=self.device if cfg.model.quantize != "none" else None)
+        try:
+            if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+                backbone = load_backbone(cfg.model.name, task="causal-lm", **base)
+            else:
+                images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
+                backbone = load_backbone(cfg.model.name, num_labels=self.data.num_classes,
+                                         task="image-classification" if images else "sequence-classification",
+                                         seed=derive_seed(cfg.seed, "head"), **base)
+        except ValueError as err:
+            if str(err).startswith("quantize:"):  # a model this quantization cannot take (GPT-2's Conv1D)
+                raise UserError(f"model.{err}") from None
+            raise
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "

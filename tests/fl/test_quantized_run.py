@@ -55,11 +55,20 @@ def test_missing_bitsandbytes_is_reported_before_loading(monkeypatch):
         _config(quantize="fp4").check_sources()
 
 
-def test_gpt2_conv1d_blocks_are_refused():
+def test_gpt2_conv1d_blocks_are_refused(tmp_path, tiny_lm_files):
+    from fedhello.fl.server import FederatedRun
     from tests.nn.tiny import make_model
 
     with pytest.raises(ValueError, match=r"^model\.quantize: .*Conv1D"):
         quantize_backbone(make_model("gpt2"), "nf4", torch.float32)
+    folder = tmp_path / "gpt2"
+    make_model("gpt2").save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tiny LM's tokenizer serves it too
+        (folder / name).write_bytes((tiny_lm_files[0] / name).read_bytes())
+    raw = tiny_lm_run_config(folder, tiny_lm_files[1], tmp_path / "run", quantize="nf4")
+    with pytest.raises(UserError, match=r"^model\.quantize: GPT2LMHeadModel computes its blocks with transformers "
+                                        r"Conv1D"):
+        FederatedRun(RunConfig.from_dict(raw), progress=False)
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
