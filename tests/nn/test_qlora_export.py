@@ -11,7 +11,7 @@ pytest.importorskip("bitsandbytes")
 from fedhello.models import load_backbone  # noqa: E402
 from fedhello.nn import export_peft, import_peft, inject_multi_lora  # noqa: E402
 
-from .tiny import tiny_causal_lm  # noqa: E402
+from .tiny import perturb_slots, tiny_causal_lm  # noqa: E402
 
 VOCAB = 96
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -26,9 +26,7 @@ def test_exported_slot_loads_on_the_quantized_and_the_full_precision_base(tmp_pa
     model = inject_multi_lora(load_backbone(base_dir, task="causal-lm", quantize=kind), TARGETS, num_clients=3,
                               rank=4, alpha=8, head_modules=None, backend="torch", seed=1)
     gen = torch.Generator().manual_seed(2)
-    for slot in range(3):
-        model.load_client_state(slot, {k: v + 0.2 * torch.randn(v.shape, generator=gen)
-                                       for k, v in model.client_state(slot).items()})
+    perturb_slots(model, gen)
     model.set_ranks({1: 2})
     export_peft(model, 1, tmp_path / "adapter")
     ids = torch.randint(3, VOCAB, (2, 9), generator=gen)

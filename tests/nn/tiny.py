@@ -106,6 +106,13 @@ def randomize_banks(model, seed: int = 2, std: float = 0.3) -> None:
         bank.copy_(torch.randn(bank.shape, generator=gen) * std)
 
 
+def perturb_slots(model, gen: torch.Generator, std: float = 0.2) -> None:
+    """Add N(0, std) noise to every slot's adapters and heads, each slot its own draw."""
+    for slot in range(model.num_clients):
+        model.load_client_state(slot, {k: v + std * torch.randn(v.shape, generator=gen)
+                                       for k, v in model.client_state(slot).items()})
+
+
 def peft_client(pristine: nn.Module, arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float):
     """PEFT LoRA (rank ``rank``) on a copy of ``pristine`` holding one client's ``state``."""
     from peft import LoraConfig, get_peft_model
