@@ -131,3 +131,27 @@ def test_int8_outlier_threshold_is_refused():
     base = bnb.nn.Linear8bitLt(D_IN, D_OUT, has_fp16_weights=False, threshold=6.0)
     with pytest.raises(ValueError, match=r"^base: Linear8bitLt with outlier threshold 6.0"):
         prepare_quantized_base(base)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_bfloat16_activations_track_float32(kind):
+    """A bfloat16 backbone over a quantized base (4-bit layers multiplying in bfloat16): the banks
+    stay float32 masters, the output and gradients follow float32 to bfloat16 precision."""
+    layer = _layer(kind)
+    if kind != "int8":
+        layer.base.compute_dtype = torch.bfloat16
+    x = torch.randn(6, D_IN, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([0, 1, 2, -1, 1, 0])
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.lora_a.grad = layer.lora_b.grad = None
+        xi = x.to(dtype).detach().requires_grad_()
+        with layer.context.route(ids):
+            y = layer(xi)
+        assert y.dtype == dtype
+        y.float().square().sum().backward()
+        out[dtype] = (y.float(), xi.grad.float(), layer.lora_b.grad.clone())
+        assert layer.lora_b.grad.dtype == torch.float32
+    for got, want in zip(out[torch.bfloat16], out[torch.float32]):
+        got, want = got.detach(), want.detach()
+        assert float((got - want).norm() / want.norm()) < 2e-2
