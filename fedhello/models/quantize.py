@@ -16,7 +16,7 @@ from torch import nn
 
 from fedhello.nn.discovery import is_conv1d
 from fedhello.nn.quantized import quantization_of, quantize_linear, quantized_bytes
-from fedhello.quantization import QUANTIZATIONS
+from fedhello.quantization import QUANTIZATIONS, require_bitsandbytes
 
 __all__ = ["MemoryReport", "memory_report", "quantize_backbone"]
 
@@ -50,6 +50,7 @@ def quantize_backbone(model: nn.Module, kind: str, compute_dtype: torch.dtype, f
         raise ValueError(f"{field}: expected one of {QUANTIZATIONS}, got {kind!r}")
     if kind == "none":
         return []
+    require_bitsandbytes(field, kind)
     names, conv = [], []
     for name, module in model.named_modules():
         if name and _in_block(name, model):
