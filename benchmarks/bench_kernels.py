@@ -53,10 +53,10 @@ from _common import int_list as _int_list
 from _common import name_list as _name_list
 from _common import percentile as _percentile
 from byte_model import lora_bytes, r_pad
-from fedhello.kernels import LoRAPlan, multi_lora_linear, resolve_backend
+from fedhello.kernels import LoRAPlan, lora_delta, multi_lora_linear, resolve_backend
 
-IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
-LORA_IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc")
+IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "delta", "base")
+LORA_IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "delta")
 PHASES = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("uniform", "mixed", "frozen")
 ROUTINGS = ("scattered", "contiguous", "zipf1", "zipf2")
@@ -314,6 +314,12 @@ def _api_forward(backend: str, fused_norms: bool) -> Callable[[InputSet], torch.
     return forward
 
 
+def _delta_forward(s: InputSet) -> torch.Tensor:
+    """The frozen layer as a caller's own module (``F.linear``), ``lora_delta`` added into its output."""
+    return lora_delta(s.x, s.lora_a, s.lora_b, s.plan, s.scaling, ranks=s.ranks, trainable=s.trainable,
+                      grad_sqnorm=s.sqnorm, out=F.linear(s.x, s.weight, s.bias))
+
+
 def _bmm_forward(s: InputSet) -> torch.Tensor:
     return padded_bmm_lora(s.x, s.weight, s.bias, s.lora_a, s.lora_b, s.routing, s.scaling)
 
@@ -353,6 +359,11 @@ def make_impls(names: Sequence[str], device: torch.device,
                     "torch": "per-client torch loop (PEFT/mLoRA style), with norms",
                     "csrc": f"csrc extension ({device.type}), with norms"}[name]
             impls.append(Impl(name, what, _api_forward(backends[name], fused), True, fused))
+        elif name == "delta":
+            module = resolve_backend("auto", device, dtype)
+            which = module.__name__.rsplit(".", 1)[-1].replace("reference", "torch")
+            impls.append(Impl(name, f"F.linear, then lora_delta(out=y) ({which} backend), with norms",
+                              _delta_forward, True, True))
         elif name == "bmm":
             impls.append(Impl(name, "padded gather + torch.bmm, autograd backward, no norms",
                               _bmm_forward, True, False))
@@ -532,6 +543,7 @@ def estimate_bytes(case: KernelCase, max_rows: int) -> dict[str, int]:
         "csrc": outputs + 2 * t * r_pad * 4 + 6 * max_rows * d * 4,
     }
     transient["triton_nonorm"] = transient["triton"]
+    transient["delta"] = transient["csrc"] + act  # any backend, plus the delta buffer
     return {
         "set": 2 * act + d * d * e + d * e + adapters + routing,
         "guard": 2 * outputs + 3 * t * d * 4,
@@ -619,7 +631,8 @@ def headline_ratios(case_result: dict) -> dict[str, float | None]:
 
 
 def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
-    """The byte model of ``case`` (``byte_model.lora_bytes``) for both designs, per phase and
+    """The byte model of ``case`` (``byte_model.lora_bytes``) for both designs (and v2's
+    ``lora_delta(out=y)``, for the ``delta`` implementation), per phase and
     kernel; ``client_rows`` (rows per client of the routing) sizes the v2 partials, and the v2
     block sizes are the Triton backend's own (``fedhello.kernels.tuning``) where it has a table."""
     e = torch.tensor([], dtype=case.torch_dtype).element_size()
@@ -632,9 +645,10 @@ def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
         interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         cfg = tuning.lookup(case.torch_dtype, r_pad(case.r), interp)
         blocks = {"block_n": cfg.dy_block_n, "chunk_rows": cfg.chunk}
+    v2 = dict(design="v2", client_rows=client_rows, **blocks)
     return {"v1": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v1"),
-            "v2": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v2", client_rows=client_rows,
-                             **blocks)}
+            "v2": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, **v2),
+            "v2_delta_out": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, op="lora_delta_out", **v2)}
 
 
 def effective_gbps(impl_results: dict[str, dict], model: dict, copy_bytes_per_s: float | None) -> dict:
@@ -777,8 +791,11 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
     if device.type == "cuda":
         record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
     record["ratios"] = derive(record["impls"])
-    record["ratios"]["effective_gbps_v2_model"] = effective_gbps(
-        record["impls"], record["bytes_model"]["v2"], opts.copy_bytes_per_s)
+    fused = {name: entry for name, entry in record["impls"].items() if name != "delta"}
+    record["ratios"]["effective_gbps_v2_model"] = {
+        **effective_gbps(fused, record["bytes_model"]["v2"], opts.copy_bytes_per_s),
+        **effective_gbps({"delta": record["impls"].get("delta", {})}, record["bytes_model"]["v2_delta_out"],
+                         opts.copy_bytes_per_s)}
     record["status"] = "ok"
     return record
 

@@ -29,6 +29,12 @@ norms); B2 reduces the G partials to ``G [T, R_PAD]``; B3 writes ``dx = G A`` on
 partials, and B4r reduces those. The kernels are listed in the order the Triton backend launches
 them, so a profile's launch list pairs with them one to one.
 
+Ops (``op=``, v2 kernels only): ``"multi_lora_linear"`` (the above); ``"lora_delta"``, the LoRA
+term alone: F2 writes ``delta = s H B^T`` without a bias, the backward is v2's; ``"lora_delta_out"``,
+``lora_delta(..., out=y)`` on a base layer the caller runs: also F3, the in-place ``y += delta``
+(reads y and delta, writes y), and B5, autograd adding the LoRA share of dx to the base layer's
+dx (reads both, writes dx): the two passes a fused ``multi_lora_linear`` avoids.
+
 Usage: ``lora_bytes(8192, 32, 4096, 4096, 16, 2)["phases"]["fwd_bwd"]`` -> bytes; run this file
 for the headline table (``python benchmarks/byte_model.py [--json]``).
 """
@@ -41,9 +47,10 @@ import math
 import sys
 from typing import Sequence
 
-__all__ = ["DESIGNS", "base_flops", "floors", "lora_bytes", "r_pad", "uniform_rows"]
+__all__ = ["DESIGNS", "OPS", "base_flops", "floors", "lora_bytes", "r_pad", "uniform_rows"]
 
 DESIGNS = ("v1", "v2")
+OPS = ("multi_lora_linear", "lora_delta", "lora_delta_out")
 FP32 = 4
 INDEX = 4  # int32 row indices / tile entries
 # Measured ceilings used for the README's floors (KINDS.md of the device tool: copy counted as
@@ -122,10 +129,22 @@ def _v2(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chu
     }
 
 
+def _delta(kernels: dict[str, dict], t: int, d_in: int, d_out: int, e: int, into_out: bool) -> dict[str, dict]:
+    """v2's kernels for ``lora_delta``: F2 without the bias; with ``into_out`` the two add passes."""
+    f2 = kernels["F2_expand"]
+    kernels = {**kernels, "F2_expand": _kernel("fwd", "delta = s H B^T, written once", f2["read"] - d_out * e,
+                                               f2["write"])}
+    if into_out:
+        x, y = t * d_in * e, t * d_out * e
+        kernels["F3_add_into_out"] = _kernel("fwd", "y += delta in place (lora_delta(out=y))", 2 * y, y)
+        kernels["B5_dx_accumulate"] = _kernel("bwd", "autograd adds the LoRA dx to the base layer's dx", 2 * x, x)
+    return kernels
+
+
 def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, *,
                design: str = "v2", block_n: int = 128, chunk_rows: int = 512,
-               client_rows: Sequence[int] | None = None) -> dict:
-    """Bytes the LoRA path of one ``multi_lora_linear`` forward + backward moves.
+               client_rows: Sequence[int] | None = None, op: str = "multi_lora_linear") -> dict:
+    """Bytes the LoRA path of one forward + backward of ``op`` moves.
 
     Args:
         t, n, d_in, d_out, r: rows T, clients N, feature sizes, max rank r_max.
@@ -135,9 +154,11 @@ def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, 
         chunk_rows: v2: rows per weight-gradient row chunk; clients with more rows go through
             fp32 partials reduced by B1r / B4r.
         client_rows: v2: rows per client (default: T spread evenly), for the partials.
+        op: ``"multi_lora_linear"``, ``"lora_delta"`` or ``"lora_delta_out"`` (module docstring;
+            the delta ops exist in the v2 design only).
 
     Returns:
-        ``{"design", "params", "kernels": {name: {"phase", "what", "read", "write", "total"}},
+        ``{"design", "op", "params", "kernels": {name: {"phase", "what", "read", "write", "total"}},
         "phases": {"fwd", "bwd", "fwd_bwd"}}``, all in bytes.
     """
     for name, value in (("t", t), ("n", n), ("d_in", d_in), ("d_out", d_out), ("r", r),
@@ -146,6 +167,10 @@ def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, 
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if design not in DESIGNS:
         raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    if op != "multi_lora_linear" and design != "v2":
+        raise ValueError(f"design: {op} exists in the v2 design only, got {design!r}")
     rows = list(client_rows) if client_rows is not None else uniform_rows(t, n)
     if len(rows) != n or any(c < 0 for c in rows) or sum(rows) > t:
         raise ValueError(f"client_rows: expected {n} non-negative counts summing to <= T={t}, got {rows}")
@@ -153,10 +178,13 @@ def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, 
         kernels = _v1(t, n, d_in, d_out, r, dtype_bytes)
     else:
         kernels = _v2(t, n, d_in, d_out, r, dtype_bytes, block_n, chunk_rows, rows)
+    if op != "multi_lora_linear":
+        kernels = _delta(kernels, t, d_in, d_out, dtype_bytes, into_out=op == "lora_delta_out")
     fwd = sum(k["total"] for k in kernels.values() if k["phase"] == "fwd")
     bwd = sum(k["total"] for k in kernels.values() if k["phase"] == "bwd")
     return {
         "design": design,
+        "op": op,
         "params": {"t": t, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "r_pad": r_pad(r),
                    "dtype_bytes": dtype_bytes, "block_n": block_n, "chunk_rows": chunk_rows},
         "kernels": kernels,

@@ -35,7 +35,7 @@ if CUDA:
 else:
     CASES = [bk.KernelCase(4, 192, 64, 8, "uniform", "fp32")]
     ROTATE = 2
-IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
+IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "delta", "base")
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)

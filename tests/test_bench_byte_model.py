@@ -121,3 +121,21 @@ def test_launch_list_takes_medians_per_position() -> None:
     swapped = [_Event("expand", 1, 1.0), _Event("shrink", 2, 1.0), _Event("shrink", 3, 1.0),
                _Event("expand", 4, 1.0)]
     assert kernel_profile.launch_list(swapped, reps=2) == {"note": "calls launched different kernel sequences"}
+
+
+def test_lora_delta_counts_its_own_output_and_the_add_passes() -> None:
+    """The delta op: v2's kernels without the bias read; on a caller's base layer (out=y) also the
+    in-place add into y and autograd's accumulation of the two dx shares: 3 activations each."""
+    v2 = byte_model.lora_bytes(T, N, D, D, R, E)
+    delta = byte_model.lora_bytes(T, N, D, D, R, E, op="lora_delta")
+    into = byte_model.lora_bytes(T, N, D, D, R, E, op="lora_delta_out")
+    assert delta["op"] == "lora_delta" and v2["op"] == "multi_lora_linear"
+    assert delta["phases"]["fwd"] == v2["phases"]["fwd"] - D * E  # no bias
+    assert delta["phases"]["bwd"] == v2["phases"]["bwd"]
+    assert into["kernels"]["F3_add_into_out"]["total"] == 3 * ACT
+    assert into["kernels"]["B5_dx_accumulate"]["total"] == 3 * ACT
+    assert into["phases"]["fwd_bwd"] == delta["phases"]["fwd_bwd"] + 6 * ACT
+    with pytest.raises(ValueError, match="design: lora_delta exists in the v2 design only"):
+        byte_model.lora_bytes(T, N, D, D, R, E, design="v1", op="lora_delta")
+    with pytest.raises(ValueError, match="op: expected one of"):
+        byte_model.lora_bytes(T, N, D, D, R, E, op="delta")

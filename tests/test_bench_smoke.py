@@ -14,7 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_kernels.py"
-IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "base")
+IMPLS = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "delta", "base")
 PHASES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -66,7 +66,7 @@ def test_cases_and_sizes(smoke) -> None:
 
 def test_every_implementation_reported(smoke) -> None:
     doc, _ = smoke
-    expected_ok = {"torch", "bmm", "base"} | ({"triton", "triton_nonorm"} if _triton_installed() else set())
+    expected_ok = {"torch", "bmm", "delta", "base"} | ({"triton", "triton_nonorm"} if _triton_installed() else set())
     for case in doc["cases"]:
         assert set(case["impls"]) == set(IMPLS), case["name"]
         for name, entry in case["impls"].items():
@@ -93,6 +93,7 @@ def test_guard_agrees_tightly_in_fp32(smoke) -> None:
             assert max(report["rel_err"].values()) < 1e-4, (case["name"], name, report)
         if "triton" in guard:
             assert "sqnorm" in guard["triton"]["rel_err"]
+        assert "sqnorm" in guard["delta"]["rel_err"]  # lora_delta's fused norms, checked like the others
 
 
 def test_derived_values_follow_their_definitions(smoke) -> None:
@@ -135,7 +136,8 @@ def test_byte_model_rates_and_ceilings_recorded(smoke) -> None:
                 if ms <= 0:
                     assert rate["gbps"] is None
                     continue
-                expect = model["v2"]["phases"][phase] / (ms * 1e-3) / 1e9
+                # lora_delta on a caller's layer is rated against its own model (the add passes).
+                expect = model["v2_delta_out" if name == "delta" else "v2"]["phases"][phase] / (ms * 1e-3) / 1e9
                 assert math.isclose(rate["gbps"], expect, rel_tol=1e-9)
                 assert math.isclose(rate["frac_of_copy"], expect * 1e9 / copy_bw, rel_tol=1e-9)
         ceil = case["ceilings"]

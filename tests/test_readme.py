@@ -27,3 +27,17 @@ def test_kernel_example_gives_sensible_gradient_norms(tmp_path):
     assert torch.all(norms[~trainable] == 0)
     # A initialised at 1/sqrt(d_in) and a mean loss: small positive norms, not the ~1e8 of randn A
     assert torch.all((norms[trainable] > 1e-7) & (norms[trainable] < 1e-1)), norms
+
+
+def test_lora_delta_example_adds_into_a_users_base_layer(tmp_path):
+    section = README.read_text().split("## The kernel API\n", 1)[1].split("\n## ", 1)[0]
+    script = tmp_path / "delta_example.py"
+    script.write_text(section.split("```python\n")[2].split("```", 1)[0])
+    torch.manual_seed(0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        namespace = runpy.run_path(str(script))
+    assert out.getvalue().strip() == "True"
+    assert namespace["delta"].abs().max() > 0  # the example is not a zero delta
+    for name in ("x", "lora_a", "lora_b"):
+        assert namespace[name].grad is not None and namespace[name].grad.abs().max() > 0, name

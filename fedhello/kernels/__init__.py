@@ -12,6 +12,7 @@ from .delta import lora_delta
 from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend
 from .runtime import triton_available, triton_interpreting
 from .plan import LoRAPlan, TileList
+from . import ops  # registers torch.ops.fedhello.*
 
 __all__ = [
     "BACKENDS",

@@ -14,61 +14,42 @@ from typing import Sequence
 import torch
 
 from .checks import ClientParams, check_lora_inputs
-from .multi_lora import backend_for, lora_backward, lora_forward, prepare_dropout, rows2d, save_call
+from .multi_lora import Call, backend_for, lora_backward, lora_forward, prepare_dropout, rows2d
 from .plan import LoRAPlan
 
 __all__ = ["lora_delta"]
 
 
+def delta_forward(x, lora_a, lora_b, plan, params, keep, impl) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(delta [..., d_out], saved)``: the backend writes the LoRA term once (zeros on unrouted rows)."""
+    out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
+    return out.reshape(*x.shape[:-1], lora_b.shape[1]), saved
+
+
 class _LoRADeltaFn(torch.autograd.Function):
-    """``delta = LoRA term``: the backend writes it once (zeros on unrouted rows)."""
+    """``delta = LoRA term``, and its backward on the saved inputs (see ``multi_lora.lora_backward``)."""
 
     @staticmethod
     def forward(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
-        out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
-        return out.reshape(*x.shape[:-1], lora_b.shape[1]), saved
+        return delta_forward(x, lora_a, lora_b, plan, params, keep, impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
-        save_call(ctx, (x, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl, "lora_delta")
+        ctx.save_for_backward(x, lora_a, lora_b, output[1], keep)
+        ctx.call = Call(impl, plan, params, grad_sqnorm, "lora_delta")
         if output[1] is not None:
             ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, d_delta, _d_saved):
-        return _backward(ctx, d_delta) + (None,) * 5
-
-
-class _LoRADeltaIntoFn(torch.autograd.Function):
-    """``y += LoRA term`` in place: ``y``'s gradient passes through unchanged to what produced it."""
-
-    @staticmethod
-    def forward(y, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
-        out, saved = lora_forward(impl, rows2d(x, plan.num_rows), lora_a, lora_b, None, plan, params, keep)
-        return y.add_(out.view(y.shape)), saved
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        y, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
-        save_call(ctx, (x, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl, "lora_delta")
-        ctx.mark_dirty(y)
-        if output[1] is not None:
-            ctx.mark_non_differentiable(output[1])
-
-    @staticmethod
-    def backward(ctx, dy, _d_saved):
-        return (dy,) + _backward(ctx, dy) + (None,) * 5
-
-
-def _backward(ctx, d_delta: torch.Tensor) -> tuple:
-    """``(dx, dA, dB)`` of the LoRA term for the output gradient ``d_delta``."""
-    x, lora_a, lora_b, saved, keep = ctx.saved_tensors
-    need_x, need_a, need_b = ctx.needs_input_grad[-8:-5]
-    rows = ctx.plan.num_rows
-    dx, d_a, d_b = lora_backward(ctx, rows2d(d_delta, rows), rows2d(x, rows), lora_a, lora_b, saved, keep,
-                                 need_x, need_a or need_b)
-    return (dx.reshape(x.shape) if dx is not None else None, d_a if need_a else None, d_b if need_b else None)
+        x, lora_a, lora_b, saved, keep = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        rows = ctx.call.plan.num_rows
+        dx, d_a, d_b = lora_backward(ctx.call, rows2d(d_delta, rows), rows2d(x, rows), lora_a, lora_b, saved,
+                                     keep, need_x, need_a or need_b)
+        return (dx.reshape(x.shape) if dx is not None else None, d_a if need_a else None,
+                d_b if need_b else None) + (None,) * 5
 
 
 def lora_delta(
@@ -104,11 +85,12 @@ def lora_delta(
         out: ``None``, or the base layer's output ``y [..., d_out]`` (x's leading shape, x's dtype
             and device), made by any layer. The delta is then added into ``y`` in place and ``y``
             is returned; autograd sees ``y + delta``: the gradient of ``y`` flows on, unchanged,
-            to whatever produced it. The backends write the delta into a buffer of its own, so this
-            costs one more pass over ``[T, d_out]`` than a fused kernel would (``y`` read and
-            written once, the delta read once), the same as ``y += lora_delta(x, ...)``, but no
-            second output tensor stays alive. ``y`` must not be a leaf that requires grad (autograd
-            refuses in-place updates of those).
+            to whatever produced it. ``y`` may be a view, e.g. one slice of a fused QKV output
+            (``out=qkv[..., :d]``, the q adapters' share). The backends write the delta into a
+            buffer of its own that the add then reads (freed on return): one more pass over ``[T,
+            d_out]`` than a fused kernel would need (``y`` read and written, the delta read), the
+            same as ``y += lora_delta(x, ...)``. ``y`` must not be a leaf that requires grad
+            (autograd refuses in-place updates of those).
 
     Returns:
         ``[..., d_out]`` in x's dtype: the delta, or ``out`` holding ``y + delta``.
@@ -117,10 +99,18 @@ def lora_delta(
                                              dropout_p, dropout_seeds)
     impl = backend_for(backend, x)
     keep, params = prepare_dropout(x, plan, params, impl)
-    if out is None:
-        return _LoRADeltaFn.apply(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
-    _check_out(out, x, lora_b.shape[1])
-    return _LoRADeltaIntoFn.apply(out, x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
+    if out is not None:
+        _check_out(out, x, lora_b.shape[1])
+    if torch.compiler.is_compiling():  # one opaque graph node (see ops.py); the compiler fuses the add
+        from . import ops
+
+        delta = torch.ops.fedhello.lora_delta(x, lora_a, lora_b, *ops.op_arguments(plan, params, keep), grad_sqnorm,
+                                              ops.backend_name(impl))[0]
+    else:
+        delta = _LoRADeltaFn.apply(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
+    # A plain in-place add: autograd passes y's gradient through it unchanged, also when ``out`` is
+    # a view (a column slice of a fused QKV output), and the delta is freed on return.
+    return delta if out is None else out.add_(delta)
 
 
 def _check_out(out: object, x: torch.Tensor, d_out: int) -> None:

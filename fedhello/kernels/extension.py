@@ -68,6 +68,10 @@ class CompiledBackend(ModuleType):
         tiles = plan.tiles(self.native.BLOCK_M, include_unrouted=True)
         return tiles.tile_client, tiles.tile_start
 
+    def saved_shape(self, rows: int, r_max: int) -> tuple[int, int]:
+        """Shape of ``H``, the float32 intermediate ``lora_forward`` returns."""
+        return (rows, r_max)
+
     def lora_forward(
         self,
         x2d: torch.Tensor,

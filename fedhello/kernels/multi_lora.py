@@ -12,11 +12,12 @@ no pass reads and rewrites ``y`` or ``dx`` a second time. Backends:
 * ``"cpu"`` / ``"cuda"``: the compiled extension from ``csrc/`` when it is built;
 * ``"auto"``: the fastest one available for the tensors' device: on CUDA tensors Triton, on CPU
   tensors the compiled ``cpu`` extension when it is built (or can be built on first use), else
-  torch; float64 always goes to torch.
+  torch; float64, and every call inside a ``torch.func`` transform, go to torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Sequence
 
@@ -84,7 +85,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
 
 def prepare_dropout(x: torch.Tensor, plan: LoRAPlan, params: ClientParams,
                     impl: ModuleType) -> tuple[torch.Tensor | None, ClientParams]:
-    """The 0/1 keep mask ``[T, d_in]`` (x's dtype) and the settings a backend without fused dropout
+    """The bool keep mask ``[T, d_in]`` and the settings a backend without fused dropout
     runs with; ``(None, params)`` when there is no dropout or the backend's kernels apply it.
 
     ``s/(1-p) * (x * keep) A^T B^T`` equals ``s * (x * keep / (1-p)) A^T B^T``, and the backward of
@@ -110,60 +111,88 @@ def lora_forward(impl: ModuleType, x2d: torch.Tensor, lora_a: torch.Tensor, lora
     return impl.lora_forward(x_lora, lora_a.contiguous(), lora_b.contiguous(), bias, plan, params)
 
 
-def lora_backward(ctx, dy2d: torch.Tensor, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+@dataclass(frozen=True)
+class Call:
+    """What the backward of one call needs besides tensors: the backend module, the plan, the
+    per-client settings, the norms to accumulate into and the public op name (for errors)."""
+
+    impl: ModuleType
+    plan: LoRAPlan
+    params: ClientParams
+    grad_sqnorm: torch.Tensor | None
+    op: str
+
+
+def lora_backward(call: Call, dy2d: torch.Tensor, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   saved: torch.Tensor | None, keep: torch.Tensor | None, need_dx: bool,
                   weight_grads: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dx_lora, dA, dB)`` of the LoRA term from the backend in ``ctx.impl``, dropout's mask on dx.
+    """``(dx_lora, dA, dB)`` of the LoRA term from the backend ``call.impl``, dropout's mask on dx.
 
-    ``ctx`` carries ``impl``, ``plan``, ``params``, ``grad_sqnorm`` and ``op`` (the public name, for
-    errors). A backward that records a graph (``create_graph=True``) is refused on the kernel
-    backends, whose backward is not itself differentiable, instead of returning gradients that
-    silently lack their dependence on the inputs; the torch backend's backward is made of
-    differentiable torch ops on the saved *inputs* (views and copies redone here, under the
-    engine's grad mode), so it supports higher-order gradients.
+    A backward that must record a graph (``create_graph=True`` over inputs that require grad) is
+    refused on the kernel backends, whose backward is not itself differentiable, instead of
+    returning gradients that silently lack their dependence on the inputs; the torch backend's
+    backward is made of differentiable torch ops on the saved *inputs* (views and copies redone
+    here, under the engine's grad mode), so it supports higher-order gradients.
     """
-    if torch.is_grad_enabled() and ctx.impl is not reference:  # grad mode is on only for create_graph=True
-        raise RuntimeError(
-            f"{ctx.op}: the {ctx.impl.__name__.rsplit('.', 1)[-1]} backend's backward is not differentiable "
-            "(create_graph=True); backend='torch' supports higher-order gradients")
+    if call.impl is not reference and records_graph(dy2d, x2d, lora_a, lora_b):
+        refuse_create_graph(call.op, f"the {call.impl.__name__.rsplit('.', 1)[-1]} backend's backward")
     x_lora = x2d if keep is None else x2d * keep
-    dx, d_a, d_b = ctx.impl.lora_backward(
-        dy2d, x_lora, lora_a.contiguous(), lora_b.contiguous(), ctx.plan, ctx.params, saved, need_dx,
-        weight_grads, ctx.grad_sqnorm,
+    dx, d_a, d_b = call.impl.lora_backward(
+        dy2d, x_lora, lora_a.contiguous(), lora_b.contiguous(), call.plan, call.params, saved, need_dx,
+        weight_grads, call.grad_sqnorm,
     )
     if dx is not None and keep is not None:
         dx = dx * keep
     return dx, d_a, d_b
 
 
-def save_call(ctx, inputs: tuple, plan: LoRAPlan, params: ClientParams, grad_sqnorm, impl, op: str) -> None:
-    ctx.save_for_backward(*inputs)
-    ctx.plan, ctx.params, ctx.grad_sqnorm, ctx.impl, ctx.op = plan, params, grad_sqnorm, impl, op
+def records_graph(*tensors: torch.Tensor) -> bool:
+    """Whether a backward over ``tensors`` must be differentiable: grad mode is on (the engine turns it
+    on only for ``create_graph=True``) and one of them requires grad (so that a ``create_graph=True``
+    over inputs that need no gradient, or a compiler tracing the backward, is not refused)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def refuse_create_graph(op: str, what: str) -> None:
+    """Raise the error of a backward that cannot record a graph (``create_graph=True``)."""
+    raise RuntimeError(f"{op}: {what} is not differentiable (create_graph=True); backend='torch' "
+                       "supports higher-order gradients (called eagerly)")
+
+
+def linear_forward(x, weight, bias, lora_a, lora_b, plan, params, keep, impl) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y [..., d_out], saved)``: the backend writes ``bias + LoRA``, the BLAS adds ``x W^T`` into it."""
+    x2d = rows2d(x, plan.num_rows)
+    out, saved = lora_forward(impl, x2d, lora_a, lora_b, bias, plan, params, keep)
+    out.addmm_(x2d, weight.t())
+    return out.reshape(*x.shape[:-1], weight.shape[0]), saved
+
+
+def base_grads(dx_lora: torch.Tensor | None, dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
+               x_shape: torch.Size, need_w: bool, need_bias: bool) -> tuple:
+    """``(dx, dW, dbias)`` of ``multi_lora_linear``: the BLAS adds ``dy W`` into the LoRA share of dx."""
+    dx = dx_lora.addmm(dy2d, weight).reshape(x_shape) if dx_lora is not None else None
+    d_w = dy2d.t() @ x2d if need_w else None  # the base path sees x without dropout
+    return dx, d_w, dy2d.sum(0) if need_bias else None
 
 
 class _MultiLoRALinearFn(torch.autograd.Function):
-    """``y = x W^T + b + LoRA``: the backend *writes* ``bias + LoRA`` and the BLAS adds ``x W^T`` into it.
-
-    The backward is built the same way: the backend writes the LoRA share of ``dx`` and the BLAS
-    adds ``dy W`` into it, so neither ``y`` nor ``dx`` is read and written again by a second pass.
-    The forward returns ``(y, saved)`` (the backend's intermediate) so that ``setup_context`` can keep
-    it: that split is what ``torch.func`` transforms need.
+    """``y = x W^T + b + LoRA`` (``linear_forward``); the backward is built the same way: the backend
+    writes the LoRA share of ``dx`` and the BLAS adds ``dy W`` into it, so neither ``y`` nor ``dx``
+    is read and written again by a second pass. The forward returns ``(y, saved)`` (the backend's
+    intermediate) so that ``setup_context`` can keep it: that split is what ``torch.func`` needs.
     """
 
     @staticmethod
     def forward(x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl):
-        x2d = rows2d(x, plan.num_rows)
-        out, saved = lora_forward(impl, x2d, lora_a, lora_b, bias, plan, params, keep)
-        out.addmm_(x2d, weight.t())
-        return out.reshape(*x.shape[:-1], weight.shape[0]), saved
+        return linear_forward(x, weight, bias, lora_a, lora_b, plan, params, keep, impl)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl = inputs
         # The inputs themselves (not contiguous copies made in forward) are saved, so that a
         # backward under create_graph=True differentiates through the views it redoes.
-        save_call(ctx, (x, weight, lora_a, lora_b, output[1], keep), plan, params, grad_sqnorm, impl,
-                   "multi_lora_linear")
+        ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], keep)
+        ctx.call = Call(impl, plan, params, grad_sqnorm, "multi_lora_linear")
         ctx.has_bias = bias is not None
         if output[1] is not None:
             ctx.mark_non_differentiable(output[1])
@@ -172,13 +201,10 @@ class _MultiLoRALinearFn(torch.autograd.Function):
     def backward(ctx, dy, _d_saved):
         x, weight, lora_a, lora_b, saved, keep = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        x2d = rows2d(x, ctx.plan.num_rows)
-        dy2d = rows2d(dy, ctx.plan.num_rows)
-        dx, d_a, d_b = lora_backward(ctx, dy2d, x2d, lora_a, lora_b, saved, keep, need_x, need_a or need_lb)
-        if dx is not None:
-            dx = dx.addmm(dy2d, weight).reshape(x.shape)
-        d_w = dy2d.t() @ x2d if need_w else None  # the base path sees x without dropout
-        d_bias = dy2d.sum(0) if (need_b and ctx.has_bias) else None
+        rows = ctx.call.plan.num_rows
+        x2d, dy2d = rows2d(x, rows), rows2d(dy, rows)
+        dx, d_a, d_b = lora_backward(ctx.call, dy2d, x2d, lora_a, lora_b, saved, keep, need_x, need_a or need_lb)
+        dx, d_w, d_bias = base_grads(dx, dy2d, x2d, weight, x.shape, need_w, need_b and ctx.has_bias)
         return (dx, d_w, d_bias, d_a if need_a else None, d_b if need_lb else None,
                 None, None, None, None, None)
 
@@ -239,11 +265,23 @@ def multi_lora_linear(
     )
     impl = backend_for(backend, x)
     keep, params = prepare_dropout(x, plan, params, impl)
+    if torch.compiler.is_compiling():  # one opaque graph node (see ops.py)
+        from . import ops
+
+        return torch.ops.fedhello.multi_lora_linear(x, weight, bias, lora_a, lora_b, *ops.op_arguments(plan, params, keep),
+                                                    grad_sqnorm, ops.backend_name(impl))[0]
     return _MultiLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
 
 
 def backend_for(name: str, x: torch.Tensor) -> ModuleType:
     """``resolve_backend`` for the tensors of a call, refusing an ``x`` dtype the backend lacks."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        # Inside a torch.func transform (a compiled call goes through the registered ops instead).
+        # The kernels cannot read torch.func's wrapped tensors; the torch backend is plain torch ops.
+        if name not in ("auto", "torch"):
+            raise ValueError(f"backend: {name!r} cannot run under torch.func transforms; use 'torch' or 'auto' "
+                             "(which picks 'torch' there)")
+        name = "torch"
     impl = resolve_backend(name, x.device, x.dtype)
     if x.dtype not in impl.DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in impl.DTYPES)

@@ -87,7 +87,8 @@ class LoRAPlan:
         """Build the plan of one batch.
 
         Args:
-            client_ids: integer tensor ``[T]`` (any order) with values in ``[-1, num_clients)``.
+            client_ids: integer tensor ``[T]`` (any order) with values in ``[-1, num_clients)``; the
+                plan keeps its own int64 copy.
             num_clients: number of adapter slots N (>= 1).
             validate: check the range of the ids (and a ``contiguous`` claim) on the host.
             contiguous: whether the ids are non-decreasing; ``None`` tests it. With
@@ -111,7 +112,9 @@ class LoRAPlan:
             raise ValueError(f"num_clients: expected >= 1, got {num_clients}")
         if contiguous is not None and not isinstance(contiguous, bool):
             raise TypeError(f"contiguous: expected None or a bool, got {type(contiguous).__name__}")
-        ids = client_ids.to(torch.int64)
+        # A copy even when the dtype already matches: the plan must not change meaning when the
+        # caller later reuses its ids tensor in place (dropout masks read the ids).
+        ids = client_ids.to(torch.int64, copy=True)
         if ids.numel() > 0 and (validate or contiguous is None):
             # One read for all host facts: min, max and whether the ids are sorted.
             lo, hi = torch.aminmax(ids)

@@ -12,6 +12,8 @@ Backends share one interface, used by the autograd function in ``multi_lora.py``
 * ``lora_forward(x2d, lora_a, lora_b, bias, plan, params)`` returns ``(out, saved)``: ``out
   [T, d_out]`` holds ``bias + LoRA term`` in every row (bias or zeros for rows without
   adapter; the caller adds ``x W^T`` into it), ``saved`` is what the backward needs;
+* ``saved_shape(rows, r_max)``: the shape of the float32 ``saved`` (what the registered ops'
+  fake implementations allocate);
 * ``lora_backward(dy2d, x2d, lora_a, lora_b, plan, params, saved, need_dx, weight_grads,
   grad_sqnorm)`` returns ``(dx_lora, dA, dB)``: the LoRA part of ``dx`` in every row (``None``
   unless ``need_dx``; the caller adds ``dy W``) and the adapter gradients (``None`` unless
@@ -37,6 +39,12 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _client_settings(params: ClientParams) -> tuple[list[float], list[int], list[bool]]:
     return params.scaling.tolist(), params.ranks.tolist(), params.trainable.tolist()
+
+
+def saved_shape(rows: int, r_max: int) -> tuple[int, ...]:
+    """Shape of what ``lora_forward`` keeps for the backward: nothing (the registered ops pass an
+    empty float32 tensor in its place)."""
+    return (0,)
 
 
 def lora_forward(

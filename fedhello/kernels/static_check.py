@@ -234,7 +234,7 @@ def emulates_sm_count(module: ModuleType) -> bool:
 
 
 def _public_api_inputs(dtype: torch.dtype, n: int, t: int, d_in: int, d_out: int, r: int,
-                       contiguous: bool, seed: int) -> dict[str, Any]:
+                       contiguous: bool, seed: int, adapter_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """CPU inputs of one ``multi_lora_linear`` call; big operands are left uninitialised (only
     their shapes, strides, dtypes and alignment reach the compiler)."""
     from .plan import LoRAPlan
@@ -248,8 +248,8 @@ def _public_api_inputs(dtype: torch.dtype, n: int, t: int, d_in: int, d_out: int
         "x": torch.empty(t, d_in, dtype=dtype).requires_grad_(),
         "weight": torch.empty(d_out, d_in, dtype=dtype),
         "bias": torch.empty(d_out, dtype=dtype),
-        "lora_a": torch.empty(n, r, d_in, dtype=dtype).requires_grad_(),
-        "lora_b": torch.empty(n, d_out, r, dtype=dtype).requires_grad_(),
+        "lora_a": torch.empty(n, r, d_in, dtype=adapter_dtype or dtype).requires_grad_(),
+        "lora_b": torch.empty(n, d_out, r, dtype=adapter_dtype or dtype).requires_grad_(),
         "plan": LoRAPlan.build(ids, n),
         "scaling": torch.full((n,), 0.5),
         "ranks": torch.full((n,), r, dtype=torch.int32),
@@ -261,13 +261,15 @@ def _public_api_inputs(dtype: torch.dtype, n: int, t: int, d_in: int, d_out: int
 def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = HEADLINE["t"],
                       d_in: int = HEADLINE["d_in"], d_out: int = HEADLINE["d_out"],
                       r: int = HEADLINE["r"], grad_sqnorm: bool = True, contiguous: bool = False,
-                      extra: dict[str, Any] | None = None, seed: int = 0) -> list[Launch]:
+                      extra: dict[str, Any] | None = None, seed: int = 0,
+                      adapter_dtype: torch.dtype | None = None) -> list[Launch]:
     """Every Triton launch of one ``multi_lora_linear(backend="triton")`` forward + backward.
 
     Runs on CPU tensors with tensor ``ranks``/``trainable``/``scaling`` (as ``MultiLoRALinear``
     passes them) and, when ``grad_sqnorm``, a float32 ``[N]`` norm buffer. ``contiguous`` gives
     each client one block of rows (as the batched engine does) instead of scattered rows;
-    ``extra`` holds further keyword arguments of the call (e.g. ``dropout_p``).
+    ``extra`` holds further keyword arguments of the call (e.g. ``dropout_p``); ``adapter_dtype``
+    (default: ``dtype``'s) is the dtype of ``lora_a``/``lora_b`` (float32 master adapters).
     """
     from . import multi_lora, triton_lora
 
@@ -276,7 +278,7 @@ def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = H
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: the gate needs the real @triton.jit kernels; "
                            "run it in a process started without TRITON_INTERPRET")
-    s = _public_api_inputs(DTYPES[dtype], n, t, d_in, d_out, r, contiguous, seed)
+    s = _public_api_inputs(DTYPES[dtype], n, t, d_in, d_out, r, contiguous, seed, adapter_dtype)
     norms = torch.zeros(n, dtype=torch.float32) if grad_sqnorm else None
     phase = ["forward"]
     with _triton_backend_on_cpu(), record_launches(triton_lora, phase) as launches, _SkipDenseProducts():
@@ -557,12 +559,14 @@ class Scenario:
     contiguous: bool = False
     grad_sqnorm: bool = True
     dropout: bool = False
+    fp32_adapters: bool = False  # float32 master adapters under the half-precision activations
 
 
 SCENARIOS = (
     Scenario("scattered"),
     Scenario("contiguous-nonorm", contiguous=True, grad_sqnorm=False),
     Scenario("dropout", dropout=True),
+    Scenario("fp32-adapters", fp32_adapters=True),
 )
 
 
@@ -573,6 +577,9 @@ def _record_scenario(dtype: str, scenario: Scenario) -> list[Launch] | str:
     (int64 ``[N]``) are a guess at the new argument's contract, so a ``TypeError``/``ValueError``
     from that call skips the scenario (with the message) rather than failing the gate.
     """
+    if scenario.fp32_adapters:
+        return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous,
+                                 adapter_dtype=torch.float32)
     if not scenario.dropout:
         return record_public_api(dtype, grad_sqnorm=scenario.grad_sqnorm, contiguous=scenario.contiguous)
     from .multi_lora import multi_lora_linear

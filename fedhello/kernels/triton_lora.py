@@ -487,6 +487,11 @@ def _weight_grad(call: _Call, q: torch.Tensor, p: torch.Tensor, out: torch.Tenso
     return (norm_parts.sum(dim=1) if norms else None), (gpart if fuse_g else None)
 
 
+def saved_shape(rows: int, r_max: int) -> tuple[int, int]:
+    """Shape of ``H``, the float32 intermediate ``lora_forward`` returns (see ``_shrink``)."""
+    return (max(rows, 1), _r_pad(r_max))
+
+
 def lora_forward(
     x2d: torch.Tensor,
     lora_a: torch.Tensor,

@@ -153,3 +153,32 @@ def test_bad_out_is_refused(out, error, match):
     (plan, scaling), kw = _kwargs(inp, "torch")
     with pytest.raises(error, match=match):
         lora_delta(inp["x"], inp["lora_a"], inp["lora_b"], plan, scaling, **kw, out=out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_slices_of_a_fused_qkv_output(backend):
+    """Per-slice adapters on a fused projection: ``out=`` a column slice (a strided view) of the
+    fused output adds each slice's delta in place, with the gradients of the out-of-place concat."""
+    inp = _inputs(21, d_out=29)
+    d, n = 29, inp["lora_a"].shape[0]
+    gen = torch.Generator().manual_seed(3)
+    w_qkv = (torch.randn(3 * d, inp["x"].shape[-1], generator=gen) * 0.2).to(DEVICE)
+    slices = [(torch.randn(n, 8, inp["x"].shape[-1], generator=gen) * 0.2).to(DEVICE) for _ in range(3)]
+    results = []
+    for into in (True, False):
+        x, w = inp["x"].clone().requires_grad_(), w_qkv.clone().requires_grad_()
+        a_s = [a.clone().requires_grad_() for a in slices]
+        (plan, scaling), kw = _kwargs(inp, backend, dropout=True)
+        qkv = torch.nn.functional.linear(x, w)
+        if into:
+            for i, a in enumerate(a_s):
+                view = qkv[:, i * d:(i + 1) * d]
+                assert not view.is_contiguous()
+                lora_delta(x, a, inp["lora_b"], plan, scaling, **kw, out=view)
+            y = qkv
+        else:
+            y = qkv + torch.cat([lora_delta(x, a, inp["lora_b"], plan, scaling, **kw) for a in a_s], dim=-1)
+        y.square().sum().backward()
+        results.append((y, x.grad, w.grad, *(a.grad for a in a_s)))
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -369,8 +369,6 @@ def test_norms_and_gradients_are_bit_identical_run_to_run(case):
 def test_a_call_reads_nothing_back_to_the_host(monkeypatch):
     """Given a built plan and tensor ranks/trainable/scaling, forward and backward make no host reads
     from fedhello code (the interpreter's own copies are not counted)."""
-    import sys
-
     inp = _make_inputs("skewed", torch.float32, seed=2)
     n = inp["lora_a"].shape[0]
     plan = LoRAPlan.build(inp["ids"].to(DEVICE), n)
@@ -378,6 +376,20 @@ def test_a_call_reads_nothing_back_to_the_host(monkeypatch):
     x = inp["x"].clone().requires_grad_()
     a = inp["lora_a"].clone().requires_grad_()
     sq = torch.zeros(n, device=DEVICE)
+    reads = spy_host_reads(monkeypatch)
+    y = multi_lora_linear(x, inp["weight"], inp["bias"], a, inp["lora_b"], plan, tensors["scaling"],
+                          ranks=tensors["ranks"], trainable=tensors["trainable"], grad_sqnorm=sq, backend="triton")
+    y.backward(inp["dy"])
+    monkeypatch.undo()
+    assert reads == []
+    assert x.grad is not None and a.grad is not None
+
+
+def spy_host_reads(monkeypatch) -> list[str]:
+    """Record every host read (``item``, ``tolist``, ``cpu``, conversions) that fedhello's own code
+    makes until ``monkeypatch.undo()``; returns the list they are appended to."""
+    import sys
+
     reads = []
     for name in ("item", "tolist", "cpu", "__int__", "__bool__", "__float__"):
         original = getattr(torch.Tensor, name)
@@ -389,12 +401,7 @@ def test_a_call_reads_nothing_back_to_the_host(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    y = multi_lora_linear(x, inp["weight"], inp["bias"], a, inp["lora_b"], plan, tensors["scaling"],
-                          ranks=tensors["ranks"], trainable=tensors["trainable"], grad_sqnorm=sq, backend="triton")
-    y.backward(inp["dy"])
-    monkeypatch.undo()
-    assert reads == []
-    assert x.grad is not None and a.grad is not None
+    return reads
 
 
 def test_out_of_range_tensor_ranks_are_rejected():

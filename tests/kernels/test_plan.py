@@ -114,3 +114,26 @@ def test_trusted_build_reads_nothing_back(monkeypatch):
     monkeypatch.undo()
     assert calls == []
     assert plan.contiguous
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_plan_does_not_alias_the_callers_ids(backend):
+    """Reusing the ids tensor in place after building leaves the plan, and dropout's masks, as they were."""
+    from fedhello.kernels import multi_lora_linear
+    from fedhello.kernels.multi_lora import _extension
+
+    if backend == "cpu" and _extension("cpu") is None:
+        pytest.skip("csrc extension for cpu is not built")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 3, (40,), generator=gen)
+    plan = LoRAPlan.build(ids, 3)
+    x, w = torch.randn(40, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    a, b = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 12, 4, generator=gen)
+
+    def call():
+        return multi_lora_linear(x, w, None, a, b, plan, 2.0, backend=backend, dropout_p=0.5, dropout_seeds=[7, 8, 9])
+
+    before = call()
+    ids.copy_(ids.flip(0))
+    ids[:5] = 2
+    assert torch.equal(call(), before)
