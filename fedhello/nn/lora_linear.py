@@ -235,8 +235,8 @@ class MultiLoRALinear(nn.Module):
                             f"float32, bfloat16 or float16; got float64")
         y = self.base(x)
         if y._is_view() and torch.is_grad_enabled():
-            # bitsandbytes' int8 eval matmul hands back a reshaped view; autograd refuses an in-place
-            # update of a view by a function with two outputs (lora_delta's y and its saved state).
+            # bitsandbytes' int8 eval matmul hands back a view made inside its autograd function;
+            # autograd refuses in-place updates of such views (it would override their backward).
             y = y.clone()
         y = lora_delta(x, lora_a, lora_b, plan, self.scaling, **lora, out=y)
         return _NoDoubleBackward.apply(y, self.name, self.quantization)
