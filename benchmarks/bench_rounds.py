@@ -56,7 +56,10 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
 
 ``--random-weights`` builds the backbones from configs (``_random_backbones.py``: the shapes of
 MiniLM, SmolLM2-135M and BERT-base, random weights) and imports nothing outside torch, triton,
-transformers, peft and numpy. ``--dtype`` sets the compute dtype of the engines' frozen backbone
+transformers, peft and numpy (and bitsandbytes with ``--quantize``). ``--quantize nf4|fp4|int8``
+quantizes the blocks' linear layers of the backbone once (``fedhello.models.quantize``), and every
+implementation trains over that one bitsandbytes base: the engines through ``MultiLoRALinear``'s
+quantized path, the PEFT loop through PEFT's bitsandbytes LoRA layers. ``--dtype`` sets the compute dtype of the engines' frozen backbone
 (the PEFT loop runs under ``torch.autocast`` in that dtype). ``--paper-rounds K`` also times K
 rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds (classification
 only, as is ``--preset gpu-check``).
@@ -92,8 +95,11 @@ from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine, resolve_dtype
 from fedhello.nn.optim import make_masked_optimizer
 from fedhello.kernels import BACKENDS, resolve_backend
+from fedhello.models.quantize import quantize_backbone
 from fedhello.nn import MultiLoRAModel, inject_multi_lora
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
+from fedhello.nn.quantized import quantization_of
+from fedhello.quantization import QUANTIZATIONS
 
 # Run in this order: the first one run is the guard's reference. ``batched-full`` (not run by
 # default) is the batched engine with the backward through every block (stop_backward=False).
@@ -178,6 +184,7 @@ class RoundSettings:
     fractions: tuple[float, ...] = TIERS.fractions
     random_weights: bool = False
     task: str = "classification"
+    quantize: str = "none"
 
     @property
     def causal_lm(self) -> bool:
@@ -424,6 +431,11 @@ class PeftRound:
                             modules_to_save=heads or None, bias="none")
         self.model = get_peft_model(backbone, config).eval()
         inner = self.model.base_model.model
+        # Eval mode keeps dropout off; bitsandbytes layers are put in training mode, as model.train()
+        # leaves them while a PEFT user trains (their flag picks bitsandbytes' training matmul).
+        for module in inner.modules():
+            if quantization_of(module) is not None:
+                module.train()
         # The LoRA factors of each block, to switch requires_grad per client.
         self.block_params: dict[int, list[nn.Parameter]] = {}
         for module in modules:
@@ -876,6 +888,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most clients the batched engine trains at once, or 'auto' (default N)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the dtype the frozen backbone computes in (default float32; auto: bfloat16 on CUDA)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                   help="bitsandbytes base: the blocks' linear layers quantized (nf4/fp4: 4-bit multiplying in "
+                        "--dtype; int8), shared by every implementation (PEFT through its bitsandbytes LoRA layers)")
     p.add_argument("--no-stop-backward", action="store_true",
                    help="engines run the backward through every block, trained by the wave or not")
     p.add_argument("--blocks", choices=BLOCK_CHOICES, default="random",
@@ -973,7 +988,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
                          parallel=args.parallel, backend=args.backend, repeats=args.repeats, seed=args.seed,
                          guard_tol=guard_tol, dtype=dtype, stop_backward=not args.no_stop_backward,
                          blocks=args.blocks, fractions=args.fractions, random_weights=args.random_weights,
-                         task=args.task, **values)
+                         task=args.task, quantize=args.quantize, **values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1030,6 +1045,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     backbones[case.model] = load_model(case.model, settings.seq, settings.seed,
                                                        settings.random_weights, settings.task)
+                    # Quantized once, on the CPU; each implementation's copy moves the packed weights.
+                    quantize_backbone(backbones[case.model], settings.quantize, settings.torch_dtype, "--quantize")
                 except ValueError as err:
                     parser.error(str(err))
             record = run_case(case, backbones[case.model], settings)

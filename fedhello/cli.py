@@ -6,7 +6,8 @@
     fedhello suite SUITE.yaml [--set key=value ...] [--preset NAME] [--resume | --overwrite] [--publish DIR] [--jobs K]
                                                                  several methods, one table
     fedhello plot RUN_DIR [RUN_DIR ...] [--out DIR]              accuracy, allocation, Fisher plots
-    fedhello doctor                                              backends, offline assets, what is missing
+    fedhello doctor [--config RUN.yaml]                          backends, offline assets, what is missing
+                                                                 (and the memory of that run's model)
 
 Expected failures (a bad config, a missing file or package, a name the offline hub cannot
 serve: ``fedhello.errors.UserError``) print one line on stderr and exit with status 2. Any other
@@ -139,6 +140,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     from fedhello.doctor import report
 
     lines, problems = report()
+    if args.config is not None:
+        from fedhello.config import load_config
+        from fedhello.doctor import memory_lines
+
+        config = load_config(args.config, args.set or [])
+        config.check_sources()
+        lines += memory_lines(config)
     print("\n".join(lines))
     return 1 if problems and args.strict else 0
 
@@ -203,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="list the kernel backends, offline assets and what is missing")
     doctor.add_argument("--strict", action="store_true", help="exit 1 when something is missing")
+    doctor.add_argument("--config", help="also build this run config's model and print its memory "
+                                         "(frozen base, adapter banks, optimizer state)")
+    doctor.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of --config")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
 

