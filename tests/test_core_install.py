@@ -103,7 +103,7 @@ def test_core_install_runs_the_kernels_without_the_federated_stack(tmp_path) -> 
     assert probe["errors"]["torch"] < 1e-4 and probe["errors"]["cpu"] < 1e-4, probe["errors"]  # fp32 vs fp64
     assert probe["installed"] == [] and probe["imported"] == [], probe
     for module, extra in (("fedhello.nn", "hf"), ("fedhello.models", "hf"), ("fedhello.data", "fl"),
-                          ("fedhello.fl", "fl"), ("fedhello.config", "fl")):
+                          ("fedhello.fl", "hf"), ("fedhello.config", "fl")):
         assert probe["layers"][module].startswith(f"MissingExtraError: {module} needs the [{extra}] extra"), probe
         assert f"pip install 'fedhello[{extra}]'" in probe["layers"][module]
 

@@ -102,7 +102,7 @@ def test_the_readme_run_and_plot_commands_run(tmp_path, monkeypatch, capsys):
             runs.append(out.rsplit("metrics and checkpoint in ", 1)[1].split(";")[0])
         elif words[0] == "plot":  # its placeholders runs/a runs/b: the runs above
             assert main(["plot", *dict.fromkeys(runs)]) == 0, capsys.readouterr().err
-    assert sorted(set(runs)) == ["runs/fedra", "runs/quickstart"]
+    assert sorted(set(runs)) == ["runs/fedra", "runs/quickstart", "runs/tracked"]
     assert (tmp_path / "runs" / "accuracy.png").exists()  # the comparison of both runs
 
 

@@ -12,7 +12,10 @@ does not import torch or datasets.
 from fedhello._lazy import lazy_exports
 from fedhello.errors import require_extra
 
-require_extra("fl", "fedhello.fl")
+# The building blocks and the engine need the model layer only ([hf]), so benchmarks run them on
+# machines without the federated layer's data stack; the server, the Python API and fedhello.data
+# ask for [fl] when they are imported.
+require_extra("hf", "fedhello.fl")
 
 _EXPORTS = {
     **dict.fromkeys(["ClientUpdate", "aggregate_layerwise", "aggregate_rank_padded", "lora_rank_dims"],
