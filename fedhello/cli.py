@@ -59,7 +59,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from fedhello.fl.server import FederatedRun
 
         if args.command == "flower":
-            from fedhello.fl.flower import check_resources, simulate
+            from fedhello.fl.flower import simulate
+            from fedhello.fl.flower_processes import check_resources
 
             check_resources(args.num_cpus, args.num_gpus)
         else:

@@ -175,7 +175,7 @@ def test_killed_suite_leaves_no_run_going(tmp_path):
     import time
     from pathlib import Path
 
-    from fedhello.fl.flower import _processes_with_env
+    from fedhello.fl.flower_processes import processes_with_env
 
     path = _suite_file(tmp_path)
     raw = yaml.safe_load((tmp_path / "base.yaml").read_text())
@@ -193,16 +193,16 @@ def test_killed_suite_leaves_no_run_going(tmp_path):
             assert proc.poll() is None, "the suite ended before its runs played a round"
             time.sleep(0.5)
             metrics = list((tmp_path / "out").rglob("metrics.jsonl"))
-        workers = _processes_with_env("FEDHELLO_TEST_MARKER", marker)
+        workers = processes_with_env("FEDHELLO_TEST_MARKER", marker)
         assert len(workers) >= 3, workers  # the suite, its 2 workers (and multiprocessing's tracker)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while _processes_with_env("FEDHELLO_TEST_MARKER", marker) and time.monotonic() < deadline:
+        while processes_with_env("FEDHELLO_TEST_MARKER", marker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _processes_with_env("FEDHELLO_TEST_MARKER", marker)
+        assert not processes_with_env("FEDHELLO_TEST_MARKER", marker)
     finally:
-        for pid in _processes_with_env("FEDHELLO_TEST_MARKER", marker):
+        for pid in processes_with_env("FEDHELLO_TEST_MARKER", marker):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -44,9 +44,9 @@ simulation or deployment), ``run_on_grid(grid, config)`` (inside any ``ServerApp
 one progress line per round).
 
 ``simulate`` takes the path flwr 1.41 documents in place of its deprecated ``run_simulation``
-function: ``flwr run`` of the app folder against a SuperLink in simulation mode. It starts a
-private SuperLink (free local port, its own ``FLWR_HOME`` in a temporary folder), streams the
-run's log, and stops the SuperLink and every process it started (Ray's included) afterwards.
+function: ``flwr run`` of the app folder against a SuperLink in simulation mode. Starting that
+private SuperLink, streaming the run's log and stopping every process it started (Ray's included)
+is ``fedhello.fl.flower_processes``.
 """
 
 from __future__ import annotations
@@ -55,14 +55,8 @@ import functools
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -77,6 +71,7 @@ from fedhello.config import RunConfig, load_config, save_config
 from fedhello.errors import UserError
 from fedhello.fl.checkpoint import clear_run_dir, hold_run_dir
 from fedhello.fl.engine import LocalResult, LocalTask
+from fedhello.fl.flower_processes import check_app_dir, check_resources, run_simulation
 from fedhello.fl.server import FederatedRun, RoundPlan
 
 __all__ = [
@@ -361,100 +356,17 @@ client_app.train()(train_group)
 
 
 # ---------------------------------------------------------------------------- simulation
-APP_DIR = Path(__file__).resolve().parents[2] / "flower-app"  # the Flower app folder of a source checkout
-_STARTUP_TIMEOUT = 120.0  # seconds for the SuperLink to answer its health check (a loaded machine is slow)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_with_env(key: str, value: str) -> list[int]:
-    """Live processes of this user whose environment has ``key=value`` (Linux ``/proc``; else none).
-
-    Every process of a simulation inherits its private ``FLWR_HOME``, so this finds them all,
-    Ray's daemons included, even after they were re-parented.
-    """
-    marker = f"{key}={value}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
-                stat = (entry / "stat").read_text()
-                if stat[stat.rindex(")") + 2] != "Z":
-                    found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue  # gone, or not ours to read
-    return found
-
-
-STOP_GRACE_S = 3.0  # after Ctrl-C: seconds the Flower and Ray processes get to end before SIGKILL
-
-
-def _stop_all(superlink: subprocess.Popen, home: str, grace: float = 20.0) -> None:
-    """Stop the SuperLink's process group, then anything else still carrying this run's ``FLWR_HOME``
-    (Ray's agents, re-parented): each gets ``grace`` seconds to end before SIGKILL."""
-    if superlink.poll() is None:
-        os.killpg(superlink.pid, signal.SIGTERM)
-        try:
-            superlink.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(superlink.pid, signal.SIGKILL)
-            superlink.wait()
-    deadline = time.monotonic() + grace
-    while (left := _processes_with_env("FLWR_HOME", home)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _wait_until_healthy(superlink: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + _STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if superlink.poll() is not None:
-            raise RuntimeError(f"the Flower SuperLink exited with status {superlink.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the Flower SuperLink did not start within {_STARTUP_TIMEOUT:.0f} s; see {log}")
-
-
-def check_resources(num_cpus: int, num_gpus: float) -> None:
-    """The resources each simulated node asks for must exist here (Ray would wait for them forever
-    or fail deep inside); raises ``UserError`` naming the argument (``--num-cpus``, ``--num-gpus``)."""
-    # Flower's simulation config holds whole CPUs per node and fractions of a GPU.
-    if isinstance(num_cpus, bool) or num_cpus != int(num_cpus) or num_cpus < 1:
-        raise UserError(f"num_cpus: expected a whole number of CPUs >= 1 (--num-cpus), got {num_cpus}")
-    if not num_gpus >= 0:
-        raise UserError(f"num_gpus: expected >= 0 (--num-gpus), got {num_gpus}")
-    if num_gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"num_gpus: --num-gpus {num_gpus} per node asks for GPUs, but torch sees no CUDA GPU "
-                            f"here; leave it at 0 to simulate the nodes on the CPU")
-
-
 def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: bool = False,
              timeout: float | None = None, num_cpus: int = 1, num_gpus: float = 0.0) -> list[dict[str, Any]]:
     """Run ``config`` as a local Flower simulation (Ray backend) with ``nodes`` virtual nodes.
 
-    ``flwr run`` of ``flower-app/`` against a private SuperLink in simulation mode (see the
-    module doc); its log, with one line per round, goes to this process's stdout. Each node is
-    a Ray actor with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1.0: one node per GPU) running
-    ``client_app``. Returns every round's metrics record; the run folder is the one ``fedhello
-    run`` writes. No Flower or Ray process outlives the call. ``overwrite`` deletes the run already
-    in ``config.output_dir`` once the arguments are checked, under the folder's lock (refused while
-    another process writes there).
+    ``flwr run`` of ``flower-app/`` against a private SuperLink in simulation mode
+    (``fedhello.fl.flower_processes``); its log, with one line per round, goes to this process's
+    stdout. Each node is a Ray actor with ``num_cpus`` CPUs and ``num_gpus`` GPUs (1.0: one node
+    per GPU) running ``client_app``. Returns every round's metrics record; the run folder is the
+    one ``fedhello run`` writes. No Flower or Ray process outlives the call. ``overwrite`` deletes
+    the run already in ``config.output_dir`` once the arguments are checked, under the folder's
+    lock (refused while another process writes there).
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config: expected a RunConfig, got {type(config).__name__}")
@@ -463,47 +375,20 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: 
     check_resources(num_cpus, num_gpus)
     if timeout is not None and not timeout > 0:
         raise UserError(f"timeout: expected seconds > 0 or None, got {timeout}")
-    if not (APP_DIR / "pyproject.toml").is_file():
-        raise UserError(f"fedhello flower: the Flower app folder {APP_DIR} is missing (it ships with a source "
-                        f"checkout of fedhello; use fedhello run, or flwr run with your own app folder)")
+    check_app_dir()
     if overwrite:
         with hold_run_dir(config.output_dir):
             clear_run_dir(config.output_dir)
-    bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory(prefix="fedhello-flower-") as tmp:
-        home, port = Path(tmp) / "flwr-home", _free_port()
-        home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "fedhello"\n\n[superlink.fedhello]\n'
-                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
         run_yaml = Path(tmp) / "run.yaml"
         save_config(config, run_yaml)
-        # The SuperLink starts flower-superexec, flwr-simulation ... by name: this environment's first.
-        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-        log = Path(tmp) / "superlink.log"
-        with open(log, "wb") as sink:
-            superlink = subprocess.Popen(
-                [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
-                 "--port", str(port), "--disable-runtime-dependency-installation"],
-                cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_until_healthy(superlink, port, log)
-            settings = (f"config='{run_yaml}' min-nodes={nodes} round-timeout={timeout or 0.0} "
-                        f"resume={'true' if resume else 'false'}")
-            federation = (f"num-supernodes={nodes} client-resources-num-cpus={int(num_cpus)} "
-                          f"client-resources-num-gpus={float(num_gpus)}")
-            done = subprocess.run([str(bin_dir / "flwr"), "run", str(APP_DIR), "fedhello", "--stream",
-                                   "--run-config", settings, "--federation-config", federation],
-                                  cwd=tmp, env=env)
-        except BaseException as err:  # Ctrl-C stops at once: the run keeps its last checkpoint (written atomically)
-            _stop_all(superlink, str(home), grace=STOP_GRACE_S if isinstance(err, KeyboardInterrupt) else 20.0)
-            raise
-        else:
-            _stop_all(superlink, str(home))
+        settings = (f"config='{run_yaml}' min-nodes={nodes} round-timeout={timeout or 0.0} "
+                    f"resume={'true' if resume else 'false'}")
+        status = run_simulation(Path(tmp), settings, nodes, num_cpus=num_cpus, num_gpus=num_gpus)
     records = _read_records(Path(config.output_dir))
-    if done.returncode != 0 or len(records) < config.rounds:
+    if status != 0 or len(records) < config.rounds:
         raise RuntimeError(f"the Flower run stopped after {len(records)} of {config.rounds} rounds "
-                           f"(flwr run exit status {done.returncode}); its log is above")
+                           f"(flwr run exit status {status}); its log is above")
     return records
 
 

@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from fedhello.cli import main as cli_main
 from fedhello.config import RunConfig, load_config
 from fedhello.fl.checkpoint import hold_run_dir
-from fedhello.fl.flower import (FedHelloStrategy, _processes_with_env, client_app, run_on_grid, simulate, split_tasks,
-                                train_group)
+from fedhello.fl.flower import FedHelloStrategy, client_app, run_on_grid, simulate, split_tasks, train_group
+from fedhello.fl.flower_processes import processes_with_env
 from fedhello.fl.server import FederatedRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def test_simulation_matches_fedhello_run(tiny_model, tmp_path, capfd, monkeypatc
     assert "final test accuracy" in out
     assert "round 1/2: train loss" in out and "round 2/2: train loss" in out, out
     assert "DEPRECATED" not in out + err
-    assert not _processes_with_env("FEDHELLO_TEST_MARKER", marker)
+    assert not processes_with_env("FEDHELLO_TEST_MARKER", marker)
     _assert_same_run(tmp_path / "flower", tmp_path / "single")
     assert len(_records(tmp_path / "flower")[0]["participants"]) == 6
 
@@ -389,11 +389,11 @@ def test_processes_are_found_by_an_inherited_variable():
     marker = f"{os.getpid()}-{time.time_ns()}"
     child = subprocess.Popen(["sleep", "30"], env={**os.environ, "FEDHELLO_TEST_MARKER": marker})
     try:
-        assert _processes_with_env("FEDHELLO_TEST_MARKER", marker) == [child.pid]
+        assert processes_with_env("FEDHELLO_TEST_MARKER", marker) == [child.pid]
     finally:
         child.kill()
         child.wait()
-    assert _processes_with_env("FEDHELLO_TEST_MARKER", marker) == []
+    assert processes_with_env("FEDHELLO_TEST_MARKER", marker) == []
 
 
 def test_causal_lm_on_flower_nodes_matches_fedhello_run(tiny_lm_files, tmp_path, monkeypatch, capsys):
@@ -449,7 +449,7 @@ def test_private_simulation_matches_fedhello_run(tiny_model, tmp_path, capfd):
 def test_after_ctrl_c_flower_and_ray_processes_get_seconds_not_a_minute(tmp_path):
     """What simulate does on Ctrl-C: the SuperLink's group and every process with the run's FLWR_HOME
     (Ray's agents, re-parented) are killed once their short grace is over, even if they ignore SIGTERM."""
-    from fedhello.fl.flower import STOP_GRACE_S, _stop_all
+    from fedhello.fl.flower_processes import STOP_GRACE_S, stop_all
 
     home = str(tmp_path / "flwr-home")
     stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(300)\n"
@@ -459,11 +459,11 @@ def test_after_ctrl_c_flower_and_ray_processes_get_seconds_not_a_minute(tmp_path
     try:
         assert superlink.stdout.readline() == agent.stdout.readline() == "up\n"
         start = time.monotonic()
-        _stop_all(superlink, home, grace=STOP_GRACE_S)
+        stop_all(superlink, home, grace=STOP_GRACE_S)
         took = time.monotonic() - start
         assert agent.wait(timeout=5) == -signal.SIGKILL and superlink.poll() == -signal.SIGKILL
         assert took < 2 * STOP_GRACE_S + 2, took
-        assert not _processes_with_env("FLWR_HOME", home)
+        assert not processes_with_env("FLWR_HOME", home)
     finally:
         for process in (superlink, agent):
             if process.poll() is None:
