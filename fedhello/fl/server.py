@@ -7,7 +7,7 @@ under ``config.output_dir``:
 * ``initial_eval.json``: test accuracy, loss, macro-F1 and per-client accuracy of the untrained global model
   (``task: causal_lm``: held-out token loss and perplexity, overall and per client);
 * ``completions.jsonl`` (``task: causal_lm``): greedy completions of a few fixed held-out
-  prompts by the global model, at the start, every ``COMPLETIONS_EVERY`` evaluations and at the end;
+  prompts by the global model, at the start, every few evaluations and at the end;
 * ``peft_adapter/`` (``task: causal_lm``): the final global adapters as a PEFT LoRA folder that
   ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads;
 * ``metrics.jsonl`` / ``metrics.csv``: one record per round (train loss, test accuracy, loss and
@@ -44,43 +44,32 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from fedhello.config import RunConfig, make_run_strategy, save_config
-from fedhello.data import FederatedData, prepare_federated_data, to_tensors, tokenize_text
+from fedhello.data import FederatedData, prepare_federated_data
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
                                    read_jsonl, save_checkpoint)
-from fedhello.fl.client_eval import accuracy_spread, class_accuracy, client_accuracies
 from fedhello.fl.dropout import RoundReturns, cohort_draw_size, draw_returns
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
 from fedhello.fl.released import released_proxy_fisher
+from fedhello.fl.tasks import make_task
+from fedhello.fl.tasks.classification import evaluate
 from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.models.quantize import MemoryReport, memory_report
-from fedhello.nn import MultiLoRAModel, export_peft, inject_multi_lora
-from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
-from fedhello.nn.losses import row_losses, row_terms
+from fedhello.nn import inject_multi_lora
+from fedhello.nn.losses import row_losses
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 from fedhello.seeds import purpose_seed
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
-
-Batch = dict[str, torch.Tensor]
-
-# Causal LM runs: completions are written every this many evaluations, for this many prompts.
-COMPLETIONS_EVERY = 4
-COMPLETION_PROMPTS = 3
-COMPLETION_TOKENS = 32
-# Causal LM runs: the final global adapters as a PEFT LoRA folder (``PeftModel.from_pretrained``).
-PEFT_FOLDER = "peft_adapter"
 
 
 def _device(name: str) -> torch.device:
@@ -100,35 +89,6 @@ def _device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     return device
-
-
-@torch.no_grad()
-def evaluate(model: MultiLoRAModel, data: Batch, batch_size: int, slot: int = 0,
-             device: torch.device | None = None) -> dict[str, float]:
-    """Accuracy, mean cross-entropy, macro-F1 and the accuracy of each class present
-    (``class_accuracy``: ``{class: accuracy}``) of bank slot ``slot`` on ``data``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n = data["labels"].shape[0]
-    preds, loss_sum = [], 0.0
-    try:
-        for start in range(0, n, batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
-            with model.route(torch.full((batch["labels"].shape[0],), slot, dtype=torch.long)):
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-            preds.append(logits.argmax(-1).cpu())
-    finally:
-        model.train(was_training)
-    pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
-    labels = data["labels"].numpy()
-    return {
-        "accuracy": float((pred == labels).mean()) if n else math.nan,
-        "loss": loss_sum / max(n, 1),
-        "macro_f1": float(f1_score(labels, pred, average="macro", zero_division=0)) if n else math.nan,
-        "class_accuracy": class_accuracy(pred, labels),
-    }
 
 
 def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction: float = 1.0) -> int:
@@ -179,20 +139,14 @@ class FederatedRun:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.config
-        self.causal_lm = cfg.task == "causal_lm"
+        self.task = make_task(cfg, self.out)
         self.data = self.load_data()
         compute = cfg.model.compute_dtype if cfg.model.compute_dtype != "auto" else cfg.engine.dtype
         # A quantized base is quantized on the run's device (bitsandbytes quantizes where the weight is).
         base = dict(quantize=cfg.model.quantize, compute_dtype=resolve_dtype(compute, self.device),
                     device=self.device if cfg.model.quantize != "none" else None)
         try:
-            if self.causal_lm:  # the output head stays the checkpoint's, frozen (inject_multi_lora freezes all)
-                backbone = self.load_backbone(task="causal-lm", **base)
-            else:
-                images = "image" in self.data.train.column_names  # ViT-style backbones, pixel_values in
-                backbone = self.load_backbone(num_labels=self.data.num_classes,
-                                              task="image-classification" if images else "sequence-classification",
-                                              seed=purpose_seed(cfg.seed, "head"), **base)
+            backbone = self.task.load_backbone(self.load_backbone, self.data, **base)
         except ValueError as err:
             if str(err).startswith("quantize:"):  # a model this quantization cannot take (GPT-2's Conv1D)
                 raise UserError(f"model.{err}") from None
@@ -201,7 +155,8 @@ class FederatedRun:
         if isinstance(positions, int) and cfg.data.max_length > positions:
             raise UserError(f"data.max_length: {cfg.model.name} reads at most {positions} tokens "
                             f"(max_position_embeddings), got {cfg.data.max_length}")
-        self.client_data = self._lm_tensors() if self.causal_lm else self._tensors(backbone)
+        # The task's tensors: "clients" (one batch per client), "test", "proxy", and the task's own.
+        self.client_data = self.task.prepare(self.data, backbone, self.load_tokenizer)
         sizes = [next(iter(c.values())).shape[0] for c in self.client_data["clients"]]
         if cfg.local.batch_size > min(sizes):  # the engine then takes each such client's whole data per step
             tqdm.write(f"warning: local.batch_size {cfg.local.batch_size} exceeds the training samples of "
@@ -215,7 +170,7 @@ class FederatedRun:
         slots = cfg.cohort_size if parallel in (None, "auto") else min(parallel, cfg.cohort_size)
         self.model = inject_multi_lora(
             backbone, targets, num_clients=slots, rank=cfg.model.rank, alpha=cfg.model.alpha,
-            dropout=cfg.model.dropout, head_modules=None if self.causal_lm else "auto",
+            dropout=cfg.model.dropout, head_modules=self.task.head_modules,
             seed=purpose_seed(cfg.seed, "adapters"),
         ).to(self.device)
         self.model.set_rank_scaling(cfg.model.rank_scaling)
@@ -242,7 +197,7 @@ class FederatedRun:
     # The run's inputs, loaded by the names in the config; ``fedhello.fl.api`` passes objects instead.
     def load_data(self) -> FederatedData:
         """The run's data set, split and partitioned (``fedhello.data.prepare_federated_data``)."""
-        return prepare_federated_data(self.config.data, self.config.seed, causal_lm=self.causal_lm)
+        return prepare_federated_data(self.config.data, self.config.seed, causal_lm=self.config.task == "causal_lm")
 
     def load_backbone(self, **kwargs):
         """The backbone ``model.name`` (``fedhello.models.load_backbone`` with ``kwargs``: task, num_labels, seed)."""
@@ -251,56 +206,6 @@ class FederatedRun:
     def load_tokenizer(self):
         """The tokenizer of ``model.name``, with a padding token (``fedhello.models.load_tokenizer``)."""
         return load_tokenizer(self.config.model.name)
-
-    def _tensors(self, backbone) -> dict[str, Any]:
-        """Every client's training tensors, the test tensors and the proxy tensors."""
-        cfg, data = self.config, self.data
-        if "text" in data.train.column_names:
-            tokenizer = self.load_tokenizer()
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-
-            def prepare(ds):
-                return to_tensors(tokenize_text(ds, tokenizer, cfg.data.max_length))
-        else:
-            from fedhello.data import ImageTransform
-
-            size = getattr(backbone.config, "image_size", 224)
-            transform = ImageTransform(size, num_channels=getattr(backbone.config, "num_channels", 3))
-
-            def prepare(ds):
-                return to_tensors(ds, transform=transform)
-        train = prepare(data.train)
-        clients = [{k: v[torch.as_tensor(idx)] for k, v in train.items()} for idx in data.partitions]
-        proxy = prepare(data.proxy) if data.proxy is not None else None
-        return {"clients": clients, "test": prepare(data.test), "proxy": proxy}
-
-    def _lm_tensors(self) -> dict[str, Any]:
-        """Causal LM: every client's rows (chunks of its documents, or its instructions), the test
-        rows (with their group), the proxy rows, each client's training tokens per group, and the
-        prompts whose completions are written during the run."""
-        from fedhello.data import lm_tensors
-
-        cfg, data = self.config, self.data
-        self.tokenizer = self.load_tokenizer()
-
-        def prepare(ds) -> Batch:
-            return lm_tensors(ds, self.tokenizer, cfg.data.max_length, chat_template=cfg.data.chat_template,
-                              max_chunks=cfg.data.max_chunks)
-
-        clients, mixes = [], []
-        for idx in data.partitions:
-            rows = prepare(data.train.select(idx))
-            group = rows.pop("group")
-            terms = row_terms(rows["labels"])
-            mixes.append({int(g): float(terms[group == g].sum()) for g in torch.unique(group).tolist()})
-            clients.append(rows)
-        test = prepare(data.test)
-        proxy = prepare(data.proxy) if data.proxy is not None else None
-        if proxy is not None:
-            proxy.pop("group")
-        return {"clients": clients, "test": test, "proxy": proxy, "mixes": mixes,
-                "prompts": _completion_prompts(test, COMPLETION_PROMPTS)}
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, next_round: int) -> None:
@@ -377,9 +282,7 @@ class FederatedRun:
         if checkpoint is not None:
             self._restore(checkpoint)
             records = [r for r in read_jsonl(metrics_path) if r["round"] < self.start_round]
-            completions = self.out / "completions.jsonl"
-            if completions.exists():  # completions written after the checkpoint are written again
-                _write_jsonl(completions, [c for c in read_jsonl(completions) if c["round"] <= self.start_round])
+            self.task.resumed(self.start_round)
             left = "nothing left to play" if self.start_round >= self.config.rounds else \
                 f"continuing with round {self.start_round + 1}"
             print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
@@ -395,7 +298,7 @@ class FederatedRun:
         self.tracking.start(self.start_round, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
             (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
-            self._write_completions(0)
+            self._evaluated(0)
 
         cfg = self.config
         rounds = range(self.start_round, cfg.rounds)
@@ -420,8 +323,7 @@ class FederatedRun:
                 times.update(eps=f"{record['epsilon']:.2f}")
             bar.set_postfix(times)
         _write_csv(self.out / "metrics.csv", records)
-        if self.causal_lm:
-            export_peft(self.model, None, self.out / PEFT_FOLDER, state=self.global_state)
+        self.task.export(self.model, self.global_state)
         self.tracking.finish()
         return records
 
@@ -522,8 +424,7 @@ class FederatedRun:
         if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
             metrics = self.evaluate_global()
             record.update({f"test_{k}": v for k, v in metrics.items()})
-            if ((rnd + 1) // cfg.eval_every) % COMPLETIONS_EVERY == 0 or rnd + 1 == cfg.rounds:
-                self._write_completions(rnd + 1)
+            self._evaluated(rnd + 1)
         t_end = time.perf_counter()
         record.update(wall_time=t_end - t0, time_local=t_local - t0, time_aggregate=t_aggregate - t_local,
                       time_eval=t_end - t_aggregate)
@@ -586,7 +487,7 @@ class FederatedRun:
         return down, up
 
     def evaluate_global(self) -> dict[str, Any]:
-        """The global model (slot 0, full rank) on the held-out test split.
+        """The global model (slot 0, full rank) on the held-out test split (``RunTask.evaluate``).
 
         Classification: ``accuracy``, ``loss``, ``macro_f1``, ``client_accuracy`` (each client's
         accuracy on held-out data of its own label mix, ``fedhello.fl.client_eval``) and its
@@ -595,33 +496,17 @@ class FederatedRun:
         for every client, the perplexity on the held-out rows of its own mix of groups (topics),
         weighted by its training tokens per group.
         """
-        self.model.load_client_state(0, self.global_state)
-        self.model.set_ranks({0: self.config.model.rank})
-        if not self.causal_lm:
-            result = evaluate(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
-                              device=self.device)
-            clients = client_accuracies(result.pop("class_accuracy"),
-                                        [c["labels"].numpy() for c in self.client_data["clients"]])
-            spread = accuracy_spread(clients)
-            return {**result, "client_accuracy": clients, **{f"client_accuracy_{k}": v for k, v in spread.items()}}
-        result = evaluate_lm(self.model, self.client_data["test"], self.config.engine.eval_batch_size,
-                             device=self.device)
-        groups = result.pop("group_loss")
-        result["client_perplexity"] = [mixture_perplexity(groups, mix) for mix in self.client_data["mixes"]]
-        return result
+        self._load_global()
+        return self.task.evaluate(self.model, self.device)
 
-    def _write_completions(self, rounds_done: int) -> None:
-        """Append the global model's greedy completions of the fixed prompts (causal LM only)."""
-        if not self.causal_lm or not self.client_data["prompts"]:
-            return
+    def _evaluated(self, rounds_done: int) -> None:
+        """After an evaluation: the task's outputs of the global model (causal LM: completions)."""
+        self._load_global()
+        self.task.evaluated(self.model, rounds_done)
+
+    def _load_global(self) -> None:
         self.model.load_client_state(0, self.global_state)
         self.model.set_ranks({0: self.config.model.rank})
-        prompts = self.client_data["prompts"]
-        texts = greedy_completions(self.model, self.tokenizer, prompts, max_new_tokens=COMPLETION_TOKENS)
-        with (self.out / "completions.jsonl").open("a") as f:
-            for prompt, text in zip(prompts, texts):
-                f.write(json.dumps({"round": rounds_done, "prompt": self.tokenizer.decode(prompt),
-                                    "completion": text}) + "\n")
 
     def proxy_fisher_scores(self) -> np.ndarray:
         """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
@@ -649,21 +534,6 @@ class FederatedRun:
             for p in model.parameters():
                 p.grad = None
         return (model.fisher_norms().sum(dim=1) / max(n, 1)).double().cpu().numpy()
-
-
-def _completion_prompts(test: Batch, count: int) -> list[list[int]]:
-    """Token ids of up to ``count`` fixed held-out prompts: an instruction row's prompt, or the
-    first quarter of a text row (the first rows of the test split: fixed for a run seed)."""
-    prompts = []
-    for ids, mask, labels in zip(test["input_ids"], test["attention_mask"], test["labels"]):
-        length = int(mask.sum())
-        target = (labels[:length] != -100).nonzero().flatten()
-        start = int(target[0]) if target.numel() else length
-        cut = start if start > 0 else max(1, length // 4)
-        prompts.append(ids[:cut].tolist())
-        if len(prompts) == count:
-            break
-    return prompts
 
 
 def _as_list(value) -> list | None:
