@@ -19,20 +19,21 @@ imported, so such errors come at once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
 
+from fedhello import run_folder
 from fedhello.errors import UserError, require_extra
 
 __all__ = ["main"]
 
 
-def _report_perplexity(initial: Path, records: list[dict]) -> None:
-    """Causal LM runs: held-out perplexity of the untrained and the final global model."""
-    if initial.exists():
-        print(f"untrained model: held-out perplexity {json.loads(initial.read_text())['perplexity']:.3f}")
+def _report_perplexity(initial: dict | None, records: list[dict]) -> None:
+    """Causal LM runs: held-out perplexity of the untrained (``initial``: its metrics, if any) and
+    the final global model."""
+    if initial is not None:
+        print(f"untrained model: held-out perplexity {initial['perplexity']:.3f}")
     evaluated = [r for r in records if r.get("test_perplexity") is not None]
     if evaluated:
         print(f"final held-out perplexity {evaluated[-1]['test_perplexity']:.3f} (token loss "
@@ -73,11 +74,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     plots = plot_run(config.output_dir)
-    initial = Path(config.output_dir) / "initial_eval.json"
+    initial = run_folder.read_initial_eval(config.output_dir)
     if config.task == "causal_lm":
         _report_perplexity(initial, records)
-    elif initial.exists():
-        print(f"untrained model: test accuracy {100 * json.loads(initial.read_text())['accuracy']:.2f}%")
+    elif initial is not None:
+        print(f"untrained model: test accuracy {100 * initial['accuracy']:.2f}%")
     if evaluated:
         best = max(r["test_accuracy"] for r in evaluated)
         last = evaluated[-1]
@@ -130,7 +131,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     else:
         target = out or Path(args.run_dirs[0]).parent
         lm = all(is_causal_lm_run(d) for d in args.run_dirs)
-        paths = [plot_accuracy(args.run_dirs, target / ("perplexity.png" if lm else "accuracy.png"))]
+        paths = [plot_accuracy(args.run_dirs, target / run_folder.curve_plot(lm))]
         for d in args.run_dirs:
             paths.extend(plot_run(d, (out / Path(d).name) if out else None))
     print("\n".join(str(p) for p in paths))

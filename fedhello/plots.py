@@ -14,7 +14,6 @@ round 0 is the untrained model (``initial_eval.json``, when the run folder has o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +27,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedhello.errors import UserError
-from fedhello.jsonl_io import read_jsonl
+from fedhello import run_folder
 
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
@@ -37,11 +36,10 @@ __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a run folder (``metrics.jsonl``); ``"round"`` counts from 0 there."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise UserError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir} (no such file)")
+    if not (Path(run_dir) / run_folder.METRICS_FILE).exists():
+        raise UserError(f"run_dir: expected a run folder with {run_folder.METRICS_FILE}, got {run_dir} (no such file)")
     # A cut last line (a run killed while appending it) is left out, as resume does.
-    return read_jsonl(path)
+    return run_folder.read_records(run_dir)
 
 
 def run_label(run_dir: str | Path) -> str:
@@ -52,10 +50,10 @@ def accuracy_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
     """(rounds, test accuracy in %) of a run: round 0 is the untrained model when
     ``initial_eval.json`` exists, then every evaluated round k (1-based, as in the other plots)."""
     rounds, accuracy = [], []
-    initial = Path(run_dir) / "initial_eval.json"
-    if initial.is_file():
+    initial = run_folder.read_initial_eval(run_dir)
+    if initial is not None:
         rounds.append(0)
-        accuracy.append(100 * json.loads(initial.read_text())["accuracy"])
+        accuracy.append(100 * initial["accuracy"])
     for r in read_metrics(run_dir):
         if r.get("test_accuracy") is not None:
             rounds.append(r["round"] + 1)
@@ -68,17 +66,17 @@ def is_causal_lm_run(run_dir: str | Path) -> bool:
     the first one, its evaluation of the untrained model does)."""
     if any(r.get("test_perplexity") is not None for r in read_metrics(run_dir)):
         return True
-    initial = Path(run_dir) / "initial_eval.json"
-    return initial.is_file() and "perplexity" in json.loads(initial.read_text())
+    initial = run_folder.read_initial_eval(run_dir)
+    return initial is not None and "perplexity" in initial
 
 
 def perplexity_curve(run_dir: str | Path) -> tuple[list[int], list[float]]:
     """(rounds, held-out perplexity) of a causal LM run, from round 0 (untrained) as ``accuracy_curve``."""
     rounds, perplexity = [], []
-    initial = Path(run_dir) / "initial_eval.json"
-    if initial.is_file():
+    initial = run_folder.read_initial_eval(run_dir)
+    if initial is not None:
         rounds.append(0)
-        perplexity.append(json.loads(initial.read_text())["perplexity"])
+        perplexity.append(initial["perplexity"])
     for r in read_metrics(run_dir):
         if r.get("test_perplexity") is not None:
             rounds.append(r["round"] + 1)
@@ -215,8 +213,8 @@ def plot_client_accuracy(run_dir: str | Path, out: str | Path, title: str | None
     """The clients' held-out accuracy (each on its own label mix) against round: the mean over
     clients, the 10th percentile and the worst client, from round 0 (untrained) as ``accuracy_curve``."""
     points = []
-    initial = Path(run_dir) / "initial_eval.json"
-    if initial.is_file() and (first := json.loads(initial.read_text())).get("client_accuracy_mean") is not None:
+    first = run_folder.read_initial_eval(run_dir)
+    if first is not None and first.get("client_accuracy_mean") is not None:
         points.append((0, first["client_accuracy_mean"], first["client_accuracy_p10"], first["client_accuracy_worst"]))
     points += [(r["round"] + 1, r["test_client_accuracy_mean"], r["test_client_accuracy_p10"],
                 r["test_client_accuracy_worst"])
@@ -240,12 +238,12 @@ def plot_client_accuracy(run_dir: str | Path, out: str | Path, title: str | None
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Every plot of one run into ``out_dir`` (default: the run folder)."""
     out_dir = Path(out_dir or run_dir)
-    curve = "perplexity.png" if is_causal_lm_run(run_dir) else "accuracy.png"
-    paths = [plot_accuracy([run_dir], out_dir / curve), plot_allocation(run_dir, out_dir / "allocation.png")]
+    curve = run_folder.curve_plot(is_causal_lm_run(run_dir))
+    paths = [plot_accuracy([run_dir], out_dir / curve), plot_allocation(run_dir, out_dir / run_folder.ALLOCATION_PLOT)]
     if any(r.get("test_client_accuracy_mean") is not None for r in read_metrics(run_dir)):
-        paths.append(plot_client_accuracy(run_dir, out_dir / "client_accuracy.png"))
+        paths.append(plot_client_accuracy(run_dir, out_dir / run_folder.CLIENT_ACCURACY_PLOT))
     try:
-        paths.append(plot_fisher(run_dir, out_dir / "fisher.png"))
+        paths.append(plot_fisher(run_dir, out_dir / run_folder.FISHER_PLOT))
     except ValueError:
         pass  # strategies without Fisher scores have no such plot
     return paths

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedhello.errors import UserError
-from fedhello.jsonl_io import read_jsonl
+from fedhello import run_folder
 
 __all__ = ["METRICS", "PairedDifference", "run_metric", "seed_values", "paired_difference", "compare",
            "render_markdown", "main"]
@@ -45,10 +45,10 @@ def run_metric(run_dir: str | Path, metric: str) -> float:
     """
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / run_folder.METRICS_FILE
     if not path.is_file():
-        raise ValueError(f"run_dir: expected a run folder with metrics.jsonl, got {run_dir}")
-    value = _metric(read_jsonl(path), metric)
+        raise ValueError(f"run_dir: expected a run folder with {run_folder.METRICS_FILE}, got {run_dir}")
+    value = _metric(run_folder.read_records(run_dir), metric)
     if value is None:
         raise ValueError(f"run_dir: {path} has no evaluated round (no test_accuracy or test_perplexity)")
     return value
@@ -77,8 +77,8 @@ def seed_values(folder: str | Path, setting: str, method: str, metric: str) -> d
     values = {}
     for run in sorted(base.glob("seed-*")):
         suffix = run.name.removeprefix("seed-")
-        if suffix.isdigit() and (run / "metrics.jsonl").is_file():
-            value = _metric(read_jsonl(run / "metrics.jsonl"), metric)
+        if suffix.isdigit() and (run / run_folder.METRICS_FILE).is_file():
+            value = _metric(run_folder.read_records(run), metric)
             if value is not None:
                 values[int(suffix)] = value
     return values
@@ -149,10 +149,10 @@ def compare(folder: str | Path, reference: str, against: Sequence[str], metric: 
         raise UserError(f"folder: expected a published suite folder, got {folder}")
     # <setting>/<method>/seed-<s>/metrics.jsonl: which methods each setting has
     found: dict[str, set[str]] = {}
-    for metrics in root.glob("*/*/seed-*/metrics.jsonl"):
+    for metrics in root.glob(f"*/*/seed-*/{run_folder.METRICS_FILE}"):
         found.setdefault(metrics.parents[2].name, set()).add(metrics.parents[1].name)
     if not found:
-        raise UserError(f"folder: {folder} holds no suite runs (<setting>/<method>/seed-<s>/metrics.jsonl)")
+        raise UserError(f"folder: {folder} holds no suite runs (<setting>/<method>/seed-<s>/{run_folder.METRICS_FILE})")
     methods = sorted(set().union(*found.values()))
     if reference not in methods:  # a typo would otherwise read as "no pairs"
         raise UserError(f"reference: no method {reference!r} in {folder}; its methods: {methods}")

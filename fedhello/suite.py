@@ -35,7 +35,7 @@ import yaml
 
 from fedhello.config import ConfigError, load_config, parse_override_value
 from fedhello.errors import UserError
-from fedhello.jsonl_io import read_jsonl
+from fedhello import run_folder
 from fedhello.yaml_io import DuplicateKeyError, safe_load_strict
 
 __all__ = ["Suite", "load_suite", "run_suite", "summarize", "publish", "render_table"]
@@ -227,8 +227,8 @@ def run_suite(suite: Suite, progress: bool = True, resume: bool = False, overwri
         _run_parallel(todo, jobs, threads_per_job, resume, overwrite)
     summary = summarize(suite)
     print(render_table(summary))
-    curve = "perplexity" if _scores_perplexity(summary) else "accuracy"
-    print(f"\nsummary: {suite.output_dir / 'results.md'}; plots: {suite.output_dir}/<setting>/{curve}.png")
+    curve = run_folder.curve_plot(_scores_perplexity(summary))
+    print(f"\nsummary: {suite.output_dir / run_folder.RESULTS_FILE}; plots: {suite.output_dir}/<setting>/{curve}")
     return summary
 
 
@@ -243,17 +243,16 @@ def _run_one(config, progress: bool, resume: bool, overwrite: bool) -> float:
     start = time.perf_counter()
     FederatedRun(config, progress=progress).run(resume=resume, overwrite=overwrite)
     seconds = time.perf_counter() - start + earlier
-    (Path(config.output_dir) / "wall_time.json").write_text(json.dumps({"seconds": seconds}))
+    run_folder.write_wall_time(config.output_dir, seconds)
     return seconds
 
 
 def _kept_rounds_seconds(run_dir: Path) -> float:
     """Sum of the round wall times a resume keeps: rounds before the checkpoint's ``next_round``."""
-    checkpoint, metrics = run_dir / "checkpoint.json", run_dir / "metrics.jsonl"
-    if not (checkpoint.exists() and metrics.exists()):
+    next_round = run_folder.checkpoint_round(run_dir)
+    if next_round is None or not (run_dir / run_folder.METRICS_FILE).exists():
         return 0.0
-    next_round = json.loads(checkpoint.read_text())["next_round"]
-    return float(sum(r["wall_time"] for r in read_jsonl(metrics) if r["round"] < next_round))
+    return float(sum(r["wall_time"] for r in run_folder.read_records(run_dir) if r["round"] < next_round))
 
 
 def _init_worker(threads: int) -> None:
@@ -388,7 +387,7 @@ def _finished_runs(suite: Suite, setting: str, method: str) -> list[tuple[Path, 
     runs = []
     for seed in suite.seeds:
         run_dir = suite.output_dir / setting / method / f"seed-{seed}"
-        if not (run_dir / "metrics.jsonl").exists():
+        if not (run_dir / run_folder.METRICS_FILE).exists():
             continue
         records = read_metrics(run_dir)
         evaluated = [r for r in records if r.get("test_accuracy", r.get("test_perplexity")) is not None]
@@ -401,7 +400,7 @@ def _client_perplexity(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> 
     """Per-client held-out perplexity of the final global model: the mean over clients and the
     worst client, each as (mean, std) over seeds, and the same two for the untrained model."""
     final = [recs[-1]["test_client_perplexity"] for _, recs, _ in runs]
-    untrained = [json.loads((d / "initial_eval.json").read_text())["client_perplexity"] for d, _, _ in runs]
+    untrained = [run_folder.read_initial_eval(d)["client_perplexity"] for d, _, _ in runs]
     return {"client_mean": _mean_std([float(np.mean(c)) for c in final]),
             "client_worst": _mean_std([float(np.max(c)) for c in final]),
             "untrained_client_mean": _mean_std([float(np.mean(c)) for c in untrained]),
@@ -415,7 +414,7 @@ def _client_accuracy(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> di
     final = [recs[-1] for _, recs, _ in runs]
     if any(r.get("test_client_accuracy_mean") is None for r in final):
         return {}
-    untrained = [json.loads(p.read_text()) if (p := d / "initial_eval.json").exists() else {} for d, _, _ in runs]
+    untrained = [run_folder.read_initial_eval(d) or {} for d, _, _ in runs]
     out = {}
     for stat in ("mean", "p10", "worst"):
         out[f"client_{stat}"] = _mean_std([100 * r[f"test_client_accuracy_{stat}"] for r in final])
@@ -424,8 +423,10 @@ def _client_accuracy(runs: list[tuple[Path, list[dict[str, Any]], float]]) -> di
     return out
 
 
-def _read_json(path: Path, key: str) -> float:
-    return json.loads(path.read_text())[key] if path.exists() else float("nan")
+def _untrained(run_dir: Path, metric: str) -> float:
+    """``metric`` of the run's untrained model, NaN without its ``initial_eval.json``."""
+    initial = run_folder.read_initial_eval(run_dir)
+    return float("nan") if initial is None else initial[metric]
 
 
 def summarize(suite: Suite) -> dict[str, Any]:
@@ -456,9 +457,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
                 "last3": _mean_std([scale * np.mean([r[key] for r in recs[-3:]]) for _, recs, _ in runs]),
                 "last3_of": min(len(recs[-3:]) for _, recs, _ in runs),  # < 3: a short run averages fewer
                 "macro_f1": _mean_std([math.nan if lm else 100 * recs[-1]["test_macro_f1"] for _, recs, _ in runs]),
-                "untrained": _mean_std([scale * _read_json(d / "initial_eval.json", metric) for d, _, _ in runs]),
+                "untrained": _mean_std([scale * _untrained(d, metric) for d, _, _ in runs]),
                 "metric": metric,
-                "wall_time_s": float(np.nanmean([_read_json(d / "wall_time.json", "seconds") for d, _, _ in runs])),
+                "wall_time_s": float(np.nanmean([run_folder.read_wall_time(d) for d, _, _ in runs])),
                 # What the participants send up per round (adapters they trained + head), in MB.
                 "upload_mb_per_round": float(np.mean([mb for _, _, mb in runs])),
                 "seeds": len(runs),
@@ -470,10 +471,10 @@ def summarize(suite: Suite) -> dict[str, Any]:
             continue
         out = suite.output_dir / setting
         labels, dirs = [m for m, _ in method_dirs], [d for _, d in method_dirs]
-        curve = "perplexity.png" if is_causal_lm_run(dirs[0]) else "accuracy.png"
+        curve = run_folder.curve_plot(is_causal_lm_run(dirs[0]))
         plot_accuracy(dirs, out / curve, labels=labels,
                       title=f"Test accuracy, {setting}")
-        plot_allocation_grid(dirs, out / "allocation.png", labels=labels,
+        plot_allocation_grid(dirs, out / run_folder.ALLOCATION_PLOT, labels=labels,
                              title=f"Share of participants training each block, {setting}")
         for method, run_dir in method_dirs:
             if any(r.get("fisher_scores") is not None for r in read_metrics(run_dir)):
@@ -487,14 +488,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
         "table": table,
     }
     suite.output_dir.mkdir(parents=True, exist_ok=True)
-    (suite.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    (suite.output_dir / "results.md").write_text(render_table(summary) + "\n")
+    (suite.output_dir / run_folder.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    (suite.output_dir / run_folder.RESULTS_FILE).write_text(render_table(summary) + "\n")
     return summary
-
-
-# What a published suite keeps of each run: its small text records (no checkpoints).
-_PUBLISHED_RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "initial_eval.json", "wall_time.json",
-                        "completions.jsonl")
 
 
 def publish(suite: Suite, dest: str | Path) -> Path:
@@ -506,11 +502,11 @@ def publish(suite: Suite, dest: str | Path) -> Path:
     """
     dest = Path(dest)
     src = suite.output_dir
-    for name in ("results.md", "summary.json"):
+    for name in (run_folder.RESULTS_FILE, run_folder.SUMMARY_FILE):
         if not (src / name).exists():
             raise UserError(f"publish: {src / name} does not exist; run or summarize the suite first")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("results.md", "summary.json"):
+    for name in (run_folder.RESULTS_FILE, run_folder.SUMMARY_FILE):
         shutil.copy2(src / name, dest / name)
     for setting in suite.settings:
         for png in sorted((src / setting).glob("*.png")):
@@ -518,7 +514,7 @@ def publish(suite: Suite, dest: str | Path) -> Path:
             shutil.copy2(png, dest / setting / png.name)
     for setting, method, seed, run_dir in suite.runs():
         target = dest / setting / method / f"seed-{seed}"
-        for name in _PUBLISHED_RUN_FILES:
+        for name in run_folder.PUBLISHED_RUN_FILES:
             if (run_dir / name).exists():
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run_dir / name, target / name)

@@ -38,6 +38,8 @@ import yaml
 
 from fedhello.errors import UserError
 from fedhello.jsonl_io import read_jsonl
+# The run folder's file names, re-exported here where the checkpoint API has always named them.
+from fedhello.run_folder import CONFIG_FILE, LOCK_FILE, META_FILE, METRICS_FILE, RUN_FILES, WEIGHTS_FILE
 from fedhello.fl.tracking import clear_tracking
 
 __all__ = [
@@ -56,13 +58,6 @@ __all__ = [
     "save_checkpoint",
     "read_checkpoint",
 ]
-
-WEIGHTS_FILE = "checkpoint.safetensors"
-META_FILE = "checkpoint.json"
-LOCK_FILE = ".fedhello.lock"  # not a run file: it stays, unlocked, when its run ends
-# Every file a run writes into its folder that a later run would replace (plots are redrawn).
-RUN_FILES = ("config.yaml", "initial_eval.json", "metrics.jsonl", "metrics.csv", WEIGHTS_FILE, META_FILE,
-             "completions.jsonl")
 
 # The only config fields a resumed run may change, and why each cannot change what the run
 # computes (the trained weights, the cohorts, the allocations). Everything else -- seed, model,
@@ -133,7 +128,7 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
         raise RunFolderError(
             f"output_dir: {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
             f"--overwrite to delete it and start again, or choose another output_dir")
-    saved = out / "config.yaml"
+    saved = out / CONFIG_FILE
     if not saved.exists():
         raise RunFolderError(f"{saved}: missing, so --resume cannot check that the config is the run's own; "
                              f"restore it or start again with --overwrite")
@@ -162,7 +157,7 @@ def check_run_dir(config: Any, resume: bool = False, overwrite: bool = False) ->
     if config.rounds < checkpoint.next_round:
         raise RunFolderError(f"rounds: {config.rounds} is below the {checkpoint.next_round} rounds already done "
                              f"in {out}; expected >= {checkpoint.next_round}")
-    _check_metrics(out / "metrics.jsonl", checkpoint.next_round)
+    _check_metrics(out / METRICS_FILE, checkpoint.next_round)
     return checkpoint
 
 

@@ -52,7 +52,6 @@ is ``fedhello.fl.flower_processes``.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import tempfile
@@ -67,6 +66,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedhello import run_folder
 from fedhello.config import RunConfig, load_config, save_config
 from fedhello.errors import UserError
 from fedhello.fl.checkpoint import clear_run_dir, hold_run_dir
@@ -385,13 +385,10 @@ def simulate(config: RunConfig, nodes: int, *, resume: bool = False, overwrite: 
         settings = (f"config='{run_yaml}' min-nodes={nodes} round-timeout={timeout or 0.0} "
                     f"resume={'true' if resume else 'false'}")
         status = run_simulation(Path(tmp), settings, nodes, num_cpus=num_cpus, num_gpus=num_gpus)
-    records = _read_records(Path(config.output_dir))
+    records = run_folder.read_records(config.output_dir)
     if status != 0 or len(records) < config.rounds:
         raise RuntimeError(f"the Flower run stopped after {len(records)} of {config.rounds} rounds "
                            f"(flwr run exit status {status}); its log is above")
     return records
 
 
-def _read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -33,8 +33,6 @@ that is checkpointed (a ``privacy:`` run's noise from a second one, also checkpo
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import sys
 import time
@@ -52,8 +50,8 @@ from fedhello.config import RunConfig, make_run_strategy, save_config
 from fedhello.data import FederatedData, prepare_federated_data
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
-from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
-                                   read_jsonl, save_checkpoint)
+from fedhello import run_folder
+from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir, save_checkpoint
 from fedhello.fl.dropout import RoundReturns, cohort_draw_size, draw_returns
 from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
@@ -216,7 +214,7 @@ class FederatedRun:
         if self.privacy is not None:
             state["privacy"] = self.privacy.state_dict()
         save_checkpoint(self.out, {k: v.contiguous().cpu() for k, v in self.global_state.items()}, next_round,
-                        state, _json_default)
+                        state, run_folder.json_default)
         self.checkpoint_round = next_round
 
     def _restore(self, checkpoint: Checkpoint) -> None:
@@ -239,7 +237,7 @@ class FederatedRun:
             if self.privacy is not None:
                 self.privacy.load_state_dict(checkpoint.meta["privacy"])
         except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{where.with_name('checkpoint.json')}: server state not loadable "
+            raise CheckpointError(f"{where.with_name(run_folder.META_FILE)}: server state not loadable "
                                   f"({type(err).__name__}: {err})") from None
         self.global_state = {k: state[k].to(self.global_state[k].device) for k in self.global_state}
         self.start_round = self.checkpoint_round = checkpoint.next_round
@@ -267,8 +265,8 @@ class FederatedRun:
             try:
                 return self._run(resume, play_round, overwrite)
             except BaseException:  # stopped (Ctrl-C, SIGTERM, an error): the table of the rounds played
-                if (self.out / "metrics.jsonl").exists():
-                    _write_csv(self.out / "metrics.csv", read_jsonl(self.out / "metrics.jsonl"))
+                if (self.out / run_folder.METRICS_FILE).exists():
+                    run_folder.write_metrics_csv(self.out, run_folder.read_records(self.out))
                 raise
 
     def _run(self, resume: bool, play_round: Callable[[int], dict[str, Any]] | None,
@@ -277,27 +275,26 @@ class FederatedRun:
         if overwrite and clear_run_dir(self.out):
             print(f"--overwrite: deleted the earlier run in {self.out}; starting from round 1", flush=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
         records: list[dict[str, Any]] = []
         if checkpoint is not None:
             self._restore(checkpoint)
-            records = [r for r in read_jsonl(metrics_path) if r["round"] < self.start_round]
+            records = [r for r in run_folder.read_records(self.out) if r["round"] < self.start_round]
             self.task.resumed(self.start_round)
             left = "nothing left to play" if self.start_round >= self.config.rounds else \
                 f"continuing with round {self.start_round + 1}"
             print(f"resumed {self.out} from its checkpoint after round {self.start_round} of {self.config.rounds}; "
                   f"{left}", flush=True)
-        elif resume and metrics_path.exists():
+        elif resume and (self.out / run_folder.METRICS_FILE).exists():
             print(f"resume: {self.out} has no checkpoint yet (stopped before the first one); "
                   "starting again from round 1", flush=True)
         elif resume:  # a mistyped output_dir shows up here, not as a silent new run
             print(f"resume: no run in {self.out} yet; starting a new one from round 1", flush=True)
-        save_config(self.config, self.out / "config.yaml")
+        save_config(self.config, self.out / run_folder.CONFIG_FILE)
         print("\n".join(self.memory().lines()), flush=True)
-        _write_jsonl(metrics_path, records)
+        run_folder.write_records(self.out, records)
         self.tracking.start(self.start_round, records)
         if self.start_round == 0:  # the untrained model, the baseline every run is judged against
-            (self.out / "initial_eval.json").write_text(json.dumps(self.evaluate_global()))
+            run_folder.write_initial_eval(self.out, self.evaluate_global())
             self._evaluated(0)
 
         cfg = self.config
@@ -306,8 +303,7 @@ class FederatedRun:
         for rnd in bar:
             record = (play_round or self._round)(rnd)
             records.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record, default=_json_default) + "\n")
+            run_folder.append_record(self.out, record)
             self.tracking.log(record)
             if (cfg.checkpoint_every and (rnd + 1) % cfg.checkpoint_every == 0) or rnd + 1 == cfg.rounds:
                 self._save_checkpoint(rnd + 1)
@@ -322,7 +318,7 @@ class FederatedRun:
             if record.get("epsilon") is not None:
                 times.update(eps=f"{record['epsilon']:.2f}")
             bar.set_postfix(times)
-        _write_csv(self.out / "metrics.csv", records)
+        run_folder.write_metrics_csv(self.out, records)
         self.task.export(self.model, self.global_state)
         self.tracking.finish()
         return records
@@ -541,32 +537,3 @@ def _as_list(value) -> list | None:
     if value is None:
         return None
     return [None if math.isnan(v) else v for v in np.asarray(value, dtype=np.float64).tolist()]
-
-
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
-    if not path.exists() or path.read_text() != text:  # a resume that drops nothing leaves the file alone
-        path.write_text(text)
-
-
-_CSV_FIELDS = ("round", "train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity", "bytes_up", "bytes_down",
-               "wall_time", "time_local", "time_aggregate", "time_eval", "participants", "test_client_accuracy_mean",
-               "test_client_accuracy_worst", "test_client_accuracy_p10")
-
-
-def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "participants": len(r.get("participants", []))})

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from fedhello.errors import UserError
+from fedhello.run_folder import TRACKING_FILE
 
 __all__ = ["TRACKERS", "STATE_FILE", "OUTPUTS", "Tracker", "Tracking", "check_installed", "check_report_to",
            "clear_tracking", "scalars_of"]
@@ -46,7 +47,7 @@ TRACKERS: dict[str, tuple[str, str]] = {
     "mlflow": ("mlflow", "mlflow"),
     "wandb": ("wandb", "wandb"),
 }
-STATE_FILE = "tracking.json"
+STATE_FILE = TRACKING_FILE
 # What tracking writes into a run folder: removed with the run's files by ``--overwrite``.
 OUTPUTS = (STATE_FILE, "tensorboard", "mlruns", "wandb")
 

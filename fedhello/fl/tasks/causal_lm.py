@@ -3,32 +3,30 @@
 The global model is judged by held-out token loss and perplexity, overall and per client (each
 client's own mix of groups). A few fixed held-out prompts are completed greedily at the start,
 every ``COMPLETIONS_EVERY`` evaluations and at the end (``completions.jsonl``), and the final
-global adapters are exported as a PEFT LoRA folder (``PEFT_FOLDER``) that
+global adapters are exported as a PEFT LoRA folder (``peft_adapter/``) that
 ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`` loads.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fedhello.data import FederatedData, lm_tensors
+from fedhello import run_folder
 from fedhello.fl.tasks.base import Batch, RunTask
-from fedhello.jsonl_io import read_jsonl
 from fedhello.nn import MultiLoRAModel, export_peft
 from fedhello.nn.lm_eval import evaluate_lm, greedy_completions, mixture_perplexity
 from fedhello.nn.losses import row_terms
 
-__all__ = ["CausalLMTask", "COMPLETIONS_EVERY", "COMPLETION_PROMPTS", "COMPLETION_TOKENS", "PEFT_FOLDER"]
+__all__ = ["CausalLMTask", "COMPLETIONS_EVERY", "COMPLETION_PROMPTS", "COMPLETION_TOKENS"]
 
 # Completions are written every this many evaluations, for this many prompts.
 COMPLETIONS_EVERY = 4
 COMPLETION_PROMPTS = 3
 COMPLETION_TOKENS = 32
-PEFT_FOLDER = "peft_adapter"
 
 
 class CausalLMTask(RunTask):
@@ -83,22 +81,16 @@ class CausalLMTask(RunTask):
         if not due or not prompts:
             return
         texts = greedy_completions(model, self.tokenizer, prompts, max_new_tokens=COMPLETION_TOKENS)
-        with (self.out / "completions.jsonl").open("a") as f:
-            for prompt, text in zip(prompts, texts):
-                f.write(json.dumps({"round": rounds_done, "prompt": self.tokenizer.decode(prompt),
-                                    "completion": text}) + "\n")
+        run_folder.append_completions(self.out, rounds_done,
+                                      [(self.tokenizer.decode(prompt), text) for prompt, text in zip(prompts, texts)])
 
     def resumed(self, next_round: int) -> None:
         """Completions written after the checkpoint are written again: drop them."""
-        path = self.out / "completions.jsonl"
-        if path.exists():
-            kept = "".join(json.dumps(c) + "\n" for c in read_jsonl(path) if c["round"] <= next_round)
-            if path.read_text() != kept:
-                path.write_text(kept)
+        run_folder.keep_completions(self.out, next_round)
 
     def export(self, model: MultiLoRAModel, global_state: dict[str, torch.Tensor]) -> None:
-        """The final global adapters as a PEFT LoRA folder ``PEFT_FOLDER`` of the run folder."""
-        export_peft(model, None, self.out / PEFT_FOLDER, state=global_state)
+        """The final global adapters as a PEFT LoRA folder (``run_folder.PEFT_FOLDER``) in the run folder."""
+        export_peft(model, None, self.out / run_folder.PEFT_FOLDER, state=global_state)
 
 
 def _completion_prompts(test: Batch, count: int) -> list[list[int]]:
