@@ -36,8 +36,8 @@ __all__ = [
     "CONFIG_FILE", "INITIAL_EVAL_FILE", "METRICS_FILE", "METRICS_CSV_FILE", "COMPLETIONS_FILE", "WEIGHTS_FILE",
     "META_FILE", "WALL_TIME_FILE", "LOCK_FILE", "TRACKING_FILE", "PEFT_FOLDER", "RUN_FILES", "PUBLISHED_RUN_FILES",
     "RESULTS_FILE", "SUMMARY_FILE", "ACCURACY_PLOT", "PERPLEXITY_PLOT", "ALLOCATION_PLOT", "CLIENT_ACCURACY_PLOT",
-    "FISHER_PLOT", "curve_plot", "CSV_FIELDS", "json_default", "read_records", "append_record", "write_records",
-    "write_metrics_csv", "read_initial_eval", "write_initial_eval", "append_completions", "keep_completions",
+    "FISHER_PLOT", "curve_plot", "CSV_FIELDS", "json_default", "json_floats", "read_records", "append_record",
+    "write_records", "write_metrics_csv", "read_initial_eval", "write_initial_eval", "append_completions", "keep_completions",
     "read_wall_time", "write_wall_time", "checkpoint_round",
 ]
 
@@ -88,6 +88,14 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def json_floats(values: Any) -> list[float | None] | None:
+    """A float array as a JSON-ready list in a record; NaN (a block nobody has scored yet) becomes
+    None (JSON null: NaN is not JSON). None stays None."""
+    if values is None:
+        return None
+    return [None if math.isnan(v) else v for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
 def _jsonl(records: Iterable[dict[str, Any]]) -> str:

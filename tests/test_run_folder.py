@@ -51,3 +51,8 @@ def test_metrics_csv_counts_participants(tmp_path):
     header, row = (tmp_path / "metrics.csv").read_text().splitlines()
     assert header.split(",") == list(run_folder.CSV_FIELDS)
     assert dict(zip(header.split(","), row.split(",")))["participants"] == "2"
+
+
+def test_json_floats_turns_nan_into_null():
+    assert run_folder.json_floats(None) is None
+    assert json.dumps(run_folder.json_floats(np.array([0.5, np.nan], dtype=np.float32))) == "[0.5, null]"

@@ -41,13 +41,14 @@ from typing import Literal
 
 import torch
 
+from fedhello.errors import UserError
 from fedhello.nn.optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
 from fedhello.nn import MultiLoRAModel
 from fedhello.nn.losses import row_losses, row_terms
 from fedhello.nn.model import COMPUTE_DTYPES
 
 __all__ = ["LocalTask", "LocalResult", "LocalTrainingConfig", "ClientParallelEngine", "SequentialEngine",
-           "DEFAULT_TOKEN_BUDGET", "resolve_dtype", "wave_size_for_tokens", "wave_size_for_memory"]
+           "DEFAULT_TOKEN_BUDGET", "resolve_device", "resolve_dtype", "wave_size_for_tokens", "wave_size_for_memory"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -174,6 +175,29 @@ class _Schedule:
             batches.append(order[pos:pos + take])
             pos += take
         return cls(task, slot, steps, batches)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``engine.device`` as a usable torch device (``auto``: the GPU when there is one).
+
+    Raises:
+        UserError: starting with ``engine.device``, for a malformed name or a GPU this machine lacks.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"engine.device: {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
+                            "GPU; use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"engine.device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
+    elif device.type != "cpu":
+        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

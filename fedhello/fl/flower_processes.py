@@ -21,8 +21,8 @@ from pathlib import Path
 
 from fedhello.errors import UserError
 
-__all__ = ["APP_DIR", "STOP_GRACE_S", "check_app_dir", "check_resources", "free_port", "processes_with_env", "run_simulation",
-           "stop_all", "wait_until_healthy"]
+__all__ = ["APP_DIR", "STOP_GRACE_S", "check_app_dir", "check_resources", "free_port", "processes_with_env",
+           "run_simulation", "stop_all", "wait_until_healthy"]
 
 APP_DIR = Path(__file__).resolve().parents[2] / "flower-app"  # the Flower app folder of a source checkout
 STARTUP_TIMEOUT_S = 120.0  # seconds for the SuperLink to answer its health check (a loaded machine is slow)

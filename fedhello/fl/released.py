@@ -73,7 +73,7 @@ def released_proxy_fisher(model: "MultiLoRAModel", proxy: dict[str, "torch.Tenso
 
     Args:
         model: every slot holding the global adapters at full rank, all blocks trainable, in eval
-            mode (as ``FederatedRun.proxy_fisher_scores`` prepares it); its gradients are left cleared.
+            mode (as ``fedhello.fl.proxy_fisher.proxy_fisher_scores`` prepares it); its gradients are left cleared.
         proxy: the proxy set, tensors with a leading dim ``n`` and ``labels`` int ``[n]``.
         batch_size: the released proxy loader's batch size (its local batch size).
         device: where the model runs.

@@ -33,7 +33,6 @@ that is checkpointed (a ``privacy:`` run's noise from a second one, also checkpo
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,42 +50,24 @@ from fedhello.data import FederatedData, prepare_federated_data
 from fedhello.errors import UserError
 from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise, aggregate_rank_padded, lora_rank_dims
 from fedhello import run_folder
-from fedhello.fl.checkpoint import Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir, save_checkpoint
+from fedhello.fl.checkpoint import (Checkpoint, CheckpointError, check_run_dir, clear_run_dir, hold_run_dir,
+                                   save_checkpoint)
 from fedhello.fl.dropout import RoundReturns, cohort_draw_size, draw_returns
-from fedhello.fl.engine import ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_dtype
+from fedhello.fl.engine import (ClientParallelEngine, LocalResult, LocalTask, LocalTrainingConfig, resolve_device,
+                                resolve_dtype)
 from fedhello.fl.health import NonFiniteRoundError, find_nonfinite
 from fedhello.fl.privacy import PrivateAggregation, assigned_counts, from_config as private_aggregation
-from fedhello.fl.released import released_proxy_fisher
+from fedhello.fl.proxy_fisher import proxy_fisher_scores
 from fedhello.fl.tasks import make_task
 from fedhello.fl.tasks.classification import evaluate
 from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.models.quantize import MemoryReport, memory_report
 from fedhello.nn import inject_multi_lora
-from fedhello.nn.losses import row_losses
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 from fedhello.seeds import purpose_seed
 
 __all__ = ["FederatedRun", "RoundPlan", "DEFAULT_TARGET_MODULES", "evaluate"]
-
-
-def _device(name: str) -> torch.device:
-    """``engine.device`` as a usable torch device (``auto``: the GPU when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"engine.device: {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
-                            "GPU; use 'auto' or 'cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"engine.device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA GPUs")
-    elif device.type != "cpu":
-        raise UserError(f"engine.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
-    return device
 
 
 def _state_bytes(state: dict[str, torch.Tensor], names: list[str], rank_fraction: float = 1.0) -> int:
@@ -131,7 +112,7 @@ class FederatedRun:
         self.config = config
         self.progress = progress
         self.out = Path(config.output_dir)
-        self.device = _device(config.engine.device)
+        self.device = resolve_device(config.engine.device)
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -402,10 +383,10 @@ class FederatedRun:
             # By client, like "allocation": a client dropped this round (failed, non-finite) has none.
             "ranks": None if alloc.ranks is None else {
                 str(res.client): int(alloc.ranks[position[res.client]]) for res in results},
-            "probabilities": _as_list(alloc.probabilities),
+            "probabilities": run_folder.json_floats(alloc.probabilities),
             **({} if alloc.frozen is None else {"frozen": {
                 str(res.client): np.flatnonzero(alloc.frozen[:, position[res.client]]).tolist() for res in results}}),
-            "fisher_scores": _as_list(self.strategy.fisher_scores),
+            "fisher_scores": run_folder.json_floats(self.strategy.fisher_scores),
             # None (JSON null) when nobody trained: NaN is not JSON.
             "train_loss": float(np.mean([r.loss for r in results])) if results else None,
             "bytes_down": down,
@@ -505,35 +486,10 @@ class FederatedRun:
         self.model.set_ranks({0: self.config.model.rank})
 
     def proxy_fisher_scores(self) -> np.ndarray:
-        """Per-block Fisher scores of the global model on the proxy set: the mean over samples of
-        the per-sample squared gradient norm. Each sample of a batch is routed to its own bank
-        slot, so one batched backward yields per-sample norms. With ``fisher.estimator: released``
-        the released code's estimate instead (``fedhello.fl.released.released_proxy_fisher``)."""
+        """Per-block Fisher scores of the global model on the proxy set, float64 ``[L]``
+        (``fedhello.fl.proxy_fisher``; ``fisher.estimator: released``: the released code's estimate)."""
         proxy = self.client_data["proxy"]
         if proxy is None:
             raise UserError("data.proxy_fraction: proxy-set Fisher scores need a proxy split (> 0)")
-        model, slots = self.model, self.model.num_clients
-        model.broadcast_state(self.global_state, range(slots))
-        model.set_ranks({s: self.config.model.rank for s in range(slots)})
-        model.set_trainable(torch.ones(self.num_blocks, slots, dtype=torch.bool))
-        model.reset_fisher_norms()
-        model.eval()
-        if self.config.fisher.estimator == "released":
-            return released_proxy_fisher(model, proxy, self.config.local.batch_size, self.device)
-        n = proxy["labels"].shape[0]
-        for start in range(0, n, slots):
-            batch = {k: v[start:start + slots].to(self.device) for k, v in proxy.items()}
-            ids = torch.arange(batch["labels"].shape[0])
-            with model.route(ids):
-                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            row_losses(logits, batch["labels"]).sum().backward()
-            for p in model.parameters():
-                p.grad = None
-        return (model.fisher_norms().sum(dim=1) / max(n, 1)).double().cpu().numpy()
-
-
-def _as_list(value) -> list | None:
-    """A float array as a JSON-ready list; NaN (a block nobody has scored yet) becomes None."""
-    if value is None:
-        return None
-    return [None if math.isnan(v) else v for v in np.asarray(value, dtype=np.float64).tolist()]
+        return proxy_fisher_scores(self.model, proxy, self.global_state, self.config.model.rank,
+                                   self.config.fisher.estimator, self.config.local.batch_size, self.device)
