@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from fedhello.suite import _run_config, load_suite
+from fedhello.suite import load_suite
+from fedhello.suite_spec import run_config
 
 SUITE = Path(__file__).resolve().parents[1] / "configs" / "suites" / "mpnet.yaml"
 KEY_METHODS = {"Full", "Fed-HeLLo", "Fed-HeLLo (proxy FIM)", "FIM-HLA", "RGD Bottleneck", "GD Bottleneck", "FedRA",
@@ -15,7 +16,7 @@ KEY_METHODS = {"Full", "Fed-HeLLo", "Fed-HeLLo (proxy FIM)", "FIM-HLA", "RGD Bot
 
 
 def _configs(suite):
-    return {(s, m, seed): _run_config(suite, s, m, seed, d) for s, m, seed, d in suite.runs()}
+    return {(s, m, seed): run_config(suite, s, m, seed, d) for s, m, seed, d in suite.runs()}
 
 
 def test_cpu_track_is_the_paper_setting_with_three_seeds():
@@ -46,7 +47,7 @@ def test_gpu_preset_is_the_papers_scale():
     assert KEY_METHODS <= set(suite.methods) and len(suite.settings) == 4
     for c in _configs(suite).values():
         assert (c.data.num_clients, c.cohort_size, c.rounds, c.data.max_samples) == (100, 10, 500, None)
-    released = _run_config(suite, "path2-tiers111", "Fed-HeLLo (released schedule)", 0, Path("x"))
+    released = run_config(suite, "path2-tiers111", "Fed-HeLLo (released schedule)", 0, Path("x"))
     assert released.strategy.options["schedule"] == "released"
 
 

@@ -141,7 +141,7 @@ def test_resumed_run_keeps_the_wall_time_of_its_earlier_rounds(tmp_path, monkeyp
     suite = load_suite(_suite_file(tmp_path, settings={"iid": {"data": {"partition": {"kind": "iid"}}}},
                                    methods={"Full": {"strategy": {"name": "full", "options": {}}}}))
     (setting, method, seed, run_dir), = suite.runs()
-    config = suite_module._run_config(suite, setting, method, seed, run_dir)
+    config = suite_module.run_config(suite, setting, method, seed, run_dir)
 
     play = FederatedRun._round
 

@@ -329,7 +329,8 @@ def test_fedhello_run_causal_lm_end_to_end(tmp_path, tiny_lm_files, tokenizer, c
 # ---------------------------------------------------------------- configs
 def test_causal_lm_configs_and_suites_resolve():
     from fedhello.config import load_config
-    from fedhello.suite import _run_config, load_suite
+    from fedhello.suite import load_suite
+    from fedhello.suite_spec import run_config
 
     root = Path(__file__).resolve().parents[2] / "configs"
     base = load_config(root / "smollm2-lm.yaml")
@@ -337,7 +338,7 @@ def test_causal_lm_configs_and_suites_resolve():
         ("causal_lm", "smollm2", "bbc_news", "dirichlet")
     for preset, runs in ((None, 7 * 3), ("gpu", 2 * 7 * 3)):
         suite = load_suite(root / "suites" / "smollm2-lm.yaml", preset=preset)
-        configs = [_run_config(suite, s, m, seed, d) for s, m, seed, d in suite.runs()]
+        configs = [run_config(suite, s, m, seed, d) for s, m, seed, d in suite.runs()]
         assert len(configs) == runs and all(c.task == "causal_lm" for c in configs)
         assert {"Full", "Fed-HeLLo", "RGD Bottleneck", "FedRA", "HetLoRA", "Exclusive", "Straggler"} == set(suite.methods)
     headlines = load_config(root / "smollm2-headlines.yaml")
@@ -345,7 +346,7 @@ def test_causal_lm_configs_and_suites_resolve():
     for preset, runs in ((None, 7 * 3), ("gpu", 2 * 7 * 3)):
         suite = load_suite(root / "suites" / "smollm2-headlines.yaml", preset=preset)
         assert len(suite.runs()) == runs
-        assert all(_run_config(suite, *run).data.name == "bbc_headlines" for run in suite.runs())
+        assert all(run_config(suite, *run).data.name == "bbc_headlines" for run in suite.runs())
 
 
 def test_suite_summary_reports_perplexity_for_causal_lm_runs(tmp_path):
