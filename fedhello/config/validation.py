@@ -287,9 +287,9 @@ class RunConfigChecks:
             raise ConfigError(f"local.momentum: expected a number in [0, 1), got {lc.momentum}")
 
 
-def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tuple[int, ...],
+def make_run_strategy(config: RunConfigChecks, num_blocks: int, tier_capacities: tuple[int, ...],
                       population: np.ndarray | None = None) -> AllocationStrategy:
-    """``config``'s allocation strategy for a model of ``num_blocks`` blocks whose tiers have
+    """``config``'s (a ``RunConfig``) allocation strategy for a model of ``num_blocks`` blocks whose tiers have
     ``tier_capacities`` and, when given, checked against the ``population``'s capacities (int
     ``[num_clients]``: e.g. Exclusive with no full-capacity client would never train anyone); a bad
     option or tier setting raises ``ConfigError`` naming the config field."""
@@ -308,7 +308,7 @@ def make_run_strategy(config: "RunConfig", num_blocks: int, tier_capacities: tup
         raise ConfigError(f"strategy.options.{message}") from None
 
 
-def _strategy_or_none(config: "RunConfig", num_blocks: int,
+def _strategy_or_none(config: RunConfigChecks, num_blocks: int,
                       tier_capacities: tuple[int, ...]) -> AllocationStrategy | None:
     try:
         return make_run_strategy(config, num_blocks, tier_capacities)

@@ -63,7 +63,7 @@ from fedhello.fl.tasks.classification import evaluate
 from fedhello.fl.tracking import Tracking
 from fedhello.models import load_backbone, load_tokenizer
 from fedhello.models.quantize import MemoryReport, memory_report
-from fedhello.nn import inject_multi_lora
+from fedhello.nn.inject import inject_multi_lora
 from fedhello.nn.model import DEFAULT_TARGET_MODULES
 from fedhello.seeds import purpose_seed
 

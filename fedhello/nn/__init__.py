@@ -15,7 +15,8 @@ require_extra("hf", "fedhello.nn")
 from .discovery import BlockMap, find_blocks, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear
-from .model import AUTO_HEAD_NAMES, MultiLoRAModel, inject_multi_lora
+from .inject import AUTO_HEAD_NAMES, inject_multi_lora
+from .model import MultiLoRAModel
 from .peft_io import export_peft, import_peft
 from .routing import RoutingContext
 

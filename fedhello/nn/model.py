@@ -1,8 +1,8 @@
-"""One frozen Hugging Face backbone serving N clients: injection, routing, block masks, state.
+"""One frozen Hugging Face backbone serving N clients: ``MultiLoRAModel``'s routing, block masks, state.
 
-``inject_multi_lora`` replaces the target linear layers of a ``transformers`` model (in place;
-the backbone is never copied) by ``MultiLoRALinear`` banks and its trainable heads by
-``ClientHeadBank`` s, and returns a ``MultiLoRAModel`` that wraps it::
+``inject_multi_lora`` (``fedhello.nn.inject``) replaces the target linear layers of a
+``transformers`` model (in place; the backbone is never copied) by ``MultiLoRALinear`` banks and
+its trainable heads by ``ClientHeadBank`` s, and returns a ``MultiLoRAModel`` that wraps it::
 
     model = inject_multi_lora(hf_model, ["query", "value"], num_clients=8, rank=8, alpha=16)
     with model.route(client_ids):          # int [batch]: each sample's client slot, -1 = base model
@@ -29,14 +29,14 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .discovery import BlockMap, find_blocks, is_linear_like, match_modules
+from .discovery import BlockMap
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
 from .optim import MaskedAdamW, MaskedSGD, make_masked_optimizer
 from .quantized import quantization_of
 from .routing import RoutingContext, normalize_client_ids
 
-__all__ = ["MultiLoRAModel", "inject_multi_lora", "AUTO_HEAD_NAMES", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
+__all__ = ["MultiLoRAModel", "COMPUTE_DTYPES", "DEFAULT_TARGET_MODULES"]
 
 # Dtypes the frozen backbone may compute in (``MultiLoRAModel.set_compute_dtype``).
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,10 +50,6 @@ DEFAULT_TARGET_MODULES = {
     "llama": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }
-
-# Names transformers gives the trainable heads of its classification models
-# (BERT, ViT, RoBERTa: "classifier"; LLaMA, GPT-2, Mistral, Qwen: "score").
-AUTO_HEAD_NAMES = ("classifier", "score")
 
 # Keyword arguments whose first dimension is the batch, in the order they are looked at.
 _BATCH_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "attention_mask", "input_values")
@@ -479,126 +475,3 @@ def _batch_size(args: tuple, kwargs: dict) -> tuple[str | None, int | None]:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return f"args[{i}]", value.shape[0]
     return None, None
-
-
-def _head_linears(model: nn.Module, head_modules: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """(matched head modules, the nn.Linear layers inside them that become client banks)."""
-    if head_modules is None:
-        return [], []
-    if head_modules == "auto":
-        roots = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in AUTO_HEAD_NAMES]
-        roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
-    else:
-        roots = match_modules(model, head_modules, "head_modules")
-    linears: list[str] = []
-    for root in roots:
-        module = model.get_submodule(root)
-        if isinstance(module, nn.Linear):
-            linears.append(root)
-            continue
-        inside = [f"{root}.{n}" for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
-        covered = {id(p) for n in inside for p in model.get_submodule(n).parameters()}
-        other = [n for n, p in module.named_parameters() if id(p) not in covered]
-        if not inside:
-            raise ValueError(f"head_modules: expected an nn.Linear or a module of nn.Linear layers, got {root!r} "
-                             f"({type(module).__name__}) with no nn.Linear inside")
-        if other:
-            raise ValueError(f"head_modules: expected only nn.Linear layers inside {root!r}, got parameters "
-                             f"{other[:3]} outside them (name the linear layers to bank instead)")
-        linears.extend(n for n in inside if n not in linears)
-    return roots, linears
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def inject_multi_lora(
-    model: nn.Module,
-    target_modules: str | Sequence[str],
-    num_clients: int,
-    rank: int = 8,
-    ranks: Sequence[int] | None = None,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    head_modules: str | Sequence[str] | None = "auto",
-    backend: str = "auto",
-    seed: int = 0,
-    backbone_train_mode: bool = False,
-) -> MultiLoRAModel:
-    """Give a ``transformers`` model N client adapter slots on its target layers, in place.
-
-    Args:
-        model: any ``nn.Module`` whose targets are ``nn.Linear`` or transformers ``Conv1D``
-            inside its transformer blocks (BERT/MiniLM, ViT, LLaMA/SmolLM2, GPT-2, ...). All its
-            parameters are frozen; none is copied.
-        target_modules: names matched as PEFT does (a list: exact name or ``.name`` suffix; a
-            string: a regular expression on the whole qualified name), e.g. ``["query", "value"]``.
-        num_clients: N, the number of client slots.
-        rank: r_max, the bank's rank dimension.
-        ranks: per-client ranks in ``[0, rank]`` (HetLoRA; 0: no adapter); default all ``rank``.
-        alpha: LoRA alpha; client c is scaled by ``alpha / ranks[c]`` (PEFT's ``lora_alpha / r``; 0 for
-            rank 0).
-        dropout: LoRA dropout probability (per-client generators, seeded from ``seed``).
-        head_modules: modules that each client trains in full, like PEFT's ``modules_to_save``:
-            ``"auto"`` (every module named "classifier" or "score"), names/regex as for targets,
-            or None. Each must be an ``nn.Linear`` or contain only ``nn.Linear`` layers.
-        backend: the ``multi_lora_linear`` backend.
-        seed: seeds the adapter init (every slot starts from the same PEFT init) and dropout.
-        backbone_train_mode: let ``train()`` switch the backbone's own dropout on as well.
-
-    Returns:
-        the ``MultiLoRAModel`` wrapping ``model``.
-
-    Raises:
-        ValueError: a target name matches nothing or matches a module that is not a linear
-            layer or not inside a transformer block; bad ranks, alpha, dropout or backend.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch nn.Module (a transformers model), got {type(model).__name__}")
-    if any(isinstance(m, (MultiLoRALinear, ClientHeadBank)) for m in model.modules()):
-        raise ValueError("model: already holds multi-client modules (inject_multi_lora was applied before)")
-    check_settings(num_clients, rank, alpha, dropout, backend)
-    rank_list = check_ranks(ranks, num_clients, rank)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"seed: expected >= 0, got {seed}")
-
-    head_roots, head_names = _head_linears(model, head_modules)
-    targets = [
-        n for n in match_modules(model, target_modules, "target_modules")
-        if not any(n == h or n.startswith(h + ".") for h in head_roots)
-    ]
-    if not targets:
-        raise ValueError(f"target_modules: {target_modules!r} only matches head modules {head_roots}")
-    for name in targets:
-        module = model.get_submodule(name)
-        if "experts" in name.split("."):
-            # An expert sees only the tokens its router sends it, as a 2-D gather: rows no longer
-            # line up with samples, so a per-sample client id cannot be applied to them.
-            raise ValueError(f"target_modules: {name!r} is inside a mixture-of-experts layer; per-client "
-                             "adapters on experts are not supported (target the attention projections)")
-        if not is_linear_like(module):
-            raise ValueError(
-                f"target_modules: {name!r} is a {type(module).__name__}; expected nn.Linear or transformers "
-                "Conv1D (name the linear layers inside it)"
-            )
-    blocks = find_blocks(model, targets, "target_modules")
-
-    model.requires_grad_(False)
-    context = RoutingContext(num_clients, seed)
-    generator = torch.Generator().manual_seed(seed)
-    for name in targets:
-        _replace(model, name, MultiLoRALinear(
-            model.get_submodule(name), num_clients, rank, ranks=rank_list, alpha=alpha, dropout=dropout,
-            backend=backend, context=context, generator=generator, name=name,
-        ))
-    for name in head_names:
-        _replace(model, name, ClientHeadBank(model.get_submodule(name), num_clients, context=context, name=name))
-    return MultiLoRAModel(
-        model, context, blocks, targets, head_names, max_rank=rank, alpha=alpha, dropout=dropout,
-        backbone_train_mode=backbone_train_mode,
-    )
