@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from fedhello.kernels import LoRAPlan, multi_lora_linear
-from fedhello.kernels import reference
+from fedhello.kernels.backends import torch as torch_backend
 from fedhello.kernels.checks import check_inputs
 from fedhello.kernels.extension import backend, load_error
 
@@ -103,7 +103,7 @@ def main() -> None:
           f"{'layer torch':>11} {'layer cpu':>9} {'speedup':>7}   (ms, median of {repeats})")
     for t, n, d, r in cases:
         c = _case(t, n, d, r, dtype)
-        lora_t = _median_ms(_lora_only(reference, c), repeats)
+        lora_t = _median_ms(_lora_only(torch_backend, c), repeats)
         lora_c = _median_ms(_lora_only(ext, c), repeats)
         layer_t = _median_ms(_layer("torch", c), repeats)
         layer_c = _median_ms(_layer("cpu", c), repeats)

@@ -88,14 +88,14 @@ def gemm_ceilings(t: int, d_in: int, d_out: int, dtype: torch.dtype, device: tor
 
 
 def triton_kernel_names() -> set[str]:
-    """Names of the ``@triton.jit`` kernels in ``fedhello.kernels.triton_lora`` (as the profiler
-    shows them), empty when Triton is missing."""
+    """Names of the ``@triton.jit`` kernels in ``fedhello.kernels.backends.triton_kernels`` (as the
+    profiler shows them), empty when Triton is missing."""
     try:
-        from fedhello.kernels import triton_lora
+        from fedhello.kernels.backends import triton_kernels
     except ImportError:
         return set()
     names = set()
-    for value in vars(triton_lora).values():
+    for value in vars(triton_kernels).values():
         fn = getattr(value, "fn", None)
         if fn is not None and hasattr(value, "arg_names"):
             names.add(fn.__name__)
