@@ -15,8 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -25,17 +23,11 @@ from fedhello.kernels import LoRAPlan, multi_lora_linear
 from fedhello.kernels.backends import torch as torch_backend
 from fedhello.kernels.checks import check_inputs
 from fedhello.kernels.extension import backend, load_error
+from timing import time_call  # a sibling module: the script runs with benchmarks/ on sys.path
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    return 1e3 * time_call(fn, torch.device("cpu"), reps=repeats)
 
 
 def _case(t: int, n: int, d: int, r: int, dtype: torch.dtype, seed: int = 0) -> dict:
