@@ -2,7 +2,7 @@
 
 Every LoRA kernel is memory-bound (about 1 GFLOP against 70-140 MB at the headline size), so
 the design counts bytes: each big activation (X, dY, y, dx) is touched by exactly one LoRA
-kernel, once. Launch grids depend only on shapes,
+kernel, once (``benchmarks/byte_model.py`` counts them). Launch grids depend only on shapes,
 never on the routing, and nothing is read back to the host, so a whole call can be captured by
 CUDA graphs.
 
