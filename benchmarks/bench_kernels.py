@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import kernel_profile
 import report
-from _common import guard_exit_status, results_path, run_metadata, write_json
+from _common import finish_run, results_path, run_metadata, write_json
 from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
@@ -887,13 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      and r["routing"] == "scattered" and all(r[k] == v for k, v in HEADLINE.items())), None)
     if headline is not None:
         doc["headline"] = {"case": headline["name"], **headline_ratios(headline)}
-    doc["complete"] = True
-    doc["elapsed_s"] = round(time.monotonic() - start, 3)
-    write_json(doc, out)
-
-    print("\n" + report.kernels_report(doc))
-    print(f"\nwrote {out}")
-    return guard_exit_status(doc["cases"])
+    return finish_run(doc, out, start, report.kernels_report)
 
 
 if __name__ == "__main__":

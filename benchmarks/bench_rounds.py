@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import (finite, guard_exit_status, int_list, name_list, package_versions, results_path,
+from _common import (finish_run, finite, int_list, name_list, package_versions, results_path,
                      run_metadata, write_json)
 from _random_backbones import RANDOM_LM_MODELS, RANDOM_MODELS, random_backbone, random_causal_lm
 import paper_slice
@@ -950,12 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paper-size slice ({ps['model']}): {ps['round_s']['median_s']:.2f} s per round, extrapolated "
               f"{ps['rounds']} rounds: {ps['extrapolated_run_s'] / 60:.1f} min" if ps["status"] == "ok"
               else f"paper-size slice: skipped ({ps['note']})", flush=True)
-    doc["complete"] = True
-    doc["elapsed_s"] = round(time.monotonic() - start, 3)
-    write_json(doc, out)
-    print("\n" + report.rounds_report(doc))
-    print(f"\nwrote {out}")
-    return guard_exit_status(doc["cases"])
+    return finish_run(doc, out, start, report.rounds_report)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def kernels_report(doc: dict) -> str:
 
 def rounds_report(doc: dict) -> str:
     """What ``bench_rounds.py`` prints after a run: one line per case."""
-    return rounds_table(doc["cases"], doc["meta"]["device_type"] == "cuda", doc["meta"]["task"])
+    # Results written before the causal-LM task existed name no task: they are classification.
+    return rounds_table(doc["cases"], doc["meta"]["device_type"] == "cuda", doc["meta"].get("task", "classification"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -264,3 +264,13 @@ def test_kernel_table_from_a_hand_made_profile(report) -> None:
     assert "25.0 us = 15904 GB/s against the byte model" in text
     assert "host 0.500 ms to enqueue, device 1.250 ms" in text
     assert report.kernel_table({"name": "cpu-case"}, None) == []
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "benchmarks" / "results").glob("*.json")
+                                        if not p.name.startswith("static-")))
+def test_report_prints_every_saved_result(report, path: str, capsys) -> None:
+    """The committed results print again from their JSON alone, one table line per case."""
+    doc = json.loads((REPO / "benchmarks" / "results" / path).read_text())
+    assert report.main([str(REPO / "benchmarks" / "results" / path)]) == 0
+    out = capsys.readouterr().out
+    assert all(case["name"] in out for case in doc["cases"])
