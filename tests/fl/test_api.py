@@ -177,31 +177,35 @@ NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_
        "bnb_4bit_compute_dtype": torch.float32}
 
 
-def test_a_bitsandbytes_model_gives_the_same_run_as_yaml_with_model_quantize(tmp_path, tiny_lm_files):
-    """A model quantized by transformers' BitsAndBytesConfig (QLoRA's NF4), and a full-precision model
-    with model.quantize: nf4, give the records and global state of the YAML run with model.quantize:
-    nf4; the config and the checkpoint record the quantization."""
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_bitsandbytes_model_gives_the_same_run_as_yaml_with_model_quantize(tmp_path, tiny_lm_files, kind):
+    """A model quantized by transformers' BitsAndBytesConfig (QLoRA's NF4; int8 without outlier
+    threshold), and for nf4 a full-precision model with model.quantize: nf4, give the records and
+    global state of the YAML run with model.quantize: kind; the config and the checkpoint record it."""
     pytest.importorskip("bitsandbytes")
     from fedhello.models import load_backbone, load_tokenizer
     from tests.nn.tiny import tiny_lm_run_config
 
     model_dir, news = tiny_lm_files
     by_name = FederatedRun(RunConfig.from_dict(tiny_lm_run_config(model_dir, news, tmp_path / "yaml",
-                                                                  quantize="nf4")), progress=False)
+                                                                  quantize=kind)), progress=False)
     want = by_name.run()
     rows = datasets.load_dataset("csv", data_files=str(news), split="train")
-    for out, model, quantize in (("transformers", _bnb_model(model_dir, **NF4), {}),
-                                 ("float", load_backbone(model_dir, task="causal-lm"), {"quantize": "nf4"})):
+    options = NF4 if kind == "nf4" else {"load_in_8bit": True, "llm_int8_threshold": 0.0}
+    variants = [("transformers", _bnb_model(model_dir, **options), {})]
+    if kind == "nf4":
+        variants.append(("float", load_backbone(model_dir, task="causal-lm"), {"quantize": "nf4"}))
+    for out, model, quantize in variants:
         config = tiny_lm_run_config(model_dir, news, tmp_path / out, **quantize)
         del config["model"]["name"], config["data"]["path"]
         result = run(model=model, tokenizer=load_tokenizer(model_dir), train=rows, config=config, progress=False)
         assert _without_times(result.records) == _without_times(want), out
         for name, tensor in by_name.global_state.items():
             assert torch.equal(result.global_state[name], tensor), (out, name)
-        assert yaml.safe_load((tmp_path / out / "config.yaml").read_text())["model"]["quantize"] == "nf4"
+        assert yaml.safe_load((tmp_path / out / "config.yaml").read_text())["model"]["quantize"] == kind
         base = json.loads((tmp_path / out / "checkpoint.json").read_text())["base"]
-        assert (base["quantize"], base["compute_dtype"]) == ("nf4", "auto")
-        assert {layer.quantization for _, layer in result.run.model.lora_modules} == {"nf4"}
+        assert (base["quantize"], base["compute_dtype"]) == (kind, "auto")
+        assert {layer.quantization for _, layer in result.run.model.lora_modules} == {kind}
 
 
 def test_quantized_models_that_cannot_be_served_are_refused(tmp_path, tiny_lm_files):
