@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedhello.nn.discovery import is_conv1d
+from fedhello.nn.model import COMPUTE_DTYPES
 from fedhello.nn.quantized import check_quantized_base, quantization_of, quantize_linear, quantized_bytes
 from fedhello.quantization import QUANTIZATIONS, require_bitsandbytes
 
@@ -72,10 +73,6 @@ def quantize_backbone(model: nn.Module, kind: str, compute_dtype: torch.dtype, f
     return names
 
 
-# What a 4-bit layer may dequantize to and multiply in (model.compute_dtype's choices).
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 @dataclass(frozen=True)
 class BaseQuantization:
     """How a built model's frozen base is quantized.
@@ -128,7 +125,7 @@ def base_quantization(model: nn.Module, arg: str = "model") -> BaseQuantization:
     if len(kinds) > 1:
         mixed = ", ".join(f"{kind} ({names[0]}, ...)" for kind, names in sorted(kinds.items()))
         raise ValueError(f"{arg}: mixes bitsandbytes layers of kinds {mixed}; quantize its layers one way")
-    if len(dtypes) > 1 or not set(dtypes) <= {None, *_COMPUTE_DTYPES}:
+    if len(dtypes) > 1 or not set(dtypes) <= {None, *COMPUTE_DTYPES}:
         found = ", ".join(f"{dtype} ({name}, ...)" for dtype, name in dtypes.items())
         raise ValueError(f"{arg}: its 4-bit layers compute in {found}; expected one of float32, bfloat16, float16 "
                          "for all of them (bitsandbytes' compute_dtype)")
