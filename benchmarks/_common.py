@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -26,6 +27,7 @@ __all__ = [
     "REPO_ROOT",
     "RESULTS_DIR",
     "device_name",
+    "finish_run",
     "finite",
     "git",
     "int_list",
@@ -195,3 +197,15 @@ def guard_exit_status(cases: Sequence[dict]) -> int:
         print(f"correctness guard failed for: {mismatches}", file=sys.stderr)
         return 1
     return 0
+
+
+def finish_run(doc: dict, out: str | Path, started: float, report: Callable[[dict], str]) -> int:
+    """End a benchmark run: mark ``doc`` complete with its elapsed time (since ``started``, a
+    ``time.monotonic()``), write it to ``out``, print ``report(doc)``; the exit status of
+    ``guard_exit_status``."""
+    doc["complete"] = True
+    doc["elapsed_s"] = round(time.monotonic() - started, 3)
+    write_json(doc, out)
+    print("\n" + report(doc))
+    print(f"\nwrote {out}")
+    return guard_exit_status(doc["cases"])

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,12 +46,13 @@ import torch
 import torch.nn.functional as F
 
 import kernel_profile
-from _common import guard_exit_status, results_path, run_metadata, write_json
+import report
+from _common import finish_run, results_path, run_metadata, write_json
 from _common import finite as _finite
 from _common import int_list as _int_list
 from _common import name_list as _name_list
-from _common import percentile as _percentile
 from byte_model import lora_bytes, r_pad
+from timing import Timer, TimingConfig
 from fedhello.kernels import LoRAPlan, lora_delta, multi_lora_linear, resolve_backend
 
 IMPL_NAMES = ("triton", "triton_nonorm", "torch", "bmm", "csrc", "delta", "base")
@@ -64,7 +64,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 FULL_SIZES = {"n": (1, 8, 32, 128), "t": (1024, 8192, 32768), "d": (1024, 4096), "r": (8, 16, 64)}
 HEADLINE = {"n": 32, "t": 8192, "d": 4096, "r": 16, "variant": "uniform", "dtype": "bf16"}
-# Acceptance goals of the headline case (issue 2): direction and threshold of each ratio.
+# Goals of the headline case: direction and threshold of each ratio.
 GOALS = {
     "lora_fwd_bwd_speedup_vs_torch_loop": (">=", 3.0),
     "lora_overhead_vs_base_fwd_bwd": ("<=", 0.25),
@@ -360,8 +360,7 @@ def make_impls(names: Sequence[str], device: torch.device,
                     "csrc": f"csrc extension ({device.type}), with norms"}[name]
             impls.append(Impl(name, what, _api_forward(backends[name], fused), True, fused))
         elif name == "delta":
-            module = resolve_backend("auto", device, dtype)
-            which = module.__name__.rsplit(".", 1)[-1].replace("reference", "torch")
+            which = resolve_backend("auto", device, dtype).NAME
             impls.append(Impl(name, f"F.linear, then lora_delta(out=y) ({which} backend), with norms",
                               _delta_forward, True, True))
         elif name == "bmm":
@@ -374,88 +373,6 @@ def make_impls(names: Sequence[str], device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------- timing
-
-
-@dataclass(frozen=True)
-class TimingConfig:
-    """How many calls to make: ``warmup`` untimed, then enough timed calls to fill ``target_ms``,
-    clamped to ``[min_reps, max_reps]``; optional L2 flush (CUDA) before each timed call."""
-
-    warmup: int = 3
-    min_reps: int = 10
-    max_reps: int = 100
-    target_ms: float = 100.0
-    flush_l2: bool = False
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Median and 20th/80th percentiles (ms) of ``reps`` timed calls."""
-
-    median_ms: float
-    q20_ms: float
-    q80_ms: float
-    reps: int
-
-
-def _stats(times_ms: list[float]) -> Stats:
-    s = sorted(times_ms)
-    return Stats(statistics.median(s), _percentile(s, 0.2), _percentile(s, 0.8), len(s))
-
-
-class Timer:
-    """Times one region per call: CUDA events on a GPU (host gaps inside the region count, as
-    they stall the GPU), ``time.perf_counter`` on CPU. The untimed ``prepare`` step runs before
-    each timed region (e.g. the forward whose backward is timed)."""
-
-    def __init__(self, device: torch.device, config: TimingConfig) -> None:
-        self.device = device
-        self.config = config
-        self._cuda = device.type == "cuda"
-        # 256 MiB, more than any current L2; written before each timed call when flushing.
-        self._flush = (torch.empty(256 << 20, dtype=torch.int8, device=device)
-                       if self._cuda and config.flush_l2 else None)
-
-    def _sync(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
-
-    def _timed_calls(self, prepare: Callable, timed: Callable, sets: Sequence[InputSet],
-                     reps: int, start: int) -> list[float]:
-        if self._cuda:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(reps)]
-            for i, (begin, end) in enumerate(events):
-                state = prepare(sets[(start + i) % len(sets)])
-                if self._flush is not None:
-                    self._flush.zero_()
-                begin.record()
-                result = timed(state)
-                end.record()
-                # Freeing outputs is host work that belongs to no phase: keep it off the clock.
-                del state, result
-            self._sync()
-            return [begin.elapsed_time(end) for begin, end in events]
-        times = []
-        for i in range(reps):
-            state = prepare(sets[(start + i) % len(sets)])
-            t0 = time.perf_counter()
-            result = timed(state)
-            times.append((time.perf_counter() - t0) * 1e3)
-            del state, result
-        return times
-
-    def measure(self, prepare: Callable, timed: Callable, sets: Sequence[InputSet]) -> Stats:
-        """Median time of ``timed(prepare(set))`` over calls rotating through ``sets``."""
-        cfg = self.config
-        for i in range(cfg.warmup):
-            timed(prepare(sets[i % len(sets)]))
-        self._sync()
-        reps = cfg.min_reps
-        if cfg.max_reps > cfg.min_reps:
-            probe = statistics.median(self._timed_calls(prepare, timed, sets, 3, 0))
-            reps = int(min(cfg.max_reps, max(cfg.min_reps, cfg.target_ms / max(probe, 1e-3))))
-        return _stats(self._timed_calls(prepare, timed, sets, reps, cfg.warmup))
 
 
 def phase_callables(impl: Impl, phase: str) -> tuple[Callable, Callable]:
@@ -619,7 +536,7 @@ def derive(impl_results: dict[str, dict]) -> dict:
 
 
 def headline_ratios(case_result: dict) -> dict[str, float | None]:
-    """The three acceptance ratios of issue 2 from a case's derived ratios."""
+    """The three goal ratios of the headline case (``GOALS``) from a case's derived ratios."""
     ratios = case_result.get("ratios", {})
     return {
         "lora_fwd_bwd_speedup_vs_torch_loop":
@@ -631,10 +548,10 @@ def headline_ratios(case_result: dict) -> dict[str, float | None]:
 
 
 def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
-    """The byte model of ``case`` (``byte_model.lora_bytes``) for both designs (and v2's
-    ``lora_delta(out=y)``, for the ``delta`` implementation), per phase and
-    kernel; ``client_rows`` (rows per client of the routing) sizes the v2 partials, and the v2
-    block sizes are the Triton backend's own (``fedhello.kernels.tuning``) where it has a table."""
+    """The byte model of ``case`` (``byte_model.lora_bytes``) per phase and kernel, of
+    ``multi_lora_linear`` and of ``lora_delta(out=y)`` (for the ``delta`` implementation);
+    ``client_rows`` (rows per client of the routing) sizes the partials, and the block sizes are
+    the Triton backend's own (``fedhello.kernels.tuning``) where it has a table."""
     e = torch.tensor([], dtype=case.torch_dtype).element_size()
     blocks: dict[str, int] = {}
     try:
@@ -645,10 +562,8 @@ def case_bytes(case: KernelCase, client_rows: Sequence[int]) -> dict[str, dict]:
         interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         cfg = tuning.lookup(case.torch_dtype, r_pad(case.r), interp)
         blocks = {"block_n": cfg.dy_block_n, "chunk_rows": cfg.chunk}
-    v2 = dict(design="v2", client_rows=client_rows, **blocks)
-    return {"v1": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, design="v1"),
-            "v2": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, **v2),
-            "v2_delta_out": lora_bytes(case.t, case.n, case.d, case.d, case.r, e, op="lora_delta_out", **v2)}
+    return {op: lora_bytes(case.t, case.n, case.d, case.d, case.r, e, op=op, client_rows=client_rows, **blocks)
+            for op in ("multi_lora_linear", "lora_delta_out")}
 
 
 def effective_gbps(impl_results: dict[str, dict], model: dict, copy_bytes_per_s: float | None) -> dict:
@@ -687,7 +602,7 @@ def measure_extras(impls: Sequence[Impl], s: InputSet, case: KernelCase, models:
         call = lambda: timed(prepare(s))  # noqa: E731
         prof = kernel_profile.profile_kernels(call, device)
         if "kernels" in prof:
-            prof.update(kernel_profile.assign_model_bytes(prof["kernels"], lora_names, models,
+            prof.update(kernel_profile.assign_model_bytes(prof["kernels"], lora_names, models["multi_lora_linear"],
                                                           opts.copy_bytes_per_s))
         out.setdefault("profile", {})[impl.name] = prof
         if impl.name == "triton":
@@ -792,9 +707,9 @@ def run_case(case: KernelCase, opts: RunOptions) -> dict:
         record["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
     record["ratios"] = derive(record["impls"])
     fused = {name: entry for name, entry in record["impls"].items() if name != "delta"}
-    record["ratios"]["effective_gbps_v2_model"] = {
-        **effective_gbps(fused, record["bytes_model"]["v2"], opts.copy_bytes_per_s),
-        **effective_gbps({"delta": record["impls"].get("delta", {})}, record["bytes_model"]["v2_delta_out"],
+    record["ratios"]["effective_gbps_model"] = {
+        **effective_gbps(fused, record["bytes_model"]["multi_lora_linear"], opts.copy_bytes_per_s),
+        **effective_gbps({"delta": record["impls"].get("delta", {})}, record["bytes_model"]["lora_delta_out"],
                          opts.copy_bytes_per_s)}
     record["status"] = "ok"
     return record
@@ -839,100 +754,6 @@ def metadata(device: torch.device, argv: Sequence[str], opts: RunOptions) -> dic
         "goals": {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()},
     }
     return meta
-
-
-# ------------------------------------------------------------------------------------------- output
-
-
-def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _median(record: dict, impl: str, phase: str) -> float | None:
-    entry = record.get("impls", {}).get(impl, {})
-    return entry[phase]["median_ms"] if entry.get("status") == "ok" else None
-
-
-def summary_table(records: Sequence[dict]) -> str:
-    """One line per case: whole-layer fwd+bwd medians (ms), the Triton ratios and csrc's over the loop."""
-    head = (f"{'case':<40} {'base':>8} {'triton':>8} {'torch':>8} {'bmm':>8} {'csrc':>8} "
-            f"{'xLoop':>6} {'xBmm':>6} {'ovh/base':>8} {'norm%':>6} {'cLoop':>6}")
-    lines = ["fwd+bwd medians in ms (whole layer); xLoop/xBmm: LoRA-path speedup of triton; "
-             "ovh/base: triton LoRA path / base; norm%: fused-norm cost of the backward; "
-             "cLoop: LoRA-path speedup of csrc over the torch loop", head,
-             "-" * len(head)]
-    for rec in records:
-        if rec.get("status") != "ok":
-            lines.append(f"{rec['name']:<40} skipped: {rec.get('note', '')}")
-            continue
-        r = rec["ratios"]
-        norm = r.get("fused_norm_cost_frac_of_bwd")
-        lines.append(
-            f"{rec['name']:<40} "
-            + " ".join(f"{_fmt(_median(rec, i, 'fwd_bwd')):>8}"
-                       for i in ("base", "triton", "torch", "bmm", "csrc"))
-            + f" {_fmt(r['lora_speedup_vs_torch_loop'].get('triton', {}).get('fwd_bwd'), '.2f'):>6}"
-            + f" {_fmt(r['lora_speedup_vs_bmm'].get('triton', {}).get('fwd_bwd'), '.2f'):>6}"
-            + f" {_fmt(r['lora_overhead_vs_base'].get('triton', {}).get('fwd_bwd'), '.3f'):>8}"
-            + f" {_fmt(None if norm is None else 100 * norm, '.1f'):>6}"
-            + f" {_fmt(r['lora_speedup_vs_torch_loop'].get('csrc', {}).get('fwd_bwd'), '.2f'):>6}")
-    return "\n".join(lines)
-
-
-def detail_table(record: dict) -> str:
-    """Per-implementation medians of one case, whole layer and LoRA path."""
-    head = (f"{'impl':<14} {'fwd':>9} {'bwd':>9} {'fwd+bwd':>9} {'lora fwd':>9} {'lora bwd':>9} "
-            f"{'lora f+b':>9}  status")
-    lines = [f"{record['name']}  (ms, medians; lora = impl - base)", head, "-" * len(head)]
-    for name in IMPL_NAMES:
-        entry = record.get("impls", {}).get(name)
-        if entry is None:
-            continue
-        if entry.get("status") != "ok":
-            lines.append(f"{name:<14} {entry.get('status')}: {entry.get('note', '')}")
-            continue
-        lora = entry.get("lora_ms", {})
-        lines.append(f"{name:<14} " + " ".join(f"{_fmt(entry[p]['median_ms']):>9}" for p in PHASES)
-                     + " " + " ".join(f"{_fmt(lora.get(p)):>9}" for p in PHASES) + "  ok")
-    return "\n".join(lines)
-
-
-def kernel_table(record: dict, copy: dict | None) -> list[str]:
-    """Per-kernel device times of the Triton forward+backward (K4: GB/s against the byte model
-    and against the copy bandwidth of the run), the LoRA kernels' total, and host vs device time."""
-    profile = record.get("profile", {}).get("triton")
-    if not profile or "kernels" not in profile:
-        return []
-    bw = f"{copy['bytes_per_s'] / 1e9:.0f} GB/s" if copy else "not measured"
-    lines = [f"{record['name']}: kernels of one triton fwd+bwd (copy bandwidth {bw}; matched byte model: "
-             f"{profile.get('matched_design')})",
-             f"  {'kernel':<44} {'us':>9} {'model MB':>9} {'GB/s':>7} {'of copy':>8}"]
-    for k in profile.get("lora_kernels", []) + profile.get("other_kernels", []):
-        mb = f"{k['bytes'] / 1e6:.1f}" if "bytes" in k else "-"
-        gbps = f"{k['gbps']:.0f}" if k.get("gbps") else "-"
-        frac = f"{100 * k['frac_of_copy']:.0f} %" if k.get("frac_of_copy") else "-"
-        lines.append(f"  {k['name'][:44]:<44} {k['median_us']:>9.1f} {mb:>9} {gbps:>7} {frac:>8}")
-    total = profile.get("lora_total", {})
-    for design, r in total.get("vs_model", {}).items():
-        frac = f", {100 * r['frac_of_copy']:.0f} % of copy" if r.get("frac_of_copy") else ""
-        lines.append(f"  LoRA kernels together: {total['device_us']:.1f} us = {r['gbps']:.0f} GB/s against "
-                     f"the {design} model{frac}")
-    hvd = record.get("host_vs_device", {})
-    if "host_ms" in hvd:
-        lines.append(f"  host vs device per fwd+bwd call: host {hvd['host_ms']:.3f} ms to enqueue, device "
-                     f"{hvd['device_ms']:.3f} ms (host/device {hvd['host_over_device']:.2f}; near 1 = launch-bound "
-                     "or syncing)")
-    return lines
-
-
-def headline_report(record: dict) -> str:
-    lines = [f"Headline case {record['name']} (issue 2 goals):"]
-    for key, value in headline_ratios(record).items():
-        op, goal = GOALS[key]
-        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
-        verdict = "n/a" if met is None else ("MET" if met else "NOT MET")
-        lines.append(f"  {key:<38} {_fmt(value, '.3f'):>8}  goal {op} {goal:g}  {verdict}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -1066,22 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      and r["routing"] == "scattered" and all(r[k] == v for k, v in HEADLINE.items())), None)
     if headline is not None:
         doc["headline"] = {"case": headline["name"], **headline_ratios(headline)}
-    doc["complete"] = True
-    doc["elapsed_s"] = round(time.monotonic() - start, 3)
-    write_json(doc, out)
-
-    ran = [r for r in doc["cases"] if r.get("status") == "ok"]
-    if 0 < len(ran) <= 8:
-        for record in ran:
-            print("\n" + detail_table(record))
-    print("\n" + summary_table(doc["cases"]))
-    if headline is not None:
-        print("\n" + headline_report(headline))
-    kernel_lines = [line for record in ran for line in kernel_table(record, copy)]
-    if kernel_lines:
-        print("\n" + "\n".join(kernel_lines))
-    print(f"\nwrote {out}")
-    return guard_exit_status(doc["cases"])
+    return finish_run(doc, out, start, report.kernels_report)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ quantizes the blocks' linear layers of the backbone once (``fedhello.models.quan
 implementation trains over that one bitsandbytes base: the engines through ``MultiLoRALinear``'s
 quantized path, the PEFT loop through PEFT's bitsandbytes LoRA layers. ``--dtype`` sets the compute dtype of the engines' frozen backbone
 (the PEFT loop runs under ``torch.autocast`` in that dtype). ``--paper-rounds K`` also times K
-rounds of the paper-size run (``time_paper_slice``) and extrapolates its 500 rounds (classification
-only, as is ``--preset gpu-check``).
+rounds of the paper-size run through the library's server loop (``paper_slice.py``: ``FederatedRun``
+on ``configs/paper-size.yaml``, random weights, synthetic clients; it needs the ``[fl]`` extra and
+is recorded as skipped without it) and extrapolates its 500 rounds (classification only, as is
+``--preset gpu-check``).
 
 Writes a JSON file (default ``benchmarks/results/rounds-<device>-<date>.json``; ``--smoke``: a new
 temporary folder), rewritten after every case, and prints a table; the task is recorded in ``meta``
@@ -76,7 +78,6 @@ import copy
 import dataclasses
 import gc
 import importlib.util
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,10 +88,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import (finite, guard_exit_status, int_list, name_list, package_versions, percentile, results_path,
+from _common import (finish_run, finite, int_list, name_list, package_versions, results_path,
                      run_metadata, write_json)
 from _random_backbones import RANDOM_LM_MODELS, RANDOM_MODELS, random_backbone, random_causal_lm
-from fedhello.fl.aggregation import ClientUpdate, aggregate_layerwise
+import paper_slice
+import report
+from timing import round_stats, wall_time
 from fedhello.fl.capacity import CapacityTiers
 from fedhello.fl.engine import ClientParallelEngine, LocalTask, LocalTrainingConfig, SequentialEngine, resolve_dtype
 from fedhello.nn.optim import make_masked_optimizer
@@ -124,13 +127,8 @@ GUARD_TOL_HALF = 2e-2  # default guard with a bfloat16/float16 backbone (8 or 11
 # (N = 2, seq 16, batch 2), 3e-2 on tiny-llama.
 GUARD_TOL_LM = 5e-3
 BLOCK_CHOICES = ("random", "deep")
-# The paper-size run (configs/paper-size.yaml): 100 clients, 10 per round, 500 rounds, a 12-block
-# BERT-base backbone, tiers 6/9/12 blocks at 1:1:1, one local epoch of batch 16 over ~113 samples
-# of 128 tokens (20 Newsgroups' 11,314 training texts over 100 clients), 20 classes.
-PAPER = {"model": "bert-base", "clients": 100, "cohort": 10, "rounds": 500, "samples": 113, "seq": 128,
-         "batch": 16, "num_labels": 20, "lr": 5e-4}
 # --preset gpu-check: what benchmarks/gpu_check.sh runs within its ~2-minute step. Cases in order of
-# value (SmolLM2 at N = 32 and 100 carry issue 13's GPU goals), new cases stop after budget_s, then
+# value (SmolLM2 at N = 32 and 100 carry the GPU goals), new cases stop after budget_s, then
 # the paper-size slice.
 GPU_CHECK = {"models": ["smollm2", "minilm"], "n": [32, 100, 8, 1], "repeats": 1, "parallel": "auto",
              "paper_rounds": 3, "budget_s": 70.0}
@@ -550,18 +548,6 @@ def max_rel_err(got: list[ClientState], want: list[ClientState], base: ClientSta
 # ---------------------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def round_stats(times_s: list[float]) -> dict:
-    """Median, 20th/80th percentiles and minimum (s) of the timed rounds, and the rounds themselves."""
-    s = sorted(times_s)
-    return {"median_s": statistics.median(s), "q20_s": percentile(s, 0.2), "q80_s": percentile(s, 0.8),
-            "min_s": s[0], "reps": len(s), "times_s": list(times_s)}
-
-
 def time_round(impl: EngineRound | PeftRound, tasks: list[LocalTask], device: torch.device,
                own_resident: int) -> tuple[float, int | None]:
     """Wall time (s) of one round and, on CUDA, its peak memory (bytes) net of what the other
@@ -572,11 +558,7 @@ def time_round(impl: EngineRound | PeftRound, tasks: list[LocalTask], device: to
     if cuda:
         others = torch.cuda.memory_allocated(device) - own_resident
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    states = impl.run(tasks)
-    _sync(device)
-    elapsed = time.perf_counter() - start
+    states, elapsed = wall_time(lambda: impl.run(tasks), device)
     del states
     return elapsed, (torch.cuda.max_memory_allocated(device) - others if cuda else None)
 
@@ -634,16 +616,13 @@ def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> d
             before = _allocated(device)
             try:
                 impl = build_impl(name, backbone, workload, settings, case.n)
-                _sync(device)
-                start = time.perf_counter()
-                states, state_bytes = impl.measure(workload.tasks)
-                _sync(device)
+                (states, state_bytes), warmup_s = wall_time(lambda: impl.measure(workload.tasks), device)
             except torch.cuda.OutOfMemoryError:
                 impl = states = None
                 _free(device)
                 entry.update(status="skipped", note="out of memory in the warm-up round (try a smaller --parallel)")
                 continue
-            entry.update(warmup_s=time.perf_counter() - start, state_bytes=state_bytes)
+            entry.update(warmup_s=warmup_s, state_bytes=state_bytes)
             states = [{k: v.cpu() for k, v in impl.to_client_state(s).items()} for s in states]
             if reference is None:
                 reference = (name, states)
@@ -689,65 +668,6 @@ def run_case(case: RoundCase, backbone: nn.Module, settings: RoundSettings) -> d
     return record
 
 
-def time_paper_slice(rounds: int, settings: RoundSettings, model: str = PAPER["model"], *,
-                     samples: int = PAPER["samples"], seq: int = PAPER["seq"]) -> dict:
-    """Time ``rounds`` rounds of the paper-size run (``PAPER``) on the batched engine; extrapolate 500.
-
-    Every round samples a cohort of 10 of the 100 clients, gives each a random block set of its
-    tier's size (6, 9 or 12 blocks, or the top blocks with ``settings.blocks == "deep"``) and its
-    synthetic data (113 samples of 128 random tokens, 20 classes), trains one local epoch with
-    ``parallel="auto"`` in ``settings.dtype``, and aggregates layer-wise. One warm-up round
-    (kernel compilation, allocator) precedes the timed ones. Evaluation is not included: the
-    extrapolation is local training plus aggregation, ``median_s * 500``.
-    """
-    device = settings.device
-    backbone = random_backbone(model, seq, PAPER["num_labels"], settings.seed).to(device)
-    targets = target_modules(backbone)
-    net = inject_multi_lora(backbone, targets, num_clients=PAPER["cohort"], rank=settings.rank,
-                            alpha=settings.alpha, backend=settings.backend, seed=settings.seed)
-    cfg = LocalTrainingConfig(epochs=1, batch_size=PAPER["batch"], lr=PAPER["lr"])
-    engine = ClientParallelEngine(net, cfg, parallel="auto", dtype=settings.torch_dtype,
-                                  stop_backward=settings.stop_backward)
-    num_blocks, tensor_blocks = net.num_blocks, net.tensor_blocks()
-    capacities = settings.tiers.assign(PAPER["clients"], num_blocks, seed=settings.seed).capacity
-    global_state = net.client_state(0)
-    vocab = backbone.config.vocab_size
-    gen = torch.Generator().manual_seed(settings.seed)
-    times = []
-    for rnd in range(rounds + 1):
-        cohort = torch.randperm(PAPER["clients"], generator=gen)[:PAPER["cohort"]].tolist()
-        tasks = []
-        for client in cohort:
-            data_gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + client)  # a client keeps its data
-            ids = torch.randint(1, vocab, (samples, seq), generator=data_gen)
-            data = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "labels": torch.randint(0, PAPER["num_labels"], (samples,), generator=data_gen)}
-            blocks = client_blocks(num_blocks, int(capacities[client]), settings.blocks, gen)
-            tasks.append(LocalTask(client=client, data=data, trainable_blocks=blocks, seed=rnd * 1000 + client))
-        _sync(device)
-        start = time.perf_counter()
-        results = engine.train(global_state, tasks)
-        updates = [ClientUpdate.from_states(r.state, global_state, r.num_samples,
-                                            r.trainable_blocks.nonzero().flatten().tolist(), tensor_blocks)
-                   for r in results]
-        global_state = aggregate_layerwise(global_state, updates, tensor_blocks)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    stats = round_stats(times[1:])
-    params = sum(p.numel() for name, p in backbone.named_parameters() if ".layer." in name)
-    record = {"model": f"random weights, {model} shape", "num_blocks": num_blocks, "block_params": params,
-              **{k: v for k, v in PAPER.items() if k != "model"}, "samples": samples, "seq": seq,
-              "dtype": str(settings.torch_dtype).removeprefix("torch."),
-              "warmup_round_s": times[0], "round_s": stats,
-              "extrapolated_run_s": stats["median_s"] * PAPER["rounds"],
-              "note": "local training + layer-wise aggregation per round; evaluation not included"}
-    if device.type == "cuda":
-        record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    del net, engine, backbone
-    _free(device)
-    return record
-
-
 def derive(impls: dict[str, dict], n: int) -> dict:
     """Speedups of every timed implementation over ``sequential`` and over ``peft`` (ratios of
     median round times; None when one side is missing) and the median time per client (ms)."""
@@ -768,51 +688,12 @@ def derive(impls: dict[str, dict], n: int) -> dict:
 # ---------------------------------------------------------------------------------------- output
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def summary_table(records: Sequence[dict], cuda: bool, task: str = "classification") -> str:
-    """One line per case: median round times (s), batched speedups, memory (MiB) per implementation;
-    the first line names the ``task`` (``TASKS``) the rounds trained."""
-    mem = "CUDA peak MiB" if cuda else "state MiB"
-    head = (f"{'case':<18} {'seq s':>8} {'batch s':>8} {'peft s':>8} {'b/seq':>6} {'b/peft':>6}  "
-            f"{mem + ' seq/batch/peft':<30} guard")
-    lines = [f"task {task}: median wall time of one round (s); b/seq, b/peft: speedup of batched; "
-             "memory per implementation "
-             + ("(max_memory_allocated)" if cuda else "(params + peak grads + optimizer state)"),
-             head, "-" * len(head)]
-    for rec in records:
-        if rec.get("status") != "ok":
-            lines.append(f"{rec['name']:<18} {rec.get('status')}: {rec.get('note', '')}")
-            continue
-        impls, ratios = rec["impls"], rec["ratios"]
-
-        def med(name: str) -> float | None:
-            e = impls.get(name, {})
-            return e["round_s"]["median_s"] if e.get("status") == "ok" else None
-
-        def mib(name: str) -> str:
-            e = impls.get(name, {})
-            value = e.get("cuda_peak_bytes") if cuda else e.get("state_bytes", {}).get("total")
-            return "-" if value is None else f"{value / 2**20:.1f}"
-
-        guard = ",".join(f"{k}:{v['state_max_rel_err']:.1e}" for k, v in rec["guard"].items()) or "-"
-        lines.append(
-            f"{rec['name']:<18} {_fmt(med('sequential'), '.3f'):>8} {_fmt(med('batched'), '.3f'):>8} "
-            f"{_fmt(med('peft'), '.3f'):>8} "
-            f"{_fmt(ratios['speedup_vs_sequential'].get('batched'), '.2f'):>6} "
-            f"{_fmt(ratios['speedup_vs_peft'].get('batched'), '.2f'):>6}  "
-            f"{'/'.join(mib(i) for i in DEFAULT_IMPLS):<30} {guard}")
-    return "\n".join(lines)
-
-
 def metadata(settings: RoundSettings, argv: Sequence[str]) -> dict:
     device = settings.device
     return {
         **run_metadata(device, argv),
         **package_versions(("transformers", "peft", "triton")),
-        "engine_backend": resolve_backend(settings.backend, device).__name__,
+        "engine_backend": resolve_backend(settings.backend, device).NAME,
         "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
         "dtype": str(settings.torch_dtype).removeprefix("torch."),
         "tiers": {"fractions": list(settings.tiers.fractions), "shares": list(settings.tiers.shares)},
@@ -1061,18 +942,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f" GUARD FAILED: {','.join(bad)}" if bad else ""), flush=True)
     if args.paper_rounds:
         # The smoke run times the toy BERT on little data instead of BERT-base, on the same code path.
-        small = {"model": "tiny-bert", "samples": 2 * PAPER["batch"], "seq": 16} if args.smoke else {}
-        doc["paper_slice"] = finite(time_paper_slice(args.paper_rounds, settings, **small))
+        small = {"model": "tiny-bert", "samples": 32, "seq": 16} if args.smoke else {}
+        doc["paper_slice"] = finite(paper_slice.measure(args.paper_rounds, device, settings.dtype, settings.seed,
+                                                        **small))
         write_json(doc, out)
         ps = doc["paper_slice"]
-        print(f"paper-size slice ({ps['model']}): {ps['round_s']['median_s']:.2f} s per round, "
-              f"extrapolated {PAPER['rounds']} rounds: {ps['extrapolated_run_s'] / 60:.1f} min", flush=True)
-    doc["complete"] = True
-    doc["elapsed_s"] = round(time.monotonic() - start, 3)
-    write_json(doc, out)
-    print("\n" + summary_table(doc["cases"], device.type == "cuda", settings.task))
-    print(f"\nwrote {out}")
-    return guard_exit_status(doc["cases"])
+        print(f"paper-size slice ({ps['model']}): {ps['round_s']['median_s']:.2f} s per round, extrapolated "
+              f"{ps['rounds']} rounds: {ps['extrapolated_run_s'] / 60:.1f} min" if ps["status"] == "ok"
+              else f"paper-size slice: skipped ({ps['note']})", flush=True)
+    return finish_run(doc, out, start, report.rounds_report)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,12 @@ phase, the compulsory traffic of one forward + backward of ``multi_lora_linear``
   touches it; small operands (adapters, the fp32 rank intermediates ``[T, R_PAD]``) counted once
   per kernel (re-reads of them by other programs hit L2);
 * ``R_PAD`` = the padded rank, a power of two >= 16 (``tl.dot`` needs 16 on each side);
-* the frozen base GEMMs (``x W^T``, ``dy W``) are not LoRA traffic; in the v2 design they
-  accumulate into ``y``/``dx`` with ``addmm_`` (beta = 1), whose read of C is hidden inside a
+* the frozen base GEMMs (``x W^T``, ``dy W``) are not LoRA traffic; they accumulate into ``y``/``dx`` with ``addmm_`` (beta = 1), whose read of C is hidden inside a
   compute-bound GEMM, so it is not counted either;
 * index arrays (``sorted_rows`` int32, tile lists) are counted where a kernel reads them.
 
-Two designs:
-
-``v1`` (the kernels of issue 2): forward shrink ``H = X A^T`` then expand ``y += s H B^T``
-(read-modify-write of y); backward shrink ``G = s dY B``, expand ``dx += G A`` (RMW of dx), and
-two weight-gradient kernels that re-read X and dY (``dA = G^T X``, ``dB = s H^T dY``).
-
-``v2`` (issue 12): F1 shrink reads X, writes H; F2 expand *writes* ``y = bias + s H B^T`` once,
+The kernels (``fedhello.kernels.backends.triton_kernels``): F1 shrink reads X, writes H; F2
+expand *writes* ``y = bias + s H B^T`` once,
 then cuBLAS adds the base product into it. B1 reads dY once per (row chunk, d_out tile of
 ``block_n`` columns) and writes fp32 G partials ``[d_out / block_n, T, R_PAD]`` plus ``dB``
 (final, or fp32 partials per row chunk of ``chunk_rows`` rows for clients with more than one
@@ -29,8 +23,8 @@ norms); B2 reduces the G partials to ``G [T, R_PAD]``; B3 writes ``dx = G A`` on
 partials, and B4r reduces those. The kernels are listed in the order the Triton backend launches
 them, so a profile's launch list pairs with them one to one.
 
-Ops (``op=``, v2 kernels only): ``"multi_lora_linear"`` (the above); ``"lora_delta"``, the LoRA
-term alone: F2 writes ``delta = s H B^T`` without a bias, the backward is v2's; ``"lora_delta_out"``,
+Ops (``op=``): ``"multi_lora_linear"`` (the above); ``"lora_delta"``, the LoRA
+term alone: F2 writes ``delta = s H B^T`` without a bias, the backward is the same; ``"lora_delta_out"``,
 ``lora_delta(..., out=y)`` on a base layer the caller runs: also F3, the in-place ``y += delta``
 (reads y and delta, writes y), and B5, autograd adding the LoRA share of dx to the base layer's
 dx (reads both, writes dx): the two passes a fused ``multi_lora_linear`` avoids.
@@ -47,9 +41,8 @@ import math
 import sys
 from typing import Sequence
 
-__all__ = ["DESIGNS", "OPS", "base_flops", "floors", "lora_bytes", "r_pad", "uniform_rows"]
+__all__ = ["OPS", "base_flops", "floors", "lora_bytes", "r_pad", "uniform_rows"]
 
-DESIGNS = ("v1", "v2")
 OPS = ("multi_lora_linear", "lora_delta", "lora_delta_out")
 FP32 = 4
 INDEX = 4  # int32 row indices / tile entries
@@ -75,28 +68,12 @@ def _kernel(phase: str, what: str, read: float, write: float) -> dict:
     return {"phase": phase, "what": what, "read": int(read), "write": int(write), "total": int(read + write)}
 
 
-def _v1(t: int, n: int, d_in: int, d_out: int, r: int, e: int) -> dict[str, dict]:
-    rp = r_pad(r)
-    x, y = t * d_in * e, t * d_out * e
-    a, b = n * r * d_in * e, n * d_out * r * e
-    inter = t * rp * FP32
-    idx = t * INDEX
-    return {
-        "shrink_fwd": _kernel("fwd", "H = X A^T", x + a + idx, inter),
-        "expand_fwd": _kernel("fwd", "y += s H B^T (read-modify-write of y)", inter + b + y + idx, y),
-        "shrink_bwd": _kernel("bwd", "G = s dY B", y + b + idx, inter),
-        "expand_bwd": _kernel("bwd", "dx += G A (read-modify-write of dx)", inter + a + x + idx, x),
-        "wgrad_a": _kernel("bwd", "dA = G^T X (second pass over X)", inter + x + idx, a),
-        "wgrad_b": _kernel("bwd", "dB = s H^T dY (second pass over dY)", inter + y + idx, b),
-    }
-
-
 def _chunk_partials(rows: Sequence[int], chunk_rows: int) -> int:
     """Row chunks of the clients that need more than one (their gradients go through partials)."""
     return sum(math.ceil(c / chunk_rows) for c in rows if c > chunk_rows)
 
 
-def _v2(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chunk_rows: int,
+def _kernels(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chunk_rows: int,
         rows: Sequence[int]) -> dict[str, dict]:
     rp = r_pad(r)
     x, y = t * d_in * e, t * d_out * e
@@ -130,7 +107,7 @@ def _v2(t: int, n: int, d_in: int, d_out: int, r: int, e: int, block_n: int, chu
 
 
 def _delta(kernels: dict[str, dict], t: int, d_in: int, d_out: int, e: int, into_out: bool) -> dict[str, dict]:
-    """v2's kernels for ``lora_delta``: F2 without the bias; with ``into_out`` the two add passes."""
+    """The kernels of ``lora_delta``: F2 without the bias; with ``into_out`` the two add passes."""
     f2 = kernels["F2_expand"]
     kernels = {**kernels, "F2_expand": _kernel("fwd", "delta = s H B^T, written once", f2["read"] - d_out * e,
                                                f2["write"])}
@@ -142,48 +119,38 @@ def _delta(kernels: dict[str, dict], t: int, d_in: int, d_out: int, e: int, into
 
 
 def lora_bytes(t: int, n: int, d_in: int, d_out: int, r: int, dtype_bytes: int, *,
-               design: str = "v2", block_n: int = 128, chunk_rows: int = 512,
+               block_n: int = 128, chunk_rows: int = 512,
                client_rows: Sequence[int] | None = None, op: str = "multi_lora_linear") -> dict:
     """Bytes the LoRA path of one forward + backward of ``op`` moves.
 
     Args:
         t, n, d_in, d_out, r: rows T, clients N, feature sizes, max rank r_max.
         dtype_bytes: bytes per element of x/weights (2 for bf16/fp16, 4 for fp32).
-        design: ``"v1"`` or ``"v2"`` (module docstring).
-        block_n: v2: d_out columns per B1 program (sets the number of G partials).
-        chunk_rows: v2: rows per weight-gradient row chunk; clients with more rows go through
+        block_n: d_out columns per B1 program (sets the number of G partials).
+        chunk_rows: rows per weight-gradient row chunk; clients with more rows go through
             fp32 partials reduced by B1r / B4r.
-        client_rows: v2: rows per client (default: T spread evenly), for the partials.
-        op: ``"multi_lora_linear"``, ``"lora_delta"`` or ``"lora_delta_out"`` (module docstring;
-            the delta ops exist in the v2 design only).
+        client_rows: rows per client (default: T spread evenly), for the partials.
+        op: ``"multi_lora_linear"``, ``"lora_delta"`` or ``"lora_delta_out"`` (module docstring).
 
     Returns:
-        ``{"design", "op", "params", "kernels": {name: {"phase", "what", "read", "write", "total"}},
+        ``{"op", "params", "kernels": {name: {"phase", "what", "read", "write", "total"}},
         "phases": {"fwd", "bwd", "fwd_bwd"}}``, all in bytes.
     """
     for name, value in (("t", t), ("n", n), ("d_in", d_in), ("d_out", d_out), ("r", r),
                         ("dtype_bytes", dtype_bytes), ("block_n", block_n), ("chunk_rows", chunk_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if design not in DESIGNS:
-        raise ValueError(f"design: expected one of {DESIGNS}, got {design!r}")
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    if op != "multi_lora_linear" and design != "v2":
-        raise ValueError(f"design: {op} exists in the v2 design only, got {design!r}")
     rows = list(client_rows) if client_rows is not None else uniform_rows(t, n)
     if len(rows) != n or any(c < 0 for c in rows) or sum(rows) > t:
         raise ValueError(f"client_rows: expected {n} non-negative counts summing to <= T={t}, got {rows}")
-    if design == "v1":
-        kernels = _v1(t, n, d_in, d_out, r, dtype_bytes)
-    else:
-        kernels = _v2(t, n, d_in, d_out, r, dtype_bytes, block_n, chunk_rows, rows)
+    kernels = _kernels(t, n, d_in, d_out, r, dtype_bytes, block_n, chunk_rows, rows)
     if op != "multi_lora_linear":
         kernels = _delta(kernels, t, d_in, d_out, dtype_bytes, into_out=op == "lora_delta_out")
     fwd = sum(k["total"] for k in kernels.values() if k["phase"] == "fwd")
     bwd = sum(k["total"] for k in kernels.values() if k["phase"] == "bwd")
     return {
-        "design": design,
         "op": op,
         "params": {"t": t, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "r_pad": r_pad(r),
                    "dtype_bytes": dtype_bytes, "block_n": block_n, "chunk_rows": chunk_rows},
@@ -209,26 +176,20 @@ def floors(model: dict, copy_bytes_per_s: float, gemm_flops_per_s: float) -> dic
 
 def headline_table(t: int = 8192, n: int = 32, d: int = 4096, r: int = 16, dtype_bytes: int = 2,
                    block_n: int = 128) -> str:
-    """Markdown table of both designs at one size with the floors on the reference devices."""
-    lines = ["| design | kernel | phase | read MB | write MB | total MB |", "|---|---|---|---|---|---|"]
-    totals = {}
-    for design in DESIGNS:
-        model = lora_bytes(t, n, d, d, r, dtype_bytes, design=design, block_n=block_n)
-        totals[design] = model
-        for name, k in model["kernels"].items():
-            lines.append(f"| {design} | {name}: {k['what']} | {k['phase']} | {k['read'] / 1e6:.1f} | "
-                         f"{k['write'] / 1e6:.1f} | {k['total'] / 1e6:.1f} |")
-        ph = model["phases"]
-        lines.append(f"| {design} | **total** (fwd {ph['fwd'] / 1e6:.1f} + bwd {ph['bwd'] / 1e6:.1f}) | "
-                     f"fwd+bwd | | | **{ph['fwd_bwd'] / 1e6:.1f}** |")
-    lines += ["", "| design | device | LoRA floor us | base fwd+dgrad us | LoRA floor / base |",
-              "|---|---|---|---|---|"]
-    for design, model in totals.items():
-        for dev, c in REFERENCE_DEVICES.items():
-            f = floors(model, c["copy_bytes_per_s"], c["gemm_flops_per_s"])
-            lines.append(f"| {design} | {dev} ({c['copy_bytes_per_s'] / 1e12:.1f} TB/s, "
-                         f"{c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s) | {f['lora_s'] * 1e6:.0f} | "
-                         f"{f['base_fwd_dgrad_s'] * 1e6:.0f} | {100 * f['lora_frac_of_base']:.1f} % |")
+    """Markdown table of the kernels at one size, with the floors on the reference devices."""
+    model = lora_bytes(t, n, d, d, r, dtype_bytes, block_n=block_n)
+    lines = ["| kernel | phase | read MB | write MB | total MB |", "|---|---|---|---|---|"]
+    for name, k in model["kernels"].items():
+        lines.append(f"| {name}: {k['what']} | {k['phase']} | {k['read'] / 1e6:.1f} | "
+                     f"{k['write'] / 1e6:.1f} | {k['total'] / 1e6:.1f} |")
+    ph = model["phases"]
+    lines.append(f"| **total** (fwd {ph['fwd'] / 1e6:.1f} + bwd {ph['bwd'] / 1e6:.1f}) | "
+                 f"fwd+bwd | | | **{ph['fwd_bwd'] / 1e6:.1f}** |")
+    lines += ["", "| device | LoRA floor us | base fwd+dgrad us | LoRA floor / base |", "|---|---|---|---|"]
+    for dev, c in REFERENCE_DEVICES.items():
+        f = floors(model, c["copy_bytes_per_s"], c["gemm_flops_per_s"])
+        lines.append(f"| {dev} ({c['copy_bytes_per_s'] / 1e12:.1f} TB/s, {c['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s) | "
+                     f"{f['lora_s'] * 1e6:.0f} | {f['base_fwd_dgrad_s'] * 1e6:.0f} | {100 * f['lora_frac_of_base']:.1f} % |")
     return "\n".join(lines)
 
 
@@ -240,11 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dtype-bytes", type=int, default=2)
     p.add_argument("--block-n", type=int, default=128)
-    p.add_argument("--json", action="store_true", help="print both designs as JSON instead")
+    p.add_argument("--json", action="store_true", help="print the model as JSON instead")
     args = p.parse_args(argv)
     if args.json:
-        print(json.dumps({d: lora_bytes(args.t, args.n, args.d, args.d, args.r, args.dtype_bytes, design=d,
-                                        block_n=args.block_n) for d in DESIGNS}, indent=1))
+        print(json.dumps(lora_bytes(args.t, args.n, args.d, args.d, args.r, args.dtype_bytes, block_n=args.block_n),
+                         indent=1))
     else:
         print(headline_table(args.t, args.n, args.d, args.r, args.dtype_bytes, args.block_n))
     return 0

@@ -30,7 +30,7 @@ from _common import finite, write_json
 if TYPE_CHECKING:
     import torch
 
-# Acceptance goals of issue 12 (op, threshold), and the routing-variant slowdown bound.
+# Goals of the kernels (op, threshold), and the routing-variant slowdown bound.
 GOALS = {
     "K1_lora_fwd_bwd_speedup_vs_torch_loop": (">=", 3.0),
     "K2_lora_overhead_vs_base_fwd_dgrad": ("<=", 0.25),
@@ -244,7 +244,7 @@ def _lora_ms(case: dict, impl: str = "triton") -> float | None:
 
 
 def summarise(doc: dict, kernels: dict, variants: dict, pytest_log: Path, rounds: dict) -> dict:
-    """The goals of issue 12 from the headline case (K1-K4), the routing variants against the
+    """The kernel goals from the headline case (K1-K4), the routing variants against the
     scattered headline, and the status of the graph check, the GPU tests and the rounds."""
     cases = [c for c in kernels.get("cases", []) if c.get("status") == "ok"]
     head = next((c for c in cases if c.get("routing", "scattered") == "scattered"), None)

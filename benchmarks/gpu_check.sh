@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent H100/H200 that produces every speed number of issue 12 (K1-K4 and more).
+# One call on a lent H100/H200 that produces every speed number of the kernels (K1-K4 and more).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      # GPU: at most ~8 minutes (GPU_CHECK_BUDGET_S=450)
 #   bash benchmarks/gpu_check.sh --smoke             # CPU, TRITON_INTERPRET=1, tiny shapes (CI)

@@ -3,7 +3,7 @@
 * ``copy_bandwidth``: a large device-to-device copy, counting bytes read + written: the
   bandwidth a memory-bound kernel can hope for, measured in the same run as the kernels;
 * ``gemm_ceilings``: the frozen base layer's GEMMs at a case's shape (``x W^T``, ``dy W`` and
-  ``y.addmm_(x, W^T)``, the v2 design's accumulate-into-output form) in TFLOP/s;
+  ``y.addmm_(x, W^T)``, the kernels' accumulate-into-output form) in TFLOP/s;
 * ``profile_kernels``: device time of every kernel one call launches (``torch.profiler``), in
   launch order, with achieved GB/s where the byte model names the kernel's bytes;
 * ``host_vs_device``: host time to enqueue a call against its device time (launch overhead).
@@ -20,36 +20,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["V1_KERNELS", "assign_model_bytes", "copy_bandwidth", "gemm_ceilings", "host_vs_device", "launch_list",
-           "profile_kernels", "time_call", "triton_kernel_names"]
+from timing import sync, time_call
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
-    """Median seconds of ``fn()``: CUDA events per call on a GPU, ``perf_counter`` on CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for begin, end in events:
-            begin.record()
-            fn()
-            end.record()
-        _sync(device)
-        times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+__all__ = ["assign_model_bytes", "copy_bandwidth", "gemm_ceilings", "host_vs_device", "launch_list",
+           "profile_kernels", "triton_kernel_names"]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 20) -> dict:
@@ -88,14 +62,14 @@ def gemm_ceilings(t: int, d_in: int, d_out: int, dtype: torch.dtype, device: tor
 
 
 def triton_kernel_names() -> set[str]:
-    """Names of the ``@triton.jit`` kernels in ``fedhello.kernels.triton_lora`` (as the profiler
-    shows them), empty when Triton is missing."""
+    """Names of the ``@triton.jit`` kernels in ``fedhello.kernels.backends.triton_kernels`` (as the
+    profiler shows them), empty when Triton is missing."""
     try:
-        from fedhello.kernels import triton_lora
+        from fedhello.kernels.backends import triton_kernels
     except ImportError:
         return set()
     names = set()
-    for value in vars(triton_lora).values():
+    for value in vars(triton_kernels).values():
         fn = getattr(value, "fn", None)
         if fn is not None and hasattr(value, "arg_names"):
             names.add(fn.__name__)
@@ -118,11 +92,11 @@ def profile_kernels(fn: Callable[[], object], device: torch.device, reps: int = 
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    _sync(device)
+    sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
-        _sync(device)
+        sync(device)
     return launch_list(prof.events(), reps)
 
 
@@ -144,43 +118,35 @@ def launch_list(events: Sequence, reps: int) -> dict:
     return {"kernels": kernels, "total_us": sum(k["median_us"] for k in kernels), "reps": reps}
 
 
-# The kernels of the v1 design (issue 2), recognised by name; any other launch list is matched
-# to the v2 model by count.
-V1_KERNELS = {"_shrink_kernel", "_expand_kernel", "_weight_grad_kernel"}
-
-
-def assign_model_bytes(kernels: Sequence[dict], lora_names: set[str], models: dict[str, dict],
+def assign_model_bytes(kernels: Sequence[dict], lora_names: set[str], model: dict,
                        copy_bytes_per_s: float | None) -> dict:
-    """Match the LoRA kernels of one call's launch list to a byte model; compute achieved GB/s.
+    """Match the LoRA kernels of one call's launch list to the byte model; compute achieved GB/s.
 
     ``kernels``: ``profile_kernels(...)["kernels"]``; ``lora_names``: the Triton kernel names;
-    ``models``: ``{"v1": lora_bytes(..., design="v1"), "v2": ...}`` of the same call. The LoRA
-    kernels, in launch order, are paired with the model's kernels in order: with v1's when they
-    are v1's kernels (by name), else with v2's when the counts agree; otherwise none is paired.
-    A paired kernel gets ``model``, ``bytes``, ``gbps`` and ``frac_of_copy``. ``lora_total``
-    always sums the LoRA kernels' device time and states GB/s against each design's total.
+    ``model``: ``byte_model.lora_bytes(...)`` of the same call. The LoRA kernels, in launch order,
+    are paired with the model's kernels in order when the counts agree (``matched``); otherwise
+    none is paired. A paired kernel gets ``model`` (the model's kernel name), ``bytes``, ``gbps``
+    and ``frac_of_copy``. ``lora_total`` always sums the LoRA kernels' device time and states GB/s
+    against the model's total.
     """
     lora = [dict(k) for k in kernels if k["name"] in lora_names]
     others = [dict(k) for k in kernels if k["name"] not in lora_names]
-    is_v1 = bool(lora) and {k["name"] for k in lora} <= V1_KERNELS
-    design = "v1" if is_v1 else "v2"
-    if design not in models or len(models[design]["kernels"]) != len(lora):
-        design = None
+    matched = bool(lora) and len(model["kernels"]) == len(lora)
 
     def rate(nbytes: int, us: float) -> dict:
         gbps = nbytes / (us * 1e-6) / 1e9
         return {"gbps": gbps, "frac_of_copy": gbps * 1e9 / copy_bytes_per_s if copy_bytes_per_s else None}
 
-    if design is not None:
-        for k, (model_name, mk) in zip(lora, models[design]["kernels"].items()):
-            k.update(model=f"{design}:{model_name}", bytes=mk["total"])
+    if matched:
+        for k, (model_name, mk) in zip(lora, model["kernels"].items()):
+            k.update(model=model_name, bytes=mk["total"])
             if k["median_us"] > 0:
                 k.update(rate(mk["total"], k["median_us"]))
     lora_us = sum(k["median_us"] for k in lora)
     total: dict = {"device_us": lora_us}
     if lora_us > 0:
-        total["vs_model"] = {name: rate(m["phases"]["fwd_bwd"], lora_us) for name, m in models.items()}
-    return {"matched_design": design, "lora_kernels": lora, "other_kernels": others, "lora_total": total}
+        total["vs_model"] = rate(model["phases"]["fwd_bwd"], lora_us)
+    return {"matched": matched, "lora_kernels": lora, "other_kernels": others, "lora_total": total}
 
 
 def host_vs_device(fn: Callable[[], object], device: torch.device, reps: int = 20) -> dict:
@@ -193,7 +159,7 @@ def host_vs_device(fn: Callable[[], object], device: torch.device, reps: int = 2
         return {"note": "host vs device time needs CUDA"}
     for _ in range(3):
         fn()
-    _sync(device)
+    sync(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.perf_counter()
     begin.record()
@@ -201,6 +167,6 @@ def host_vs_device(fn: Callable[[], object], device: torch.device, reps: int = 2
         fn()
     end.record()
     host = (time.perf_counter() - t0) / reps * 1e3
-    _sync(device)
+    sync(device)
     device_ms = begin.elapsed_time(end) / reps
     return {"host_ms": host, "device_ms": device_ms, "host_over_device": host / device_ms if device_ms else None}

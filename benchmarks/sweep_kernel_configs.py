@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from fedhello.kernels import LoRAPlan, multi_lora_linear, tuning
-from kernel_profile import time_call  # a sibling module: the script runs with benchmarks/ on sys.path
+from timing import time_call  # a sibling module: the script runs with benchmarks/ on sys.path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # One tuple of values per KernelConfig field (a test checks the names match the dataclass).

@@ -23,12 +23,8 @@ EXTENSION_ROLE = ("the csrc extension is the fast path for CPU tensors, and for 
                   "where Triton is not installed ('auto' takes Triton whenever it is)")
 
 
-def _backend_name(module: object) -> str:
-    device_type = getattr(module, "device_type", None)
-    if device_type is not None:  # a compiled csrc backend
-        return f"{device_type} (csrc extension)"
-    return {"reference": "torch (reference)", "triton_lora": "triton"}.get(module.__name__.rsplit(".", 1)[-1],
-                                                                          module.__name__)
+def _backend_name(name: str) -> str:
+    return {"torch": "torch (reference)", "cpu": "cpu (csrc extension)", "cuda": "cuda (csrc extension)"}.get(name, name)
 
 
 def _backend_lines(missing: list[str]) -> list[str]:
@@ -57,7 +53,7 @@ def _backend_lines(missing: list[str]) -> list[str]:
         if device_type == "cpu" or cuda:
             missing.append(f"csrc {device_type} extension ({error})")
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    picks = ", ".join(f"{d} tensors -> {_backend_name(resolve_backend('auto', torch.device(d)))}" for d in devices)
+    picks = ", ".join(f"{d} tensors -> {_backend_name(resolve_backend('auto', torch.device(d)).NAME)}" for d in devices)
     lines.append(f"  'auto' picks: {picks}")
     lines.append(f"  {EXTENSION_ROLE}")
     return lines

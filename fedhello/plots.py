@@ -5,7 +5,8 @@
 * ``plot_allocation``: heat map of blocks x rounds, the share of each round's participants
   that trained each block; ``plot_allocation_grid``: those of several runs side by side;
 * ``plot_fisher``: the server's Fisher score of each block against round;
-* ``plot_client_accuracy``: the clients' held-out accuracy (mean, 10th percentile, worst) against round.
+* ``plot_client_accuracy``: the clients' held-out accuracy (mean, 10th percentile, worst) against round;
+* ``plot_accuracy_vs_epsilon``: a privacy suite's final accuracy against its epsilon, one line per method.
 
 Rounds are numbered alike in every plot: round k (1, 2, ...) is the k-th round of training
 (record ``"round": k - 1`` in ``metrics.jsonl``); accuracy at k is measured after it, and
@@ -31,7 +32,7 @@ from fedhello import run_folder
 
 __all__ = ["read_metrics", "run_label", "allocation_matrix", "accuracy_curve", "is_causal_lm_run",
            "perplexity_curve", "plot_accuracy", "plot_allocation",
-           "plot_allocation_grid", "plot_client_accuracy", "plot_fisher", "plot_run"]
+           "plot_allocation_grid", "plot_client_accuracy", "plot_fisher", "plot_run", "plot_accuracy_vs_epsilon"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -247,6 +248,35 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     except ValueError:
         pass  # strategies without Fisher scores have no such plot
     return paths
+
+
+def plot_accuracy_vs_epsilon(points: dict[str, list[tuple[float | None, float, float]]], out: str | Path,
+                             title: str = "Final test accuracy against epsilon") -> Path:
+    """One line per method through its ``(epsilon, accuracy mean, accuracy std)`` points (accuracy
+    in %, one point per privacy level); a point whose epsilon is None (the non-private run) is drawn
+    as a dashed line across the plot in the method's colour, since it has no place on the epsilon axis.
+
+    Epsilon is on a log axis: the levels of a suite usually differ by factors.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    for i, (method, rows) in enumerate(points.items()):
+        color = colors[i % 10]
+        private = sorted((eps, mean, std) for eps, mean, std in rows if eps is not None)
+        if private:
+            eps, mean, std = (np.asarray(v, dtype=float) for v in zip(*private))
+            ax.errorbar(eps, mean, yerr=std, marker="o", markersize=4, capsize=3, color=color, label=method)
+        for eps, mean, _ in rows:
+            if eps is None:
+                ax.axhline(mean, color=color, linestyle="--", linewidth=1,
+                           label=f"{method}, non-private" if not private else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon at the run's delta (log scale; dashed: the non-private run)")
+    ax.set_ylabel("final test accuracy (%), mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
 
 
 def _round_axis(ax, rounds: Sequence[int] = ()) -> None:

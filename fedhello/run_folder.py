@@ -36,7 +36,7 @@ __all__ = [
     "CONFIG_FILE", "INITIAL_EVAL_FILE", "METRICS_FILE", "METRICS_CSV_FILE", "COMPLETIONS_FILE", "WEIGHTS_FILE",
     "META_FILE", "WALL_TIME_FILE", "LOCK_FILE", "TRACKING_FILE", "PEFT_FOLDER", "RUN_FILES", "PUBLISHED_RUN_FILES",
     "RESULTS_FILE", "SUMMARY_FILE", "ACCURACY_PLOT", "PERPLEXITY_PLOT", "ALLOCATION_PLOT", "CLIENT_ACCURACY_PLOT",
-    "FISHER_PLOT", "curve_plot", "CSV_FIELDS", "json_default", "json_floats", "read_records", "append_record",
+    "FISHER_PLOT", "EPSILON_PLOT", "curve_plot", "CSV_FIELDS", "json_default", "json_floats", "read_records", "append_record",
     "write_records", "write_metrics_csv", "read_initial_eval", "write_initial_eval", "append_completions", "keep_completions",
     "read_wall_time", "write_wall_time", "checkpoint_round",
 ]
@@ -65,6 +65,7 @@ PERPLEXITY_PLOT = "perplexity.png"
 ALLOCATION_PLOT = "allocation.png"
 CLIENT_ACCURACY_PLOT = "client_accuracy.png"
 FISHER_PLOT = "fisher.png"
+EPSILON_PLOT = "accuracy-vs-epsilon.png"  # a privacy suite's, in the suite folder
 
 
 def curve_plot(causal_lm: bool) -> str:

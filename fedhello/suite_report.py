@@ -129,6 +129,9 @@ def summarize(suite: Suite) -> dict[str, Any]:
             }
             # The personalisation view: the global model on each client's own mix of topics or classes.
             table[setting][method].update(_client_perplexity(runs) if lm else _client_accuracy(runs))
+            epsilons = [recs[-1].get("epsilon") for _, recs, _ in runs]
+            if any(e is not None for e in epsilons):  # a private setting: its epsilon after the last round
+                table[setting][method]["epsilon"] = _mean_std([math.inf if e is None else e for e in epsilons])
             method_dirs.append((method, runs[0][0]))
         if not method_dirs:
             continue
@@ -143,6 +146,8 @@ def summarize(suite: Suite) -> dict[str, Any]:
             if any(r.get("fisher_scores") is not None for r in read_metrics(run_dir)):
                 plot_fisher(run_dir, out / f"fisher-{_slug(method)}.png",
                             title=f"Fisher scores per block, {method}, {setting}")
+    if any("epsilon" in row for rows in table.values() for row in rows.values()):
+        _plot_privacy(table, suite.output_dir / run_folder.EPSILON_PLOT)
     summary = {
         "suite": suite.name,
         "device": _device_name(),
@@ -154,6 +159,18 @@ def summarize(suite: Suite) -> dict[str, Any]:
     (suite.output_dir / run_folder.SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     (suite.output_dir / run_folder.RESULTS_FILE).write_text(render_table(summary) + "\n")
     return summary
+
+
+def _plot_privacy(table: dict[str, dict[str, Any]], out: Path) -> None:
+    """Final accuracy against epsilon per method, a point per setting (None: a non-private setting)."""
+    from fedhello.plots import plot_accuracy_vs_epsilon
+
+    points: dict[str, list[tuple[float | None, float, float]]] = {}
+    for rows in table.values():
+        for method, row in rows.items():
+            epsilon = row["epsilon"][0] if "epsilon" in row else None
+            points.setdefault(method, []).append((epsilon, *row["final"]))
+    plot_accuracy_vs_epsilon(points, out)
 
 
 def publish(suite: Suite, dest: str | Path) -> Path:
@@ -171,6 +188,8 @@ def publish(suite: Suite, dest: str | Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in (run_folder.RESULTS_FILE, run_folder.SUMMARY_FILE):
         shutil.copy2(src / name, dest / name)
+    for png in sorted(src.glob("*.png")):  # plots across settings (a privacy suite's accuracy against epsilon)
+        shutil.copy2(png, dest / png.name)
     for setting in suite.settings:
         for png in sorted((src / setting).glob("*.png")):
             (dest / setting).mkdir(parents=True, exist_ok=True)
@@ -242,8 +261,24 @@ def render_table(summary: dict[str, Any]) -> str:
         parts.append("\n".join(lines))
     if any("client_mean" in row for rows in table.values() for row in rows.values()):
         parts.append(_render_client_table(table, settings, methods, pm, lm))
+    if any("epsilon" in row for rows in table.values() for row in rows.values()):
+        parts.append(_render_epsilon_table(table, settings, methods))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)
+
+
+def _render_epsilon_table(table: dict[str, Any], settings: list[str], methods: list[str]) -> str:
+    """Epsilon after the last round (mean over seeds; the seeds of a cell share it unless
+    ``target_epsilon`` calibrated them apart), "∞" for a non-private setting."""
+    def cell(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "–"
+        return f"{row['epsilon'][0]:.2f}" if "epsilon" in row else "∞"
+
+    lines = ["| method | " + " | ".join(f"{s}: epsilon after the last round" for s in settings) + " |",
+             "|" + "---|" * (len(settings) + 1)]
+    lines += [f"| {m} | " + " | ".join(cell(table[s].get(m)) for s in settings) + " |" for m in methods]
+    return "\n".join(lines)
 
 
 def _render_client_table(table: dict[str, Any], settings: list[str], methods: list[str], pm: str, lm: bool) -> str:

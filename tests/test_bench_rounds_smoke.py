@@ -240,9 +240,9 @@ def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None
     for case in doc["cases"]:
         assert case["status"] == "ok" and case["backbone"].startswith("random weights")
         assert all(g["ok"] for g in case["guard"].values())
+    # The paper-size slice runs through the server loop, which needs the data stack absent here.
     paper = doc["paper_slice"]
-    assert paper["cohort"] == 10 and paper["rounds"] == 500 and paper["round_s"]["reps"] == 1
-    assert math.isclose(paper["extrapolated_run_s"], 500 * paper["round_s"]["median_s"])
+    assert paper["status"] == "skipped" and "[fl]" in paper["note"]
     lm_out = tmp_path / "rounds-lm.json"  # the causal-LM case too (PEFT on the causal LM, labels)
     done = subprocess.run([sys.executable, str(SCRIPT), "--random-weights", "--smoke", "--task", "causal_lm",
                            "--device", "cpu", "--n", "2", "--repeats", "1", "--out", str(lm_out)],
@@ -251,6 +251,25 @@ def test_random_weights_smoke_runs_without_the_absent_packages(tmp_path) -> None
     (case,) = json.loads(lm_out.read_text())["cases"]
     assert case["name"] == "tiny-llama-n2" and case["status"] == "ok" and case["task"] == "causal_lm"
     assert all(g["ok"] for g in case["guard"].values())
+
+
+def test_paper_slice_runs_the_paper_config_through_the_server_loop(monkeypatch) -> None:
+    """The slice is FederatedRun on configs/paper-size.yaml (here with the toy BERT and little data):
+    the config's clients, cohort and rounds, one warm-up round, the median extrapolated."""
+    pytest.importorskip("datasets")
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import paper_slice
+    from fedhello.config import load_config
+
+    config = load_config(paper_slice.CONFIG)
+    record = paper_slice.measure(1, torch.device("cpu"), "float32", 0, model="tiny-bert", samples=32, seq=16)
+    assert record["status"] == "ok" and record["num_blocks"] == 4 and record["round_s"]["reps"] == 1
+    assert (record["clients"], record["cohort"], record["rounds"]) == (
+        config.data.num_clients, config.cohort_size, config.rounds) == (100, 10, 500)
+    assert record["warmup_round_s"] > 0 and record["round_s"]["median_s"] > 0
+    assert math.isclose(record["extrapolated_run_s"], 500 * record["round_s"]["median_s"])
+    tokens = paper_slice.IdTokenizer()(["5 6 7", "1 2 3 4 5"], max_length=4)
+    assert tokens == {"input_ids": [[5, 6, 7, 0], [1, 2, 3, 4]], "attention_mask": [[1, 1, 1, 0], [1, 1, 1, 1]]}
 
 
 def test_gpu_check_preset_fills_its_options(bench_rounds) -> None:

@@ -125,8 +125,9 @@ def test_byte_model_rates_and_ceilings_recorded(smoke) -> None:
     copy_bw = doc["meta"]["copy_bandwidth"]["bytes_per_s"]
     for case in doc["cases"]:
         model = case["bytes_model"]
-        assert model["v2"]["phases"]["fwd_bwd"] < model["v1"]["phases"]["fwd_bwd"]
-        rates = case["ratios"]["effective_gbps_v2_model"]
+        assert set(model) == {"multi_lora_linear", "lora_delta_out"}
+        assert model["multi_lora_linear"]["phases"]["fwd_bwd"] < model["lora_delta_out"]["phases"]["fwd_bwd"]
+        rates = case["ratios"]["effective_gbps_model"]
         for name, entry in case["impls"].items():
             if name == "base" or entry["status"] != "ok":
                 continue
@@ -137,7 +138,8 @@ def test_byte_model_rates_and_ceilings_recorded(smoke) -> None:
                     assert rate["gbps"] is None
                     continue
                 # lora_delta on a caller's layer is rated against its own model (the add passes).
-                expect = model["v2_delta_out" if name == "delta" else "v2"]["phases"][phase] / (ms * 1e-3) / 1e9
+                expect = model["lora_delta_out" if name == "delta" else "multi_lora_linear"]["phases"][phase] / (
+                    ms * 1e-3) / 1e9
                 assert math.isclose(rate["gbps"], expect, rel_tol=1e-9)
                 assert math.isclose(rate["frac_of_copy"], expect * 1e9 / copy_bw, rel_tol=1e-9)
         ceil = case["ceilings"]
@@ -170,17 +172,36 @@ def test_table_printed(smoke) -> None:
     assert "xLoop" in stdout and "wrote " in stdout
 
 
-@pytest.fixture(scope="module")
-def bench_kernels():
+def test_report_prints_the_same_tables_from_the_saved_json(smoke, report, tmp_path, capsys) -> None:
+    """Reporting is apart from measuring: report.py prints from the JSON what the run printed."""
+    doc, stdout = smoke
+    assert report.kernels_report(doc) in stdout
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(doc))
+    assert report.main([str(path)]) == 0
+    assert capsys.readouterr().out.strip() == report.kernels_report(doc).strip()
+
+
+def _sibling(name: str):
+    """A module of benchmarks/, imported as the scripts import each other (their folder on sys.path)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import bench_kernels
+        return __import__(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    return bench_kernels
 
 
-def test_ratios_from_hand_made_medians(bench_kernels) -> None:
+@pytest.fixture(scope="module")
+def bench_kernels():
+    return _sibling("bench_kernels")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _sibling("report")
+
+
+def test_ratios_from_hand_made_medians(bench_kernels, report) -> None:
     def timed(fwd: float, bwd: float, fwd_bwd: float) -> dict:
         return {"status": "ok", **{p: {"median_ms": v} for p, v in zip(PHASES, (fwd, bwd, fwd_bwd))}}
 
@@ -211,8 +232,10 @@ def test_ratios_from_hand_made_medians(bench_kernels) -> None:
         "lora_overhead_vs_base_fwd_bwd": 0.2,
         "fused_norm_cost_frac_of_bwd": 0.04,
     })
-    report = bench_kernels.headline_report(record)
-    assert report.count("MET") == 3 and "NOT MET" not in report
+    doc = {"headline": {"case": record["name"], **bench_kernels.headline_ratios(record)}}
+    goals = {k: {"op": op, "value": v} for k, (op, v) in bench_kernels.GOALS.items()}
+    text = report.headline_report(doc["headline"], goals)
+    assert text.count("MET") == 3 and "NOT MET" not in text
 
 
 def test_size_lists_parse_k_suffix(bench_kernels) -> None:
@@ -224,35 +247,30 @@ def test_size_lists_parse_k_suffix(bench_kernels) -> None:
         bench_kernels.KernelCase(3, 8, 8, 8, "sparse")
 
 
-def test_kernel_table_from_a_hand_made_profile(bench_kernels) -> None:
+def test_kernel_table_from_a_hand_made_profile(report) -> None:
     launches = [{"name": "ampere_bf16_gemm", "median_us": 350.0}, {"name": "_shrink_kernel", "median_us": 25.0}]
     record = {"name": "case", "profile": {"triton": {
-        "kernels": launches, "total_us": 375.0, "reps": 5, "matched_design": "v2",
-        "lora_kernels": [{"name": "_shrink_kernel", "median_us": 25.0, "model": "v2:F1_shrink",
+        "kernels": launches, "total_us": 375.0, "reps": 5, "matched": True,
+        "lora_kernels": [{"name": "_shrink_kernel", "median_us": 25.0, "model": "F1_shrink",
                           "bytes": 71_900_000, "gbps": 2876.0, "frac_of_copy": 0.72}],
         "other_kernels": [{"name": "ampere_bf16_gemm", "median_us": 350.0}],
-        "lora_total": {"device_us": 25.0, "vs_model": {"v2": {"gbps": 15904.0, "frac_of_copy": None}}}}},
+        "lora_total": {"device_us": 25.0, "vs_model": {"gbps": 15904.0, "frac_of_copy": None}}}},
         "host_vs_device": {"host_ms": 0.5, "device_ms": 1.25, "host_over_device": 0.4}}
-    lines = bench_kernels.kernel_table(record, {"bytes_per_s": 4.0e12})
+    lines = report.kernel_table(record, {"bytes_per_s": 4.0e12})
     text = "\n".join(lines)
-    assert "copy bandwidth 4000 GB/s" in text and "matched byte model: v2" in text
+    assert "copy bandwidth 4000 GB/s" in text and "paired with the byte model: yes" in text
     assert "_shrink_kernel" in text and "71.9" in text and "2876" in text and "72 %" in text
     assert "ampere_bf16_gemm" in text and "350.0" in text
-    assert "25.0 us = 15904 GB/s against the v2 model" in text
+    assert "25.0 us = 15904 GB/s against the byte model" in text
     assert "host 0.500 ms to enqueue, device 1.250 ms" in text
-    assert bench_kernels.kernel_table({"name": "cpu-case"}, None) == []
+    assert report.kernel_table({"name": "cpu-case"}, None) == []
 
 
-def test_extension_benchmark_smoke() -> None:
-    """benchmarks/bench_extension_cpu.py calls the backends' LoRA interface directly: it must keep up with it."""
-    from fedhello.kernels.extension import backend, load_error
-
-    if backend("cpu") is None:
-        pytest.skip(f"the CPU extension is not built: {load_error('cpu')}")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_extension_cpu.py"), "--smoke"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    row = done.stdout.strip().splitlines()[-1].split()
-    times = [float(row[i]) for i in (5, 6, 9, 10)]  # lora torch, lora cpu, layer torch, layer cpu (ms)
-    assert all(math.isfinite(t) and t > 0 for t in times), done.stdout
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "benchmarks" / "results").glob("*.json")
+                                        if not p.name.startswith("static-")))
+def test_report_prints_every_saved_result(report, path: str, capsys) -> None:
+    """The committed results print again from their JSON alone, one table line per case."""
+    doc = json.loads((REPO / "benchmarks" / "results" / path).read_text())
+    assert report.main([str(REPO / "benchmarks" / "results" / path)]) == 0
+    out = capsys.readouterr().out
+    assert all(case["name"] in out for case in doc["cases"])

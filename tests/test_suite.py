@@ -331,3 +331,25 @@ def test_the_table_shows_the_clients_accuracy_spread():
     assert "| method | iid: clients' accuracy %, mean ± std / 10th percentile / worst client |" in table
     assert "| Full | 78.50 ± 1.25 / 60.00 / 55.00 |" in table and "| Old | – |" in table
     assert "| *untrained model* | 21.00 ± 0.00 / 5.00 / 2.00 |" in table
+
+
+def test_privacy_suite_reports_epsilon_and_plots_accuracy_against_it(tmp_path):
+    """A suite with a private setting: each private cell's epsilon (as the accountant gives it), "∞"
+    for the non-private one, and the accuracy-against-epsilon plot, published with the rest."""
+    pytest.importorskip("dp_accounting", reason="the [dp] extra is not installed")
+    from fedhello.fl.accounting import RoundMechanism
+
+    privacy = {"noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1.0e-5}
+    suite = load_suite(_suite_file(
+        tmp_path, settings={"non-private": {}, "sigma-1": {"privacy": privacy}},
+        methods={"Full": {"strategy": {"name": "full", "options": {}}, "aggregation": {"weighting": "uniform"}}}))
+    summary = run_suite(suite, progress=False)
+    expected = RoundMechanism(num_clients=6, cohort_size=3, noise_multiplier=1.0).epsilon(2, 1.0e-5)
+    assert "epsilon" not in summary["table"]["non-private"]["Full"]
+    assert summary["table"]["sigma-1"]["Full"]["epsilon"][0] == pytest.approx(expected, rel=1e-9)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | non-private: epsilon after the last round | sigma-1: epsilon after the last round |" in table
+    assert f"| Full | ∞ | {expected:.2f} |" in table
+    assert (tmp_path / "out" / "accuracy-vs-epsilon.png").stat().st_size > 0
+    dest = publish(suite, tmp_path / "published")
+    assert (dest / "accuracy-vs-epsilon.png").stat().st_size > 0

@@ -161,26 +161,27 @@ def _triton_backend_on_cpu() -> Iterator[None]:
     """Make the launchers take their GPU decisions for CPU tensors without the interpreter.
 
     * ``multi_lora.resolve_backend`` refuses ``"triton"`` for CPU tensors (the kernels could not
-      run); here it returns ``triton_lora``: the gate never runs them, it only records launches.
+      run); here it returns the Triton backend: the gate never runs them, it only records launches.
     * Launchers that size grids by the GPU (split-K when the tiles would leave SMs idle) ask
-      ``triton_lora._programs_wanted(device)``, which answers 1 off CUDA; here it is asked for a
+      ``backends.triton._programs_wanted(device)``, which answers 1 off CUDA; here it is asked for a
       CUDA device with ``HOPPER_SMS`` multiprocessors.
 
     Raises ``PatchTargetMissing`` when one of these names is gone.
     """
-    from fedhello.kernels import multi_lora, triton_lora
+    from fedhello.kernels import multi_lora
+    from fedhello.kernels.backends import triton as triton_backend
 
     original = getattr(multi_lora, "resolve_backend", None)  # checked by _patched
 
-    def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
-        return triton_lora if name == "triton" else original(name, device, dtype)
+    def resolve(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        return triton_backend if name == "triton" else original(name, device, dtype)
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(multi_lora, "resolve_backend", resolve))
-        wanted = getattr(triton_lora, "_programs_wanted", None)
-        stack.enter_context(_patched(triton_lora, "_programs_wanted",
+        wanted = getattr(triton_backend, "_programs_wanted", None)
+        stack.enter_context(_patched(triton_backend, "_programs_wanted",
                                      lambda device: wanted(torch.device("cuda", 0))))
-        stack.enter_context(_patched(triton_lora, "_sm_count", lambda index: HOPPER_SMS))
+        stack.enter_context(_patched(triton_backend, "_sm_count", lambda index: HOPPER_SMS))
         yield
 
 
@@ -222,7 +223,8 @@ def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = H
     ``extra`` holds further keyword arguments of the call (e.g. ``dropout_p``); ``adapter_dtype``
     (default: ``dtype``'s) is the dtype of ``lora_a``/``lora_b`` (float32 master adapters).
     """
-    from fedhello.kernels import multi_lora, triton_lora
+    from fedhello.kernels import multi_lora
+    from fedhello.kernels.backends import triton as triton_backend
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
@@ -232,7 +234,7 @@ def record_public_api(dtype: str = "bf16", *, n: int = HEADLINE["n"], t: int = H
     s = _public_api_inputs(DTYPES[dtype], n, t, d_in, d_out, r, contiguous, seed, adapter_dtype)
     norms = torch.zeros(n, dtype=torch.float32) if grad_sqnorm else None
     phase = ["forward"]
-    with _triton_backend_on_cpu(), record_launches(triton_lora, phase) as launches, _SkipDenseProducts():
+    with _triton_backend_on_cpu(), record_launches(triton_backend, phase) as launches, _SkipDenseProducts():
         y = multi_lora.multi_lora_linear(
             s["x"], s["weight"], s["bias"], s["lora_a"], s["lora_b"], s["plan"], s["scaling"],
             ranks=s["ranks"], trainable=s["trainable"], grad_sqnorm=norms, backend="triton", **(extra or {}))

@@ -2,7 +2,7 @@
 
 No GPU is needed. The gate
 
-1. **records** the launches: every ``@triton.jit`` kernel of ``fedhello.kernels.triton_lora`` is
+1. **records** the launches: every ``@triton.jit`` kernel the Triton launchers (``fedhello.kernels.backends.triton``) call is
    swapped for a recorder whose ``kernel[grid](...)`` captures the arguments instead of launching,
    and ``multi_lora_linear(..., backend="triton")`` runs forward + backward on CPU tensors at the
    headline specialisation (N=32, T=8192, d_in=d_out=4096, r=16). Nothing the kernels would
@@ -17,10 +17,10 @@ No GPU is needed. The gate
    global load in the PTX (``ld.global`` by type and vector length, ``cp.async`` sizes).
 
 Patched for the duration of the recording only, and restored afterwards: the kernels of
-``triton_lora`` (the recorders); ``multi_lora.resolve_backend`` (backend ``"triton"`` refuses CPU
+``backends.triton`` (the recorders); ``multi_lora.resolve_backend`` (backend ``"triton"`` refuses CPU
 tensors unless the interpreter is on, and under the interpreter the kernels are not
 ``JITFunction`` objects, so the gate must run *without* ``TRITON_INTERPRET`` and route
-``"triton"`` to ``triton_lora`` by hand); ``triton_lora._programs_wanted`` / ``_sm_count`` (grids
+``"triton"`` to ``backends.triton`` by hand); ``backends.triton._programs_wanted`` / ``_sm_count`` (grids
 sized for a GPU of ``HOPPER_SMS`` multiprocessors instead of the interpreter's one); and a
 ``TorchDispatchMode`` that answers large dense matrix products with uninitialised tensors of the
 right shape. These are private names of the package: when one is gone (renamed, moved) the gate
@@ -149,7 +149,7 @@ def _worker(args: argparse.Namespace) -> int:
     result = run_gate(args.dtype)
     reports, failures = result.reports, result.failures
     print(format_table(reports))
-    print(f"grids sized as on a GPU with {HOPPER_SMS} SMs (triton_lora._programs_wanted)")
+    print(f"grids sized as on a GPU with {HOPPER_SMS} SMs (backends.triton._programs_wanted)")
     if failures:
         print("\nGATE FAILED:\n  " + "\n  ".join(failures))
     else:

@@ -12,6 +12,12 @@ Rows are read through the config's column fields (``data.text_column``, ``image_
 local files; ``train`` and ``test`` (and every client's rows) are read together, so string
 labels get the same class ids in all of them. The run's ``config.yaml`` records the model and
 the data by labels (``model.name: <object ...>``), not by names a later ``fedhello run`` could load.
+
+The model may come quantized by bitsandbytes (transformers' ``BitsAndBytesConfig``, or
+``fedhello.models.load_backbone(..., quantize=...)``): its ``Linear4bit``/``Linear8bitLt`` layers
+serve as the frozen base, as ``model.quantize`` builds it, and the run's config and checkpoint
+record the kind (``model.quantize``). A full-precision model with ``model.quantize`` set is
+quantized in place, as a model loaded by name would be.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from fedhello.errors import UserError
 from fedhello.fl.checkpoint import check_run_dir
 from fedhello.fl.server import FederatedRun
 from fedhello.fl.tracking import check_installed, check_report_to
+from fedhello.models.quantize import BaseQuantization, base_quantization, quantize_backbone
 
 __all__ = ["RunResult", "ObjectRun", "run"]
 
@@ -60,11 +67,13 @@ class ObjectRun(FederatedRun):
         tokenizer: its tokenizer (text data), or None (images).
         data: the split and partitioned rows (``fedhello.data.federate``/``federate_clients``).
         progress: show a progress bar over rounds.
+        quantization: how ``model`` arrived quantized (``base_quantization``; None reads it here).
     """
 
     def __init__(self, config: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData,
-                 progress: bool = True) -> None:
+                 progress: bool = True, quantization: BaseQuantization | None = None) -> None:
         self._model, self._tokenizer, self._data = model, tokenizer, data
+        self._quantization = quantization or _quantization_of(model)
         super().__init__(config, progress)
 
     def load_data(self) -> FederatedData:
@@ -74,13 +83,18 @@ class ObjectRun(FederatedRun):
                       quantize: str = "none", compute_dtype: torch.dtype | None = None,
                       device: torch.device | None = None) -> nn.Module:
         """The given model, checked against the run: a causal LM for ``task: causal_lm``, a head of
-        ``num_labels`` classes otherwise, floating-point weights. ``seed`` (the head's
-        initialisation by name) does not apply: the model comes with its head; nor do the
-        quantization settings (the model is used as it was built)."""
-        if quantize != "none":
-            raise UserError(f"model.quantize: applies to a model loaded by name, got {quantize!r} with a model "
-                            "object; leave it 'none' and pass the model as it should be trained")
-        model = self._model
+        ``num_labels`` classes otherwise. ``seed`` (the head's initialisation by name) does not
+        apply: the model comes with its head. A model that came quantized is used as it was built
+        (its 4-bit layers' compute dtype must be ``compute_dtype``); a full-precision one with
+        ``quantize`` set is quantized here, on ``device``, as ``fedhello.models.load_backbone`` does."""
+        model, arrived = self._model, self._quantization
+        if arrived.kind not in ("none", quantize):
+            raise ConfigError(_quantize_mismatch(quantize, arrived.kind))
+        if arrived.compute_dtype not in (None, compute_dtype):
+            name = str(arrived.compute_dtype).removeprefix("torch.")
+            raise UserError(f"model.compute_dtype: the model's 4-bit layers compute in {name} "
+                            f"({arrived.layers[0]}, ...), the run's resolves to "
+                            f"{str(compute_dtype).removeprefix('torch.')}; set model.compute_dtype: {name}")
         if task == "causal-lm":
             if not getattr(model, "can_generate", lambda: False)():
                 raise UserError(f"model: task causal_lm needs a causal LM (AutoModelForCausalLM), got "
@@ -93,6 +107,11 @@ class ObjectRun(FederatedRun):
             if task == "sequence-classification" and getattr(model.config, "pad_token_id", None) is None:
                 # As fedhello.models.load_backbone: the head reads the last non-padding token.
                 model.config.pad_token_id = self.load_tokenizer().pad_token_id
+        if arrived.kind == "none" and quantize != "none":
+            try:
+                quantize_backbone(model.to(device) if device is not None else model, quantize, compute_dtype)
+            except ValueError as err:  # e.g. GPT-2's Conv1D blocks; the message names model.quantize
+                raise UserError(str(err)) from None
         return model.eval()
 
     def load_tokenizer(self):
@@ -112,9 +131,11 @@ def run(*, model: nn.Module, train: Any, tokenizer: Any = None, test: Any = None
         model: a ``transformers`` model, built and loaded (``AutoModelForSequenceClassification``
             or ``AutoModelForImageClassification`` with ``num_labels`` = the data's classes and
             its head, ``AutoModelForCausalLM`` for ``task: causal_lm``), with floating-point
-            weights (GGUF checkpoints are dequantized on load; bitsandbytes' packed 8/4-bit
-            weights are refused: the LoRA kernels read the base weights directly). It is
-            changed in place: its target modules get the run's adapter banks.
+            weights or bitsandbytes ``Linear4bit``/``Linear8bitLt`` layers (of one kind; int8
+            with ``llm_int8_threshold=0.0``): ``model.quantize`` is then that kind, unless the
+            config names another (refused). Weights packed by other libraries (GPTQ, AWQ, ...)
+            are refused. It is changed in place: its target modules get the run's adapter banks
+            (and, full precision with ``model.quantize`` set, its blocks are quantized).
         train: a ``datasets.Dataset`` (partitioned by ``data.partition``) or a mapping client ->
             ``datasets.Dataset`` (a natural partition; ``data.num_clients`` defaults to its size).
         tokenizer: the model's tokenizer; required for text.
@@ -129,14 +150,14 @@ def run(*, model: nn.Module, train: Any, tokenizer: Any = None, test: Any = None
         UserError: naming the argument or config field, before the model is touched.
     """
     clients = isinstance(train, Mapping)
-    cfg = _run_config(config, model, train)
-    check_installed(check_report_to(cfg.report_to))
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers model (PreTrainedModel), got {type(model).__name__}")
-    _check_floating(model)
+    quantization = _quantization_of(model)
+    cfg = _run_config(config, model, train, quantization.kind)
+    check_installed(check_report_to(cfg.report_to))
     data = _federated_data(train, test, cfg, clients)
     check_run_dir(cfg, resume=resume, overwrite=overwrite)  # before the model gets its adapters
-    federated = ObjectRun(cfg, model, tokenizer, data, progress=progress)
+    federated = ObjectRun(cfg, model, tokenizer, data, progress=progress, quantization=quantization)
     records = federated.run(resume=resume, overwrite=overwrite)
     return RunResult(records, federated.global_state, federated)
 
@@ -145,8 +166,10 @@ def _label(obj: Any) -> str:
     return f"<object {obj}>"
 
 
-def _run_config(config: RunConfig | Mapping[str, Any] | None, model: Any, train: Any) -> RunConfig:
-    """``config`` with the objects' labels in place of the source names, validated."""
+def _run_config(config: RunConfig | Mapping[str, Any] | None, model: Any, train: Any,
+                quantized: str = "none") -> RunConfig:
+    """``config`` with the objects' labels in place of the source names and ``model.quantize`` the
+    model's own quantization ``quantized`` (if not ``"none"``), validated."""
     if isinstance(config, RunConfig):
         raw = config.to_dict()
     elif config is None or isinstance(config, Mapping):
@@ -164,19 +187,27 @@ def _run_config(config: RunConfig | Mapping[str, Any] | None, model: Any, train:
                               f"{data['num_clients']}")
     name = getattr(model, "name_or_path", "") or type(model).__name__
     raw["model"] = {**(raw.get("model") or {}), "name": _label(name)}
+    if quantized != "none":  # the run (config.yaml, checkpoint, resume check) records the base as it came
+        given = raw["model"].get("quantize", "none")
+        if given not in ("none", quantized):
+            raise ConfigError(_quantize_mismatch(given, quantized))
+        raw["model"]["quantize"] = quantized
     data.update(name=_label(f"{len(train)} clients" if clients else "datasets.Dataset"), path=None, split="train",
                 test_split=None)
     return RunConfig.from_dict(raw)
 
 
-def _check_floating(model: nn.Module) -> None:
-    """Refuse packed quantized weights, which the kernels would read as numbers."""
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-            raise UserError(f"model: {name}.weight is {weight.dtype} (quantized, e.g. bitsandbytes); the LoRA kernels "
-                            "read base weights as numbers: pass a model with floating-point weights "
-                            "(dequantize it, or load it without quantization_config)")
+def _quantize_mismatch(given: str, quantized: str) -> str:
+    return (f"model.quantize: {given!r}, but the model's layers are bitsandbytes {quantized}; leave it unset "
+            f"(or 'none') to take the model's, or set it to {quantized!r}")
+
+
+def _quantization_of(model: nn.Module) -> BaseQuantization:
+    """``base_quantization(model)``, its refusals as ``UserError`` naming ``model``."""
+    try:
+        return base_quantization(model, "model")
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def _federated_data(train: Any, test: Any, cfg: RunConfig, clients: bool) -> FederatedData:

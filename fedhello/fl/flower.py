@@ -25,7 +25,10 @@ assumes plain FedAvg.
 
 A node that fails (an error reply: its ClientApp raised, or the SuperLink declared the node
 unavailable; or no reply within the round's timeout) loses its clients for that round: the
-failure is logged, the round aggregates what arrived, the next round proceeds.
+failure is logged, the round's record lists those clients under ``lost``, the round aggregates
+what arrived, the next round proceeds. Simulated failures (``clients.dropout``,
+``over_selection``) are drawn by ``FederatedRun.plan_round``, as in ``fedhello run``: the clients
+that fail or come late get no message, and the record's ``dropped``/``late`` are the same.
 
 Wire format, one ``"train"`` message per node with work in a round:
 
@@ -165,6 +168,7 @@ class FedHelloStrategy(Strategy):
         if plan is None or server_round - 1 != plan.round:
             raise ValueError(f"server_round: round {server_round} was not configured by configure_train")
         arrived: dict[int, LocalResult] = {}
+        lost: list[int] = []
         pending = dict(self._sent)
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -174,19 +178,24 @@ class FedHelloStrategy(Strategy):
             if reply.has_error():
                 logger.warning("round %d: node %d failed (%s); lost clients %s", plan.round, node,
                                reply.error.reason, [t.client for t in group])
+                lost += [t.client for t in group]
                 continue
             try:
                 results = _decode_results(reply.content, group, self.run.global_state)
             except (KeyError, TypeError, ValueError) as err:
                 logger.warning("round %d: node %d sent a malformed reply (%s); lost clients %s", plan.round,
                                node, err, [t.client for t in group])
+                lost += [t.client for t in group]
                 continue
             arrived.update({r.client: r for r in results})
         for node, group in pending.items():
             logger.warning("round %d: no reply from node %d; lost clients %s", plan.round, node,
                            [t.client for t in group])
+            lost += [t.client for t in group]
         results = [arrived[t.client] for t in plan.tasks if t.client in arrived]
         self.last_record = record = self.run.finish_round(plan, results, self._t0)
+        if lost:  # real failures, beside the simulated ones finish_round records (dropped, late)
+            record["lost"] = sorted(lost)
         self._plan, self._sent = None, {}
         metrics = {k: float(v) for k, v in record.items()
                    if k in ("train_loss", "test_accuracy", "test_loss", "test_macro_f1", "test_perplexity")

@@ -8,6 +8,7 @@ Public API::
     y = lora_delta(x, lora_a, lora_b, plan, scaling, out=base_layer(x))  # any base layer
 """
 
+from .contract import Backend
 from .delta import lora_delta
 from .multi_lora import BACKENDS, multi_lora_linear, resolve_backend
 from .runtime import triton_available, triton_interpreting
@@ -16,6 +17,7 @@ from . import ops  # registers torch.ops.fedhello.*
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "LoRAPlan",
     "TileList",
     "lora_delta",

@@ -14,8 +14,7 @@ from typing import Sequence
 import torch
 
 from .checks import ClientParams, check_lora_inputs
-from .multi_lora import (Call, backend_for, backend_name, lora_backward, lora_forward, op_arguments, prepare_dropout,
-                         rows2d)
+from .multi_lora import Call, backend_for, lora_backward, lora_forward, op_arguments, prepare_dropout, rows2d
 from .plan import LoRAPlan
 
 __all__ = ["lora_delta"]
@@ -104,7 +103,7 @@ def lora_delta(
         _check_out(out, x, lora_b.shape[1])
     if torch.compiler.is_compiling():  # one opaque graph node (see ops.py); the compiler fuses the add
         delta = torch.ops.fedhello.lora_delta(x, lora_a, lora_b, *op_arguments(plan, params, keep), grad_sqnorm,
-                                              backend_name(impl))[0]
+                                              impl.NAME)[0]
     else:
         delta = _LoRADeltaFn.apply(x, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
     # A plain in-place add: autograd passes y's gradient through it unchanged, also when ``out`` is

@@ -1,4 +1,4 @@
-"""The compiled csrc backends ("cpu", "cuda") behind the backend interface of ``reference.py``.
+"""Loading and building the csrc extensions behind the compiled backends ("cpu", "cuda").
 
 ``setup.py`` builds ``fedhello._C_cpu`` (C++/OpenMP) wherever a C++ compiler is present and
 ``fedhello._C_cuda`` where torch has CUDA and nvcc is found. When ``fedhello._C_cpu`` was not
@@ -9,16 +9,8 @@ C++ compiler is found and ``FEDHELLO_BUILD_EXT`` is not ``0``. The CUDA extensio
 to compile, so a first use never starts that build: ``python -m fedhello.kernels.extension build
 cuda`` (or ``build("cuda")``) builds it once into the same cache folder, from where later uses load
 it (how ``benchmarks/gpu_check.sh`` gets it on a machine where nothing is installed).
-``backend(device_type)`` returns a
-module object with ``DTYPES``, ``lora_forward`` and ``lora_backward`` for ``multi_lora.py``, or
-``None`` when that extension is not available; ``load_error(device_type)`` says why.
-
-Both keep the rank intermediate ``H`` and all accumulation in float32. The forward returns
-``H`` (fp32 ``[T, r_max]``, rows in ``plan.sorted_rows`` order) for the backward to reuse.
-Like the Triton backend, the compiled kernels *write* every row of ``out`` (``bias + LoRA``,
-the bias added in fp32) and of ``dx`` (the LoRA share, zeros on rows without adapter) once,
-without reading them, so both start as ``torch.empty`` and ``multi_lora.py`` adds the base
-GEMMs into them with ``addmm_``.
+``backend(device_type)`` returns the ``CompiledBackend`` (``backends/compiled.py``) over that
+extension, or ``None`` when it is not available; ``load_error(device_type)`` says why.
 """
 
 from __future__ import annotations
@@ -32,113 +24,14 @@ from types import ModuleType
 
 import torch
 
-from .checks import ClientParams
-from .plan import LoRAPlan
+from .backends.compiled import CompiledBackend
 
-__all__ = ["CompiledBackend", "DEVICE_TYPES", "backend", "build", "load_error"]
+__all__ = ["DEVICE_TYPES", "backend", "build", "load_error"]
 
 DEVICE_TYPES = ("cpu", "cuda")
 _NATIVE_MODULES = {"cpu": "fedhello._C_cpu", "cuda": "fedhello._C_cuda"}
 _cache: dict[str, "CompiledBackend | None"] = {}
 _errors: dict[str, str] = {}
-
-
-class CompiledBackend(ModuleType):
-    """One compiled extension seen as a backend module (the interface of ``reference.py``).
-
-    Attributes:
-        DTYPES: the input dtypes the kernels take (float32, float16, bfloat16).
-        device_type: ``"cpu"`` or ``"cuda"``.
-        native: the pybind11 module with the kernels.
-    """
-
-    DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-    def __init__(self, device_type: str, native: ModuleType) -> None:
-        super().__init__(f"{__name__}.{device_type}", f"Compiled {device_type} backend ({native.__name__}).")
-        self.device_type = device_type
-        self.native = native
-
-    def _tiles(self, plan: LoRAPlan) -> tuple[torch.Tensor, ...]:
-        # The CUDA kernels walk the plan's fixed-size (client, row-tile) list, with items for the
-        # rows without adapter too (the expand writes them; the other kernels skip them); the
-        # CPU ones build their own from the offsets.
-        if self.device_type != "cuda":
-            return ()
-        tiles = plan.tiles(self.native.BLOCK_M, include_unrouted=True)
-        return tiles.tile_client, tiles.tile_start
-
-    def saved_shape(self, rows: int, r_max: int) -> tuple[int, int]:
-        """Shape of ``H``, the float32 intermediate ``lora_forward`` returns."""
-        return (rows, r_max)
-
-    def lora_forward(
-        self,
-        x2d: torch.Tensor,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        bias: torch.Tensor | None,
-        plan: LoRAPlan,
-        params: ClientParams,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out[t] = b + s_c (x_t A_c[:r_c]^T) B_c[:, :r_c]^T`` for every row t (``b`` only if unrouted).
-
-        Shapes: ``x2d [T, d_in]``, ``lora_a [N, r_max, d_in]``, ``lora_b [N, d_out, r_max]``,
-        ``bias [d_out]`` or ``None``, all contiguous in one dtype of ``DTYPES``. Returns ``(out
-        [T, d_out], H)``, ``H`` float32 ``[T, r_max]`` by position in ``plan.sorted_rows``. The
-        kernels write every row of ``out`` once (LoRA term plus bias summed in fp32, rounded once; only the
-        bias, or zeros, on rows without adapter and rows of rank-0 clients), so it starts empty.
-        """
-        lora_a, lora_b = _in_dtype(x2d.dtype, lora_a, lora_b)
-        out = torch.empty(x2d.shape[0], lora_b.shape[1], dtype=x2d.dtype, device=x2d.device)
-        h = self.native.lora_forward(
-            x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
-            *self._tiles(plan), None if bias is None else bias.contiguous(), out,
-        )
-        return out, h
-
-    def lora_backward(
-        self,
-        dy2d: torch.Tensor,
-        x2d: torch.Tensor,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        plan: LoRAPlan,
-        params: ClientParams,
-        saved: torch.Tensor,
-        need_dx: bool,
-        weight_grads: bool,
-        grad_sqnorm: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """LoRA part of the backward pass.
-
-        Returns ``dx_lora [T, d_in]`` (input dtype, ``G_c A_c[:r_c]`` with ``G_c = s_c dY_c
-        B_c[:, :r_c]`` in float32, zeros in rows without adapter; written once by the kernels, so it
-        starts empty; ``None`` unless ``need_dx``) and
-        ``(dA [N, r_max, d_in], dB [N, d_out, r_max])`` in the adapters' dtype, zero for frozen
-        clients, clients without rows and entries beyond each rank (``None`` unless
-        ``weight_grads``). ``grad_sqnorm`` (float32 ``[N]`` or ``None``) gets ``+= ||dA_c||^2 +
-        ||dB_c||^2`` of each trainable client, computed from the complete fp32 gradients.
-        ``saved`` is the ``H`` that ``lora_forward`` returned.
-        """
-        adapter_dtype = lora_a.dtype
-        lora_a, lora_b = _in_dtype(x2d.dtype, lora_a, lora_b)
-        dx = torch.empty_like(x2d) if need_dx else None
-        d_a, d_b = self.native.lora_backward(
-            dy2d, x2d, lora_a, lora_b, plan.sorted_rows, plan.offsets, params.scaling, params.ranks,
-            params.trainable, *self._tiles(plan), saved, dx, weight_grads, grad_sqnorm,
-        )
-        if not weight_grads:
-            return dx, None, None
-        return dx, d_a.to(adapter_dtype), d_b.to(adapter_dtype)
-
-
-def _in_dtype(dtype: torch.dtype, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapters in the activations' dtype: the compiled kernels take one dtype for all inputs, so
-    float32 master adapters under half-precision activations cost a cast copy per call here."""
-    if lora_a.dtype == dtype:
-        return lora_a, lora_b
-    return lora_a.to(dtype), lora_b.to(dtype)
 
 
 def _check_device_type(device_type: object) -> str:

@@ -5,33 +5,36 @@ The autograd function below is a thin shell. The LoRA part goes to a backend, wh
 GEMMs then accumulate into those buffers through the vendor BLAS (``addmm_`` with beta = 1), so
 no pass reads and rewrites ``y`` or ``dx`` a second time. Backends:
 
-* ``"triton"``: fused Triton kernels (``triton_lora.py``); CUDA tensors, or CPU tensors
+* ``"triton"``: fused Triton kernels (``backends/triton.py``); CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``;
-* ``"torch"``: a per-client loop (``reference.py``), the readable contract, the only backend for
-  float64 and the one with higher-order gradients;
-* ``"cpu"`` / ``"cuda"``: the compiled extension from ``csrc/`` when it is built;
+* ``"torch"``: a per-client loop (``backends/torch.py``), the readable contract, the only backend
+  for float64 and the one with higher-order gradients;
+* ``"cpu"`` / ``"cuda"``: the compiled extension from ``csrc/`` when it is built (``backends/compiled.py``);
 * ``"auto"``: the fastest one available for the tensors' device: on CUDA tensors Triton, on CPU
   tensors the compiled ``cpu`` extension when it is built (or can be built on first use), else
   torch; float64, and every call inside a ``torch.func`` transform, go to torch.
+
+Every backend implements ``contract.Backend``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Sequence
 
 import torch
 
-from . import dropout, reference
+from . import dropout
+from .backends import torch as torch_backend
 from .checks import ClientParams, check_inputs
+from .contract import Backend
 from .plan import LoRAPlan
 from .runtime import triton_available, triton_interpreting
 
 BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
 
 
-def _extension(device_type: str) -> ModuleType | None:
+def _extension(device_type: str) -> Backend | None:
     """The compiled csrc backend for ``device_type`` ("cpu" or "cuda"), if it is built."""
     try:
         from . import extension
@@ -40,8 +43,8 @@ def _extension(device_type: str) -> ModuleType | None:
     return extension.backend(device_type)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
-    """Map a backend name to the module that implements the LoRA part on ``device``.
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
+    """Map a backend name to the backend that implements the LoRA part on ``device``.
 
     ``"auto"`` picks the fastest backend for ``device`` that takes ``dtype`` (when given): float64
     inputs go to the torch backend, the only one that takes them.
@@ -51,7 +54,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "torch":
-        return reference
+        return torch_backend
     if name == "triton":
         if not triton_available():
             raise ValueError("backend: 'triton' requested but the triton package is not installed")
@@ -60,9 +63,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
                 f"backend: 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 "
                 "set before triton is imported"
             )
-        from . import triton_lora
+        from .backends import triton as triton_backend
 
-        return triton_lora
+        return triton_backend
     if name in ("cpu", "cuda"):
         if device.type != name:
             raise ValueError(f"backend: {name!r} needs {name} tensors, got tensors on {device}")
@@ -75,16 +78,16 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
         return ext
     # auto
     if device.type == "cuda" and triton_available():
-        from . import triton_lora
+        from .backends import triton as triton_backend
 
-        impl = triton_lora
+        impl: Backend = triton_backend
     else:
-        impl = _extension(device.type) or reference
-    return impl if dtype is None or dtype in impl.DTYPES else reference
+        impl = _extension(device.type) or torch_backend
+    return impl if dtype is None or dtype in impl.DTYPES else torch_backend
 
 
 def prepare_dropout(x: torch.Tensor, plan: LoRAPlan, params: ClientParams,
-                    impl: ModuleType) -> tuple[torch.Tensor | None, ClientParams]:
+                    impl: Backend) -> tuple[torch.Tensor | None, ClientParams]:
     """The bool keep mask ``[T, d_in]`` and the settings a backend without fused dropout
     runs with; ``(None, params)`` when there is no dropout or the backend's kernels apply it.
 
@@ -92,7 +95,7 @@ def prepare_dropout(x: torch.Tensor, plan: LoRAPlan, params: ClientParams,
     that call gives exactly dropout's ``dA``/``dB``; only ``dx`` still needs the mask, applied by
     ``lora_backward``. The mask is the counter-based one of ``dropout.py``, the same bits as the kernels.
     """
-    if params.dropout_p == 0 or getattr(impl, "FUSED_DROPOUT", False):
+    if params.dropout_p == 0 or impl.FUSED_DROPOUT:
         return None, params
     keep = dropout.row_keep(plan, params.dropout_seeds, params.dropout_p, x.shape[-1])
     return keep, ClientParams(params.scaling / (1.0 - params.dropout_p), params.ranks, params.trainable)
@@ -103,20 +106,20 @@ def rows2d(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.reshape(rows, t.shape[-1]).contiguous()
 
 
-def lora_forward(impl: ModuleType, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+def lora_forward(impl: Backend, x2d: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                  bias: torch.Tensor | None, plan: LoRAPlan, params: ClientParams,
                  keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(bias + LoRA term [T, d_out], saved)`` from backend ``impl`` (see ``reference.py``)."""
+    """``(bias + LoRA term [T, d_out], saved)`` from backend ``impl`` (see ``contract.Backend``)."""
     x_lora = x2d if keep is None else x2d * keep
     return impl.lora_forward(x_lora, lora_a.contiguous(), lora_b.contiguous(), bias, plan, params)
 
 
 @dataclass(frozen=True)
 class Call:
-    """What the backward of one call needs besides tensors: the backend module, the plan, the
+    """What the backward of one call needs besides tensors: the backend, the plan, the
     per-client settings, the norms to accumulate into and the public op name (for errors)."""
 
-    impl: ModuleType
+    impl: Backend
     plan: LoRAPlan
     params: ClientParams
     grad_sqnorm: torch.Tensor | None
@@ -134,8 +137,8 @@ def lora_backward(call: Call, dy2d: torch.Tensor, x2d: torch.Tensor, lora_a: tor
     backward is made of differentiable torch ops on the saved *inputs* (views and copies redone
     here, under the engine's grad mode), so it supports higher-order gradients.
     """
-    if call.impl is not reference and records_graph(dy2d, x2d, lora_a, lora_b):
-        refuse_create_graph(call.op, f"the {call.impl.__name__.rsplit('.', 1)[-1]} backend's backward")
+    if call.impl is not torch_backend and records_graph(dy2d, x2d, lora_a, lora_b):
+        refuse_create_graph(call.op, f"the {call.impl.NAME} backend's backward")
     x_lora = x2d if keep is None else x2d * keep
     dx, d_a, d_b = call.impl.lora_backward(
         dy2d, x_lora, lora_a.contiguous(), lora_b.contiguous(), call.plan, call.params, saved, need_dx,
@@ -267,15 +270,8 @@ def multi_lora_linear(
     keep, params = prepare_dropout(x, plan, params, impl)
     if torch.compiler.is_compiling():  # one opaque graph node (see ops.py)
         return torch.ops.fedhello.multi_lora_linear(x, weight, bias, lora_a, lora_b, *op_arguments(plan, params, keep),
-                                                    grad_sqnorm, backend_name(impl))[0]
+                                                    grad_sqnorm, impl.NAME)[0]
     return _MultiLoRALinearFn.apply(x, weight, bias, lora_a, lora_b, plan, params, keep, grad_sqnorm, impl)[0]
-
-
-def backend_name(impl) -> str:
-    """The name ``resolve_backend`` maps to ``impl``."""
-    if impl is reference:
-        return "torch"
-    return getattr(impl, "device_type", None) or "triton"
 
 
 def op_arguments(plan: LoRAPlan, params: ClientParams, keep: torch.Tensor | None) -> tuple:
@@ -284,7 +280,7 @@ def op_arguments(plan: LoRAPlan, params: ClientParams, keep: torch.Tensor | None
             params.scaling, params.ranks, params.trainable, params.dropout_p, params.dropout_seeds, keep)
 
 
-def backend_for(name: str, x: torch.Tensor) -> ModuleType:
+def backend_for(name: str, x: torch.Tensor) -> Backend:
     """``resolve_backend`` for the tensors of a call, refusing an ``x`` dtype the backend lacks."""
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         # Inside a torch.func transform (a compiled call goes through the registered ops instead).

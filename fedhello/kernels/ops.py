@@ -32,12 +32,12 @@ import math
 import torch
 from torch import Tensor
 
-from . import reference
+from .backends import torch as torch_backend
 from .checks import ClientParams
 from .delta import delta_forward
 from .multi_lora import Call, base_grads, linear_forward, lora_backward as _lora_backward, records_graph
 from .multi_lora import refuse_create_graph
-from .multi_lora import backend_name, op_arguments, resolve_backend, rows2d
+from .multi_lora import op_arguments, resolve_backend, rows2d
 from .plan import LoRAPlan
 
 def _unpack(client_ids, sorted_rows, offsets, counts, contiguous, scaling, ranks, trainable, dropout_p,
@@ -139,7 +139,7 @@ def lora_backward_op(
     impl = resolve_backend(backend, x.device)
     call = Call(impl, plan, params, grad_sqnorm, "lora_backward")
     with torch.no_grad():  # the op is opaque to autograd; its caller refuses create_graph=True
-        dx, d_a, d_b = _lora_backward(call, dy, x, lora_a, lora_b, None if impl is reference else saved, keep,
+        dx, d_a, d_b = _lora_backward(call, dy, x, lora_a, lora_b, None if impl is torch_backend else saved, keep,
                                       need_dx, weight_grads)
     empty = x.new_empty(0)
     return (dx if dx is not None else empty, d_a if d_a is not None else lora_a.new_empty(0),

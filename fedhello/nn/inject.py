@@ -16,6 +16,7 @@ from torch import nn
 from .discovery import find_blocks, is_linear_like, match_modules
 from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
+from .quantized import check_quantized_base, prepare_quantized_base
 from .model import MultiLoRAModel
 from .routing import RoutingContext
 
@@ -99,7 +100,8 @@ def inject_multi_lora(
 
     Raises:
         ValueError: a target name matches nothing or matches a module that is not a linear
-            layer or not inside a transformer block; bad ranks, alpha, dropout or backend.
+            layer or not inside a transformer block; bad ranks, alpha, dropout or backend; a
+            bitsandbytes layer that cannot serve as a frozen base (``check_quantized_base``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch nn.Module (a transformers model), got {type(model).__name__}")
@@ -132,8 +134,13 @@ def inject_multi_lora(
                 "Conv1D (name the linear layers inside it)"
             )
     blocks = find_blocks(model, targets, "target_modules")
+    # Every bitsandbytes layer of the base, targets or not: one quantized by transformers or by the
+    # caller never went through quantize_linear (see prepare_quantized_base).
+    quantized = [m for n, m in model.named_modules() if check_quantized_base(m, f"model: {n}") is not None]
 
     model.requires_grad_(False)
+    for layer in quantized:
+        prepare_quantized_base(layer)
     context = RoutingContext(num_clients, seed)
     generator = torch.Generator().manual_seed(seed)
     for name in targets:

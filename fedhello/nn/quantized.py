@@ -19,7 +19,8 @@ from torch import nn
 
 from fedhello.quantization import QUANTIZATIONS, require_bitsandbytes
 
-__all__ = ["QUANT_BLOCKSIZE", "prepare_quantized_base", "quantization_of", "quantize_linear", "quantized_bytes"]
+__all__ = ["QUANT_BLOCKSIZE", "check_quantized_base", "prepare_quantized_base", "quantization_of", "quantize_linear",
+           "quantized_bytes"]
 
 # QLoRA's block size for the 4-bit weights (bitsandbytes' default, the transformers default too).
 QUANT_BLOCKSIZE = 64
@@ -75,6 +76,21 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
     return prepare_quantized_base(layer.requires_grad_(False).train(linear.training), "linear")
 
 
+def check_quantized_base(layer: nn.Module, arg: str = "base") -> str | None:
+    """``quantization_of(layer)``, after checking that a bitsandbytes layer can serve as a frozen base.
+
+    Refused (``ValueError`` naming ``arg``): a ``Linear8bitLt`` with an outlier threshold > 0, which
+    picks the outlier columns of ``x`` over the whole batch, so a client's output would depend on
+    the other clients in its batch.
+    """
+    kind = quantization_of(layer)
+    if kind == "int8" and layer.state.threshold > 0:
+        raise ValueError(f"{arg}: Linear8bitLt with outlier threshold {layer.state.threshold} chooses its "
+                         "outlier columns over the whole batch, so one client's output would depend on the "
+                         "others; use threshold=0.0 (transformers: llm_int8_threshold=0.0)")
+    return kind
+
+
 def prepare_quantized_base(layer: nn.Module, arg: str = "base") -> nn.Module:
     """Make a bitsandbytes layer safe to serve as a frozen training base, in place; returns it.
 
@@ -82,19 +98,13 @@ def prepare_quantized_base(layer: nn.Module, arg: str = "base") -> nn.Module:
       into the layout of a bfloat16 inference kernel, and keeps it so: a later forward with
       gradients fails (an in-place bias add on a leaf), and shapes the repacking does not take
       fail at once. Repacking is switched off here (a layer already repacked is unpacked back).
-    * 8-bit: an outlier threshold > 0 picks the outlier columns of ``x`` over the whole batch, so
-      a client's output would depend on the other clients in its batch; refused.
+    * 8-bit: an outlier threshold > 0 is refused (``check_quantized_base``).
 
     Raises:
         ValueError: naming ``arg``, for an 8-bit layer with an outlier threshold.
     """
-    kind = quantization_of(layer)
-    if kind == "int8":
-        if layer.state.threshold > 0:
-            raise ValueError(f"{arg}: Linear8bitLt with outlier threshold {layer.state.threshold} chooses its "
-                             "outlier columns over the whole batch, so one client's output would depend on the "
-                             "others; use threshold=0.0 (transformers: llm_int8_threshold=0.0)")
-    elif kind is not None:
+    kind = check_quantized_base(layer, arg)
+    if kind is not None and kind != "int8":
         import bitsandbytes.functional as bnb_f
 
         layer.support_avx512bf16_for_cpu = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import datasets
 import pytest
@@ -162,3 +163,85 @@ def test_causal_lm_objects_give_the_same_run_as_yaml(tmp_path, tiny_lm_files):
     for name, tensor in by_name.global_state.items():
         assert torch.equal(result.global_state[name], tensor), name
     assert (tmp_path / "objects" / "peft_adapter").is_dir()
+
+
+def _bnb_model(model_dir, **options):
+    """The tiny LM loaded by transformers with ``BitsAndBytesConfig(**options)`` on the CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**options),
+                                                device_map="cpu", dtype=torch.float32)
+
+
+NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+       "bnb_4bit_compute_dtype": torch.float32}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_bitsandbytes_model_gives_the_same_run_as_yaml_with_model_quantize(tmp_path, tiny_lm_files, kind):
+    """A model quantized by transformers' BitsAndBytesConfig (QLoRA's NF4; int8 without outlier
+    threshold), and for nf4 a full-precision model with model.quantize: nf4, give the records and
+    global state of the YAML run with model.quantize: kind; the config and the checkpoint record it."""
+    pytest.importorskip("bitsandbytes")
+    from fedhello.models import load_backbone, load_tokenizer
+    from tests.nn.tiny import tiny_lm_run_config
+
+    model_dir, news = tiny_lm_files
+    by_name = FederatedRun(RunConfig.from_dict(tiny_lm_run_config(model_dir, news, tmp_path / "yaml",
+                                                                  quantize=kind)), progress=False)
+    want = by_name.run()
+    rows = datasets.load_dataset("csv", data_files=str(news), split="train")
+    options = NF4 if kind == "nf4" else {"load_in_8bit": True, "llm_int8_threshold": 0.0}
+    variants = [("transformers", _bnb_model(model_dir, **options), {})]
+    if kind == "nf4":
+        variants.append(("float", load_backbone(model_dir, task="causal-lm"), {"quantize": "nf4"}))
+    for out, model, quantize in variants:
+        config = tiny_lm_run_config(model_dir, news, tmp_path / out, **quantize)
+        del config["model"]["name"], config["data"]["path"]
+        result = run(model=model, tokenizer=load_tokenizer(model_dir), train=rows, config=config, progress=False)
+        assert _without_times(result.records) == _without_times(want), out
+        for name, tensor in by_name.global_state.items():
+            assert torch.equal(result.global_state[name], tensor), (out, name)
+        assert yaml.safe_load((tmp_path / out / "config.yaml").read_text())["model"]["quantize"] == kind
+        base = json.loads((tmp_path / out / "checkpoint.json").read_text())["base"]
+        assert (base["quantize"], base["compute_dtype"]) == (kind, "auto")
+        assert {layer.quantization for _, layer in result.run.model.lora_modules} == {kind}
+
+
+def test_quantized_models_that_cannot_be_served_are_refused(tmp_path, tiny_lm_files):
+    pytest.importorskip("bitsandbytes")
+    from fedhello.models import load_backbone, load_tokenizer
+    from fedhello.nn.quantized import quantize_linear
+    from tests.nn.tiny import tiny_lm_run_config
+
+    model_dir, news = tiny_lm_files
+    rows = datasets.load_dataset("csv", data_files=str(news), split="train")
+    config = tiny_lm_run_config(model_dir, news, tmp_path / "run")
+    del config["model"]["name"], config["data"]["path"]
+
+    def refused(model, error, message, **model_fields):
+        before = str(model)
+        cfg = copy.deepcopy(config)
+        cfg["model"].update(model_fields)
+        with pytest.raises(error, match=message) as caught:
+            run(model=model, tokenizer=load_tokenizer(model_dir), train=rows, config=cfg, progress=False)
+        assert len(str(caught.value).splitlines()) == 1
+        assert str(model) == before  # refused before the model got adapters
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    nf4 = _bnb_model(model_dir, **NF4)
+    refused(nf4, ConfigError, r"^model\.quantize: 'int8', but the model's layers are bitsandbytes nf4", quantize="int8")
+    refused(_bnb_model(model_dir, **{**NF4, "bnb_4bit_compute_dtype": torch.bfloat16}), UserError,
+            r"^model\.compute_dtype: the model's 4-bit layers compute in bfloat16 \(model\.layers\.0\.self_attn\.q_proj, "
+            r"\.\.\.\), the run's resolves to float32; set model\.compute_dtype: bfloat16")
+    refused(_bnb_model(model_dir, load_in_8bit=True), UserError,  # transformers' default outlier threshold, 6.0
+            r"^model: model\.layers\.0\.self_attn\.q_proj: Linear8bitLt with outlier threshold 6\.0 .*"
+            r"llm_int8_threshold=0\.0")
+    mixed = load_backbone(model_dir, task="causal-lm", quantize="nf4")
+    mixed.model.layers[1].mlp.set_submodule("down_proj", quantize_linear(
+        torch.nn.Linear(48, 32), "int8", torch.float32))
+    refused(mixed, UserError, r"^model: mixes bitsandbytes layers of kinds int8 \(model\.layers\.1\.mlp\.down_proj, "
+                              r"\.\.\.\), nf4 \(model\.layers\.0\.self_attn\.q_proj, \.\.\.\)")
+    other = load_backbone(model_dir, task="causal-lm")
+    other.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    refused(other, UserError, r"^model: quantized by transformers with 'gptq' \(config\.quantization_config\)")

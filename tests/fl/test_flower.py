@@ -229,6 +229,7 @@ def test_failed_nodes_are_logged_and_skipped(tiny_model, tmp_path, caplog, monke
         f"round 0: no reply from node 22; lost clients {killed}",
     ]
     assert first["participants"] == [t.client for t in groups[2]]
+    assert first["lost"] == sorted(raising + killed) and "lost" not in second  # recorded, not only logged
     assert len(second["participants"]) == 6
     reference_state = load_file(str(tmp_path / "reference" / "checkpoint.safetensors"))
     assert _max_rel(run.global_state, reference_state) < TOL

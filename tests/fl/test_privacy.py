@@ -135,7 +135,7 @@ def test_reported_epsilon_is_dp_accounting_called_directly():
     assert all(a < b for a, b in zip(eps, eps[1:]))  # grows with the rounds
     record = private.end_round()
     assert record["dp_relation"] == "replace-one client" and record["dp_accountant"].startswith("RDP")
-    # The example: 100 clients, 10 per round, 50 rounds, delta 1e-5 at dp-accounting sigma 1.0.
+    # A paper-scale setting: 100 clients, 10 per round, 50 rounds, delta 1e-5 at dp-accounting sigma 1.0.
     assert RoundMechanism(100, 10, 2.0).epsilon(50, 1e-5) == pytest.approx(9.43, abs=0.005)
     with_fisher = PrivateAggregation(RoundMechanism(100, 10, 2.0, 3.0, 4.0), 1.0, 1e-5, NoiseSource(0))
     assert with_fisher.end_round()["epsilon"] == pytest.approx(_direct_epsilon(100, 10, [1.0, 1.5, 4.0], 1, 1e-5))

@@ -156,3 +156,28 @@ def test_doctor_prints_the_memory_of_a_quantized_run(tmp_path, tiny_lm_files, ca
     assert "quantized backbones: bitsandbytes 0.50." in printed
     assert "model.quantize int8" in printed and "memory: frozen base" in printed and "(int8; quantized layers" in printed
     assert not (tmp_path / "run").exists()  # the doctor builds the model, it does not start the run
+
+
+def test_base_quantization_reads_a_built_model_and_refuses_what_cannot_be_served():
+    from fedhello.models.quantize import BaseQuantization, base_quantization
+
+    model = tiny_causal_lm(VOCAB)
+    assert base_quantization(model) == BaseQuantization("none", None, ())
+    layer = model.model.layers[0].self_attn.k_proj
+    weight = layer.weight
+    layer.weight = torch.nn.Parameter(weight.detach().as_subclass(_Packed), requires_grad=False)
+    with pytest.raises(ValueError, match=r"^model: model\.layers\.0\.self_attn\.k_proj\.weight is torch\.float32 "
+                                         r"\(_Packed; quantized, but not by bitsandbytes\)"):
+        base_quantization(model)
+    layer.weight = weight
+    names = quantize_backbone(model, "nf4", torch.float32)
+    assert base_quantization(model) == BaseQuantization("nf4", torch.float32, tuple(names))
+    model.model.layers[1].mlp.up_proj.compute_dtype = torch.bfloat16
+    with pytest.raises(ValueError, match=r"^model: its 4-bit layers compute in torch\.float32 "
+                                         r"\(model\.layers\.0\.self_attn\.q_proj, \.\.\.\), torch\.bfloat16 "
+                                         r"\(model\.layers\.1\.mlp\.up_proj, \.\.\.\); expected one of"):
+        base_quantization(model)
+
+
+class _Packed(torch.Tensor):
+    """A stand-in for another library's packed weight (a tensor subclass)."""

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from fedhello.kernels import LoRAPlan, lora_delta, multi_lora_linear, triton_available
 from fedhello.kernels.checks import check_inputs
-from fedhello.kernels.multi_lora import _extension, backend_for, backend_name, op_arguments, prepare_dropout
+from fedhello.kernels.multi_lora import _extension, backend_for, op_arguments, prepare_dropout
 
 from .test_multi_lora import BACKENDS, DEVICE, spy_host_reads
 
@@ -120,7 +120,7 @@ def _op_args(backend: str, x, w, b, a, bb, plan):
     params = check_inputs(x, w, b, a, bb, plan, 1.5, [4, 2, 0], None, None)
     impl = backend_for(backend, x)
     keep, params = prepare_dropout(x, plan, params, impl)
-    return (x, w, b, a, bb, *op_arguments(plan, params, keep), None, backend_name(impl))
+    return (x, w, b, a, bb, *op_arguments(plan, params, keep), None, impl.NAME)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

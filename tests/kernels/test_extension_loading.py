@@ -34,7 +34,7 @@ def test_built_on_first_use_into_the_cache(not_prebuilt, monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     first = extension.backend("cpu")
-    assert first is not None and first.native.__name__ == "fedhello_C_cpu" and first.device_type == "cpu"
+    assert first is not None and first.native.__name__ == "fedhello_C_cpu" and first.NAME == "cpu"
     assert extension.backend("cpu") is first and len(calls) == 1  # once per process
     (call,) = calls
     assert Path(call["build_directory"]).is_relative_to(not_prebuilt / "extensions")
@@ -67,7 +67,7 @@ def test_cuda_built_on_request_is_loaded_on_first_use(not_prebuilt, monkeypatch)
     assert all(Path(s).is_file() for s in call["sources"]) and "-O3" in call["extra_cuda_cflags"]
     assert Path(call["build_directory"]).is_relative_to(not_prebuilt / "extensions")
     loaded = extension.backend("cuda")  # a new process would now load the cached build
-    assert loaded is not None and loaded.device_type == "cuda" and len(calls) == 2
+    assert loaded is not None and loaded.NAME == "cuda" and len(calls) == 2
 
 
 def test_build_cuda_names_what_is_missing(not_prebuilt, monkeypatch, capsys):

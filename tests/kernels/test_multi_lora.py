@@ -40,9 +40,9 @@ HALF_TOL = 2e-2
 @pytest.fixture(autouse=True)
 def _poison_triton_buffers(monkeypatch):
     if triton_available():
-        from fedhello.kernels import triton_lora
+        from fedhello.kernels.backends import triton as triton_backend
 
-        monkeypatch.setattr(triton_lora, "poison_value", float("nan"))
+        monkeypatch.setattr(triton_backend, "poison_value", float("nan"))
 
 
 def _routing(kind: str, t: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -340,9 +340,9 @@ def test_contiguous_plan_equals_scattered_plan():
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_split_k_shrink_matches_reference(monkeypatch):
     """Few tiles on a big GPU split the shrink over d_in; forced here through the program count."""
-    from fedhello.kernels import triton_lora
+    from fedhello.kernels.backends import triton as triton_backend
 
-    monkeypatch.setattr(triton_lora, "_programs_wanted", lambda device: 10_000)
+    monkeypatch.setattr(triton_backend, "_programs_wanted", lambda device: 10_000)
     inp = _make_inputs("wide", torch.float32, seed=5)
     n = inp["lora_a"].shape[0]
     got = _triton_run(inp, LoRAPlan.build(inp["ids"].to(DEVICE), n), n)

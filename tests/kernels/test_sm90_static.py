@@ -170,32 +170,33 @@ def test_dense_products_skipped_only_when_large() -> None:
 
 @needs_triton
 def test_record_launches_swaps_and_restores_kernels() -> None:
-    from fedhello.kernels import triton_lora
+    from fedhello.kernels.backends import triton as triton_backend
 
-    before = dict(vars(triton_lora))
+    before = dict(vars(triton_backend))
     if triton_interpreting():
         # Under the interpreter there is no JITFunction to record: the gate must say so.
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            with sm90_record.record_launches(triton_lora):
+            with sm90_record.record_launches(triton_backend):
                 pass
     else:
-        with sm90_record.record_launches(triton_lora) as launches:
-            swapped = [k for k, v in vars(triton_lora).items() if isinstance(v, sm90_record._LaunchRecorder)]
+        with sm90_record.record_launches(triton_backend) as launches:
+            swapped = [k for k, v in vars(triton_backend).items() if isinstance(v, sm90_record._LaunchRecorder)]
             assert swapped
         assert launches == []
-    assert {k: v for k, v in vars(triton_lora).items()} == before
+    assert {k: v for k, v in vars(triton_backend).items()} == before
 
 
 @needs_triton
-@pytest.mark.parametrize("module, name", [("triton_lora", "_sm_count"), ("triton_lora", "_programs_wanted"),
+@pytest.mark.parametrize("module, name", [("triton", "_sm_count"), ("triton", "_programs_wanted"),
                                           ("multi_lora", "resolve_backend")])
 def test_a_patched_name_that_is_gone_stops_the_gate(monkeypatch, module, name) -> None:
-    from fedhello.kernels import multi_lora, triton_lora
+    from fedhello.kernels import multi_lora
+    from fedhello.kernels.backends import triton as triton_backend
 
-    before = (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count)
-    monkeypatch.delattr({"triton_lora": triton_lora, "multi_lora": multi_lora}[module], name)
+    before = (multi_lora.resolve_backend, triton_backend._programs_wanted, triton_backend._sm_count)
+    monkeypatch.delattr({"triton": triton_backend, "multi_lora": multi_lora}[module], name)
     with pytest.raises(sm90_record.PatchTargetMissing, match=f"{module}.{name} is gone"):
         with sm90_record._triton_backend_on_cpu():
             pass
     monkeypatch.undo()
-    assert (multi_lora.resolve_backend, triton_lora._programs_wanted, triton_lora._sm_count) == before
+    assert (multi_lora.resolve_backend, triton_backend._programs_wanted, triton_backend._sm_count) == before

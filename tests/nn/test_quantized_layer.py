@@ -155,3 +155,36 @@ def test_bfloat16_activations_track_float32(kind):
     for got, want in zip(out[torch.bfloat16], out[torch.float32]):
         got, want = got.detach(), want.detach()
         assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+def test_every_bitsandbytes_layer_of_the_base_is_prepared_not_only_the_targets():
+    """A model quantized elsewhere (transformers' BitsAndBytesConfig) never went through
+    quantize_linear: inject_multi_lora prepares its non-target layers too, so an evaluation without
+    gradients does not repack them for bitsandbytes' bfloat16 inference kernel, and refuses an int8
+    layer with an outlier threshold wherever it sits."""
+    from fedhello.models.quantize import quantize_backbone
+    from fedhello.nn import inject_multi_lora
+    from tests.nn.tiny import tiny_causal_lm
+
+    model = tiny_causal_lm(64)
+    quantize_backbone(model, "nf4", torch.float32)
+    for module in model.modules():
+        if quantization_of(module) is not None:
+            module.support_avx512bf16_for_cpu = True  # bitsandbytes' default, as transformers leaves it
+    multi = inject_multi_lora(model, ["q_proj", "v_proj"], num_clients=2, rank=2, head_modules=None)
+    k_proj = model.model.layers[0].self_attn.k_proj  # not a target
+    assert quantization_of(k_proj) == "nf4" and not k_proj.support_avx512bf16_for_cpu
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad(), multi.route(torch.tensor([0, 1])):
+        multi.eval()
+        multi(input_ids=ids)
+    multi.train()
+    with multi.route(torch.tensor([0, 1])):
+        multi(input_ids=ids).logits.sum().backward()
+
+    model = tiny_causal_lm(64)
+    quantize_backbone(model, "int8", torch.float32)
+    model.model.layers[1].mlp.down_proj.state.threshold = 6.0
+    with pytest.raises(ValueError, match=r"^model: model\.layers\.1\.mlp\.down_proj: Linear8bitLt with outlier "
+                                         r"threshold 6\.0"):
+        inject_multi_lora(model, ["q_proj", "v_proj"], num_clients=2, rank=2, head_modules=None)
