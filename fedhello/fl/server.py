@@ -22,6 +22,9 @@ under ``config.output_dir``:
   ``fedhello.fl.checkpoint`` writes and verifies the pair, and refuses to start over a folder
   that holds a run unless told to resume or overwrite it.
 
+What differs per ``task`` (the backbone, the tensors, evaluation, completions, export) is a
+``RunTask`` (``fedhello.fl.tasks``); the files' names and plain writers are ``fedhello.run_folder``'s.
+
 A client whose update holds a NaN or Inf is left out of its round (``fedhello.fl.health``); the
 round's record lists it under ``nonfinite_dropped``.
 
