@@ -12,7 +12,7 @@ import math
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -237,10 +237,8 @@ def render_table(summary: dict[str, Any]) -> str:
             text += (f" ± {std:.2f}" if have > 1 else " ± –") + (f" (n={have})" if have < n_seeds else "")
         return text + (f" ({row['best'][0]:.2f})" if stat == "final" else "")
 
-    untrained = []
-    for s in settings:
-        values = [row["untrained"][0] for row in table[s].values() if not np.isnan(row["untrained"][0])]
-        untrained.append(f"{np.mean(values):.2f}" if values else "–")
+    untrained_rows = _untrained_rows(table, settings, methods, lambda row: row["untrained"][0],
+                                     lambda value: f"{value:.2f}")
     parts = []
     for stat, title in (("final", f"final{pm} (best) {unit}"), ("last3", f"mean of the last 3 evaluations{pm} {unit}")):
         lines = [f"| method | " + " | ".join(f"{s}: {title}" for s in settings)
@@ -253,7 +251,7 @@ def render_table(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | " + " | ".join("–" if table[s].get(m) is None else cell(table[s][m], stat)
                                                   for s in settings)
                          + f" | {np.nanmean(walls):.0f} s | {np.nanmean(uploads):.2f} MB |")
-        lines.append("| *untrained model* | " + " | ".join(untrained) + " | – | – |")
+        lines += [f"| {label} | " + " | ".join(cells) + " | – | – |" for label, cells in untrained_rows]
         fewest = min((row.get("last3_of", 3) for rows in table.values() for row in rows.values()), default=3)
         if stat == "last3" and fewest < 3:
             lines.append(f"\n{SHORT_MARK} mean of all of the run's evaluations: it has fewer than 3 "
@@ -265,6 +263,26 @@ def render_table(summary: dict[str, Any]) -> str:
         parts.append(_render_epsilon_table(table, settings, methods))
     parts.append(f"{n_seeds} seed(s); device: {summary['device']}, torch {summary['torch']}.")
     return "\n\n".join(parts)
+
+
+def _untrained_rows(table: dict[str, Any], settings: list[str], methods: list[str],
+                    value: Callable[[dict[str, Any]], Any], text: Callable[[Any], str]) -> list[tuple[str, list[str]]]:
+    """The untrained model's row(s) of a table: one row when every method of a setting starts from
+    the same model (its mean over seeds), else one row per method. Methods that differ in the frozen
+    base itself (e.g. a quantized and a full-precision one) start from different models, and an
+    average of those would describe neither."""
+    def values(s: str, ms: list[str]) -> list[Any]:
+        found = [value(table[s][m]) for m in ms if m in table[s]]
+        return [v for v in found if v is not None and not np.any(np.isnan(v))]
+
+    def same(found: list[Any]) -> bool:
+        return all(np.allclose(v, found[0], rtol=1e-9, atol=0) for v in found)
+
+    if all(same(values(s, methods)) for s in settings):
+        cells = [text(np.mean(found, axis=0)) if (found := values(s, methods)) else "–" for s in settings]
+        return [("*untrained model*", cells)]
+    return [(f"*untrained model, {m}*", [text(found[0]) if (found := values(s, [m])) else "–" for s in settings])
+            for m in methods]
 
 
 def _render_epsilon_table(table: dict[str, Any], settings: list[str], methods: list[str]) -> str:
@@ -300,11 +318,12 @@ def _render_client_table(table: dict[str, Any], settings: list[str], methods: li
              "|" + "---|" * (len(settings) + 1)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(cell(table[s].get(m)) for s in settings) + " |")
-    untrained = []
-    for s in settings:
-        rows = [r for r in table[s].values() if "client_mean" in r]
-        averaged = {f"untrained_client_{k}": tuple(np.mean([r[f"untrained_client_{k}"] for r in rows], axis=0))
-                    for k in stats} if rows else None
-        untrained.append(cell(averaged, "untrained_"))
-    lines.append("| *untrained model* | " + " | ".join(untrained) + " |")
+    def untrained(row: dict[str, Any]) -> Any:
+        return None if "client_mean" not in row else np.array([row[f"untrained_client_{k}"] for k in stats])
+
+    def text(value: np.ndarray) -> str:
+        return cell({f"untrained_client_{k}": tuple(v) for k, v in zip(stats, value)}, "untrained_")
+
+    lines += [f"| {label} | " + " | ".join(cells) + " |"
+              for label, cells in _untrained_rows(table, settings, methods, untrained, text)]
     return "\n".join(lines)

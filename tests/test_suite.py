@@ -353,3 +353,30 @@ def test_privacy_suite_reports_epsilon_and_plots_accuracy_against_it(tmp_path):
     assert (tmp_path / "out" / "accuracy-vs-epsilon.png").stat().st_size > 0
     dest = publish(suite, tmp_path / "published")
     assert (dest / "accuracy-vs-epsilon.png").stat().st_size > 0
+
+
+def _row(final: float, untrained: float) -> dict:
+    return {"final": (final, 0.5), "best": (final, 0.5), "last3": (final, 0.5), "last3_of": 3,
+            "untrained": (untrained, 1.0), "wall_time_s": 10.0, "upload_mb_per_round": 1.0, "seeds": 2,
+            "metric": "perplexity", "client_mean": (final, 0.1), "client_worst": (final + 5, 0.1),
+            "untrained_client_mean": (untrained, 2.0), "untrained_client_worst": (untrained + 50, 3.0)}
+
+
+@pytest.mark.parametrize("second_base, rows", [(130.0, 1), (280.0, 2)])
+def test_untrained_row_per_base_only_when_the_methods_start_apart(second_base, rows):
+    """Methods over one frozen base share one untrained row; over different bases (a quantized and a
+    full-precision one) each gets its own, since an average of the two describes neither model."""
+    from fedhello.suite_report import render_table
+
+    summary = {"seeds": [0, 1], "device": "CPU", "torch": "x",
+               "table": {"s": {"A": _row(30.0, 130.0), "B": _row(27.0, second_base)}}}
+    text = render_table(summary)
+    if rows == 1:
+        assert text.count("| *untrained model* | 130.00 | – | – |") == 2
+        assert "| *untrained model* | 130.00 ± 2.00 / 180.00 |" in text
+        assert "untrained model, " not in text
+    else:
+        assert text.count("| *untrained model, A* | 130.00 | – | – |") == 2
+        assert text.count("| *untrained model, B* | 280.00 | – | – |") == 2
+        assert "| *untrained model, B* | 280.00 ± 2.00 / 330.00 |" in text
+        assert "| *untrained model* |" not in text
