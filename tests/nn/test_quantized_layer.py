@@ -155,3 +155,25 @@ def test_bfloat16_activations_track_float32(kind):
     for got, want in zip(out[torch.bfloat16], out[torch.float32]):
         got, want = got.detach(), want.detach()
         assert float((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bfloat16_keeps_no_cast_copy_of_the_banks_for_backward(backend):
+    """Over a quantized base the float32 master banks go to the LoRA op as they are: no bfloat16
+    copy of them is saved for the backward (it would hold half of every slot's adapter bytes
+    through the step)."""
+    layer = _layer("nf4", backend)
+    layer.base.compute_dtype = torch.bfloat16
+    x = torch.randn(6, D_IN, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with layer.context.route(torch.tensor([0, 1, 2, -1, 1, 0])), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    banks = {tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)}
+    assert not [t for t in saved if tuple(t.shape) in banks and t.dtype == torch.bfloat16]
+    y.float().sum().backward()
+    assert layer.lora_a.grad.dtype == layer.lora_b.grad.dtype == torch.float32
