@@ -522,7 +522,9 @@ def summary_table(records: Sequence[dict], cuda: bool) -> str:
     head = f"{'model':<11} {'N':>3} {'pattern':<11} {'round s':>10} {'peak GiB':>9} {'floor GiB':>9} {'peak/floor':>10}"
     lines = [f"one round per case, fresh process each; peak = {mem}; floor: see the module doc", head,
              "-" * len(head)]
-    for r in records:
+    order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PATTERNS)}
+    for r in sorted(records, key=lambda r: (order[r["model"], r["pattern"]] // len(PATTERNS), r["n"],
+                                            order[r["model"], r["pattern"]])):
         if r["status"] not in ("ok", "scaled"):
             lines.append(f"{r['model']:<11} {r['n']:>3} {r['pattern']:<11} {r['status']}: {r.get('note', '')}")
             continue
