@@ -54,6 +54,11 @@ Usage (from the repository root, with the package importable, e.g. ``PYTHONPATH=
     python benchmarks/bench_rounds.py --task causal_lm --smoke                          # tiny random LLaMA LM
     python benchmarks/bench_rounds.py --task causal_lm --models smollm2 --n 1,8 --seq 32 --steps 1 --batch 4
 
+With ``--patterns fedhello,peft-loop,flowertune`` (and ``--quantize``) the run is instead the
+federated QLoRA comparison of ``qlora_patterns.py`` (its own options; one fresh process per case):
+fedhello batched, a PEFT loop and the FlowerTune pattern over one bitsandbytes base each, time per
+round and peak memory beside the analytic floor.
+
 ``--random-weights`` builds the backbones from configs (``_random_backbones.py``: the shapes of
 MiniLM, SmolLM2-135M and BERT-base, random weights) and imports nothing outside torch, triton,
 transformers, peft and numpy (and bitsandbytes with ``--quantize``). ``--quantize nf4|fp4|int8``
@@ -874,6 +879,11 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--patterns" or a.startswith("--patterns=") for a in argv):
+        # The QLoRA patterns side by side (fedhello batched, PEFT loop, FlowerTune): qlora_patterns.py's CLI.
+        import qlora_patterns
+
+        return qlora_patterns.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.task == "causal_lm":

@@ -17,6 +17,8 @@
 #   pytest.log       the kernel tests on the GPU (never under TRITON_INTERPRET there), the csrc CUDA
 #                    extension's among them when its background build (step ext_build) is done
 #   rounds.json      bench_rounds.py --random-weights --preset gpu-check
+#   qlora.json       bench_rounds.py --patterns: federated QLoRA on a 7B-shaped random 4-bit base,
+#                    fedhello batched vs the PEFT loop (needs bitsandbytes: its wheel in .whl/)
 set -u
 cd "$(dirname "$0")/.."
 
@@ -30,9 +32,16 @@ OUT=${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# Pure-Python wheels carried in .whl/ (benchmarks/README.md: pytest-xdist and execnet) import as zips.
+# Wheels carried in .whl/ (benchmarks/README.md): pure-Python ones (pytest-xdist, execnet) import as
+# zips; bitsandbytes loads its compiled library from its package folder, so it is unpacked first.
 for wheel in .whl/*.whl; do
-  [ -e "$wheel" ] && PYTHONPATH="$PYTHONPATH:$PWD/$wheel"
+  [ -e "$wheel" ] || continue
+  case "$(basename "$wheel")" in
+    bitsandbytes-*)
+      SITE=$(mktemp -d -t gpu_check_site.XXXXXX)
+      "$PY" -m zipfile -e "$wheel" "$SITE" && PYTHONPATH="$PYTHONPATH:$SITE" ;;
+    *) PYTHONPATH="$PYTHONPATH:$PWD/$wheel" ;;
+  esac
 done
 # With pytest-xdist the GPU tests compile their Triton kernels on 8 processes instead of one.
 XDIST=()
@@ -57,6 +66,20 @@ else
 fi
 echo "[gpu_check] OUT=$OUT smoke=$SMOKE budget=${BUDGET}s python=$($PY -c 'import sys; print(sys.version.split()[0])')" \
   "pytest workers: ${XDIST[*]:-one process (no pytest-xdist)}"
+
+# Federated QLoRA round (benchmarks/qlora_patterns.py): needs bitsandbytes, which the GPU machines lack.
+QLORA=("$PY" benchmarks/bench_rounds.py --quantize nf4 --patterns fedhello,peft-loop --out "$OUT/qlora.json")
+qlora_step() {  # limit-seconds options...: the qlora step, or skipped saying why
+  if ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    local why="bitsandbytes is not installed: carry its wheel in .whl/ (benchmarks/README.md)"
+    echo "[gpu_check] qlora: skipped, $why"
+    record_step qlora 0 0 "$why"
+    return
+  fi
+  local limit=$1
+  shift
+  run_step qlora "$limit" "${QLORA[@]}" "$@"
+}
 
 record_step() {  # name rc seconds [why-skipped]
   timeout 30 "$PY" benchmarks/gpu_check.py step --out "$SUMMARY" --name "$1" --rc "$2" --seconds "$3" \
@@ -121,6 +144,8 @@ if [ "$SMOKE" = 1 ]; then
   run_step gpu_tests 60 "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "not slow" tests/kernels \
     -o addopts="" --rootdir . > "$OUT/pytest.log" 2>&1
   record_step rounds 0 0 "skipped in --smoke"
+  # A toy Llama on the CPU: every code path of the GPU step.
+  qlora_step 120 --models tiny-llama --n 2 --seq 8 --rank 4 --device cpu --threads 1
 else
   # Order of value within the budget: the kernels' first run on real hardware (correctness), then
   # the round benchmark, then the routing variants. The sm_90 compile gate and the nvcc compile
@@ -130,6 +155,9 @@ else
     --durations=10 --ignore=tests/kernels/test_sm90_static.py --ignore=tests/kernels/test_cuda_compile.py \
     tests/kernels > "$OUT/pytest.log" 2>&1
   run_step rounds 120 "$PY" benchmarks/bench_rounds.py --random-weights --preset gpu-check --out "$OUT/rounds.json"
+  # FlowerTune's LoRA (r 32, alpha 64) on a 7B-shaped 4-bit base: one 256-token sequence per client
+  # and step, N = 2, 10, 20, fedhello batched against the PEFT loop; each case its own process.
+  qlora_step 150 --models llama-7b --n 2,10,20 --seq 256 --rank 32 --alpha 64 --dtype bfloat16 --timeout-s 100
   run_step variants 100 "${BENCH[@]}" --routing contiguous,zipf1,zipf2 --impls triton,triton_nonorm,base \
     --out "$OUT/variants.json"
   run_step variants_n1 45 "$PY" benchmarks/bench_kernels.py --n 1 --t 8k --d 4096 --r 16 --dtype bf16 \

@@ -3,6 +3,7 @@ and its summary arithmetic on hand-made benchmark records."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +35,13 @@ def test_smoke_runs_every_step_and_writes_at_most_eight_files(tmp_path) -> None:
     steps = doc["steps"]
     assert [s for s in ("env", "ceilings", "headline", "graph", "variants", "gpu_tests") if steps[s]["status"] != "ok"] == []
     assert steps["rounds"]["status"] == "skipped" and steps["variants_n1"]["status"] == "skipped"
+    # The QLoRA step runs a toy Llama where bitsandbytes is installed, and says why not elsewhere.
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert steps["qlora"]["status"] == "skipped" and "bitsandbytes" in steps["qlora"]["note"]
+    else:
+        assert steps["qlora"]["status"] == "ok"
+        qlora = json.loads((out / "qlora.json").read_text())
+        assert {c["pattern"] for c in qlora["cases"] if c["status"] == "ok"} == {"fedhello", "peft-loop"}
     assert doc["graph"]["status"] == "skipped"  # CUDA graphs need CUDA
     # The background build of the CUDA extension ran and stopped at once on a CPU torch, saying why.
     assert steps["ext_build"]["status"] == "failed" and steps["ext_build"]["rc"] == 1

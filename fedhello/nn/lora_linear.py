@@ -228,7 +228,10 @@ class MultiLoRALinear(nn.Module):
                     dropout_p=self.dropout if dropping else 0.0,
                     dropout_seeds=self.context.dropout_seeds(plan) if dropping else None)
         if self.quantization is not None:
-            return self._forward_quantized(x, lora_a, lora_b, plan, lora)
+            # The float32 master banks themselves: lora_delta takes them under half-precision x, and
+            # a cast copy would be kept for the backward, half a client's adapter bytes per slot
+            # alive through every step (the memory a quantized base is chosen to save).
+            return self._forward_quantized(x, self.lora_a, self.lora_b, plan, lora)
         weight = self.base.weight.t() if self.conv1d else self.base.weight
         bias = self.base.bias
         if cast_base:

@@ -188,3 +188,25 @@ def test_every_bitsandbytes_layer_of_the_base_is_prepared_not_only_the_targets()
     with pytest.raises(ValueError, match=r"^model: model\.layers\.1\.mlp\.down_proj: Linear8bitLt with outlier "
                                          r"threshold 6\.0"):
         inject_multi_lora(model, ["q_proj", "v_proj"], num_clients=2, rank=2, head_modules=None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bfloat16_keeps_no_cast_copy_of_the_banks_for_backward(backend):
+    """Over a quantized base the float32 master banks go to the LoRA op as they are: no bfloat16
+    copy of them is saved for the backward (it would hold half of every slot's adapter bytes
+    through the step)."""
+    layer = _layer("nf4", backend)
+    layer.base.compute_dtype = torch.bfloat16
+    x = torch.randn(6, D_IN, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with layer.context.route(torch.tensor([0, 1, 2, -1, 1, 0])), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    banks = {tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)}
+    assert not [t for t in saved if tuple(t.shape) in banks and t.dtype == torch.bfloat16]
+    y.float().sum().backward()
+    assert layer.lora_a.grad.dtype == layer.lora_b.grad.dtype == torch.float32
