@@ -22,8 +22,13 @@ import sys
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/cpu/multi_lora_cpu.cpp"]
-CUDA_SOURCES = ["csrc/cuda/multi_lora_cuda.cpp", "csrc/cuda/multi_lora_kernels.cu"]
+CPU_SOURCES = ["csrc/cpu/multi_lora_cpu.cpp", "csrc/cpu/shrink_expand.cpp", "csrc/cpu/weight_grad.cpp"]
+CUDA_SOURCES = [
+    "csrc/cuda/multi_lora_cuda.cpp",
+    "csrc/cuda/multi_lora_kernels.cu",
+    "csrc/cuda/shrink_expand.cu",
+    "csrc/cuda/weight_grad.cu",
+]
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 

@@ -104,8 +104,8 @@ run_step() {  # name limit-seconds command...
   record_step "$name" "$rc" $(( SECONDS - t0 ))
 }
 
-# The csrc CUDA extension compiles on the CPU (nvcc, two sources: two of the machine's 16 cores at
-# nice 19, for a minute or two) while the first GPU steps run, so its kernels join the GPU tests.
+# The csrc CUDA extension compiles on the CPU (nvcc, four sources, two at a time: two of the
+# machine's 16 cores at nice 19, for a minute or two) while the first GPU steps run, so its kernels join the GPU tests.
 # Its log stays outside $OUT (the file count) and goes into gpu_check.log when the tests start. In
 # --smoke (a CPU build of torch) it stops at once, naming why.
 EXT_LOG=$(mktemp -t gpu_check_ext.XXXXXX)

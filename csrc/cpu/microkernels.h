@@ -1,7 +1,7 @@
 // Register-blocked fp32 micro-kernels of the CPU backend.
 //
 // Every kernel is written once over GCC/Clang vector extensions of W floats. The
-// drivers (multi_lora_cpu.cpp) instantiate them with W = 16, 8 or 4 inside functions
+// passes (shrink_expand.cpp, weight_grad.cpp) instantiate them with W = 16, 8 or 4 inside functions
 // compiled for AVX-512, AVX2 or the baseline ISA and pick one at run time, so one
 // binary uses the widest vectors of whatever CPU it runs on.
 //

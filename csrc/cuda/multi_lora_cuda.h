@@ -1,6 +1,6 @@
 // Host interface of the CUDA kernels for the LoRA part of multi_lora_linear.
 //
-// Plain pointers and sizes only, no torch: multi_lora_kernels.cu compiles with nothing
+// Plain pointers and sizes only, no torch: the .cu files compile with nothing
 // but nvcc (the build test does exactly that), and multi_lora_cuda.cpp binds these
 // launchers to torch tensors. All launches go to `stream` and return the launch status.
 #pragma once

@@ -43,7 +43,10 @@ def _check_device_type(device_type: object) -> str:
 
 
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"  # present in a source checkout (editable install)
-_JIT_SOURCES = {"cpu": ["cpu/multi_lora_cpu.cpp"], "cuda": ["cuda/multi_lora_cuda.cpp", "cuda/multi_lora_kernels.cu"]}
+_JIT_SOURCES = {
+    "cpu": ["cpu/multi_lora_cpu.cpp", "cpu/shrink_expand.cpp", "cpu/weight_grad.cpp"],
+    "cuda": ["cuda/multi_lora_cuda.cpp", "cuda/multi_lora_kernels.cu", "cuda/shrink_expand.cu", "cuda/weight_grad.cu"],
+}
 
 
 def _build_dir(device_type: str) -> Path:

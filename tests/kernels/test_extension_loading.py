@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sys
 import types
 from pathlib import Path
@@ -38,7 +39,8 @@ def test_built_on_first_use_into_the_cache(not_prebuilt, monkeypatch):
     assert extension.backend("cpu") is first and len(calls) == 1  # once per process
     (call,) = calls
     assert Path(call["build_directory"]).is_relative_to(not_prebuilt / "extensions")
-    assert [Path(s).name for s in call["sources"]] == ["multi_lora_cpu.cpp"] and Path(call["sources"][0]).is_file()
+    assert [Path(s).name for s in call["sources"]] == ["multi_lora_cpu.cpp", "shrink_expand.cpp", "weight_grad.cpp"]
+    assert all(Path(s).is_file() for s in call["sources"])
     assert extension.load_error("cpu") is None
 
 
@@ -63,7 +65,8 @@ def test_cuda_built_on_request_is_loaded_on_first_use(not_prebuilt, monkeypatch)
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert extension.main(["build", "cuda"]) == 0
     (call,) = calls
-    assert [Path(s).name for s in call["sources"]] == ["multi_lora_cuda.cpp", "multi_lora_kernels.cu"]
+    assert [Path(s).name for s in call["sources"]] == ["multi_lora_cuda.cpp", "multi_lora_kernels.cu",
+                                                       "shrink_expand.cu", "weight_grad.cu"]
     assert all(Path(s).is_file() for s in call["sources"]) and "-O3" in call["extra_cuda_cflags"]
     assert Path(call["build_directory"]).is_relative_to(not_prebuilt / "extensions")
     loaded = extension.backend("cuda")  # a new process would now load the cached build
@@ -101,3 +104,20 @@ def test_a_failing_build_leaves_the_backend_absent(not_prebuilt, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", broken)
     assert extension.backend("cpu") is None
     assert "building it failed: RuntimeError" in extension.load_error("cpu")
+
+
+def _setup_py_sources() -> dict[str, list[str]]:
+    """CPU_SOURCES and CUDA_SOURCES as setup.py writes them (it cannot be imported: it runs setup())."""
+    tree = ast.parse((extension._CSRC.parent / "setup.py").read_text())
+    lists = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+             and node.targets[0].id in ("CPU_SOURCES", "CUDA_SOURCES")}
+    return {"cpu": lists["CPU_SOURCES"], "cuda": lists["CUDA_SOURCES"]}
+
+
+@pytest.mark.parametrize("device_type, suffixes", [("cpu", {".cpp"}), ("cuda", {".cpp", ".cu"})])
+def test_install_and_first_use_build_every_source(device_type, suffixes):
+    folder = extension._CSRC / device_type
+    on_disk = sorted(f"{device_type}/{path.name}" for path in folder.iterdir() if path.suffix in suffixes)
+    assert sorted(extension._JIT_SOURCES[device_type]) == on_disk
+    assert _setup_py_sources()[device_type] == [f"csrc/{name}" for name in extension._JIT_SOURCES[device_type]]

@@ -77,8 +77,10 @@ def test_every_row_is_written_whatever_the_memory_held(dtype, with_bias, monkeyp
     runs = [_run(inp, poison, monkeypatch) for poison in (float("nan"), 1.0e4)]
     for name in runs[0]:  # bit-identical whatever the buffers held before the call
         assert torch.equal(runs[0][name], runs[1][name]), name
-    got = runs[0]
+    _check_against_reference(inp, runs[0], dtype, with_bias)
 
+
+def _check_against_reference(inp: dict, got: dict, dtype: torch.dtype, with_bias: bool) -> None:
     # Rows without a LoRA term (no adapter, or a rank-0 client): exactly the bias (or zeros) and dx = 0.
     plain = (inp["ids"] == -1) | (inp["ids"] == 1)
     want_plain = inp["bias"] if with_bias else torch.zeros(inp["dy"].shape[1], dtype=dtype)
@@ -94,6 +96,32 @@ def test_every_row_is_written_whatever_the_memory_held(dtype, with_bias, monkeyp
         err = float((got[name].double() - want).norm() / want.norm())
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
     assert torch.allclose(got["sq"].double(), ref.sqnorm, rtol=1e-4 if dtype == torch.float32 else 3e-2)
+
+
+SIMD_LEVELS = ["baseline", "avx2", "avx512"]  # narrowest first
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="instruction sets of the CPU backend")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_every_instruction_set_the_cpu_has_matches_the_reference(dtype, monkeypatch):
+    """Each pass (shrink-expand, weight gradients) runs the copy for the level set_simd_level picks."""
+    native, inp = EXT.native, _inputs(dtype, with_bias=True)
+    best = native.simd_level()
+    levels = SIMD_LEVELS[: SIMD_LEVELS.index(best) + 1]
+    runs = {}
+    try:
+        for level in levels:
+            native.set_simd_level(level)
+            assert native.simd_level() == level
+            runs[level] = _run(inp, float("nan"), monkeypatch)
+            _check_against_reference(inp, runs[level], dtype, with_bias=True)
+    finally:
+        native.set_simd_level(best)
+    # Another vector width sums in another order, so some bits of every fp32 output differ (a
+    # 16-bit rounding can hide that): both passes really switched.
+    if len(levels) > 1 and dtype == torch.float32:
+        for name in ("out", "dx", "d_a", "d_b"):
+            assert not torch.equal(runs["baseline"][name], runs[best][name]), name
 
 
 def _native_forward_args(inp: dict) -> tuple[list, LoRAPlan]:
