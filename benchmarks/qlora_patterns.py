@@ -218,7 +218,6 @@ def random_quantized_llama(name: str, quantize: str, dtype: torch.dtype, device:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from fedhello.models.quantize import release_freed_host_memory
     from fedhello.nn.quantized import quantize_linear
 
     config = LlamaConfig(**RANDOM_LLAMAS[name], max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -255,8 +254,6 @@ def random_quantized_llama(name: str, quantize: str, dtype: torch.dtype, device:
             block.set_submodule(name_, copy.deepcopy(prototypes[shape]))
     # The flag transformers' bitsandbytes loading sets; PEFT reads it to pick its bitsandbytes LoRA layers.
     setattr(model, "is_loaded_in_8bit" if quantize == "int8" else "is_loaded_in_4bit", True)
-    del prototypes
-    release_freed_host_memory()  # the float32 prototypes' pages, as fedhello's own loader does
     return model.eval().requires_grad_(False)
 
 

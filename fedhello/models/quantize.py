@@ -11,9 +11,6 @@ that arrives already quantized (by transformers' ``BitsAndBytesConfig``, bitsand
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +21,7 @@ from fedhello.nn.model import COMPUTE_DTYPES
 from fedhello.nn.quantized import check_quantized_base, quantization_of, quantize_linear, quantized_bytes
 from fedhello.quantization import QUANTIZATIONS, require_bitsandbytes
 
-__all__ = ["BaseQuantization", "MemoryReport", "base_quantization", "memory_report", "quantize_backbone",
-           "release_freed_host_memory"]
+__all__ = ["BaseQuantization", "MemoryReport", "base_quantization", "memory_report", "quantize_backbone"]
 
 
 def _in_block(name: str, model: nn.Module) -> bool:
@@ -74,29 +70,7 @@ def quantize_backbone(model: nn.Module, kind: str, compute_dtype: torch.dtype, f
         model.set_submodule(name, quantize_linear(model.get_submodule(name), kind, compute_dtype))
     # The flag transformers' bitsandbytes loading sets: PEFT reads it to pick its bitsandbytes LoRA layers.
     setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
-    release_freed_host_memory()
     return names
-
-
-def release_freed_host_memory() -> bool:
-    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim(0)``).
-
-    Quantizing a base on the CPU frees its full-precision block weights one layer at a time, in
-    pieces that glibc keeps in the process for reuse rather than returning them: at a 7B shape that
-    left about 0.25 GiB of resident memory that nothing used, through the whole run. Returns whether
-    the heap was trimmed (False off glibc, e.g. macOS or musl, where there is nothing to call).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is None:  # a libc without it (musl)
-        return False
-    trim(0)
-    return True
 
 
 @dataclass(frozen=True)
