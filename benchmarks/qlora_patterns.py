@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from _common import finite, int_list, name_list, package_versions, results_path, run_metadata, write_json
+from report import qlora_table
 
 PATTERNS = ("fedhello", "peft-loop", "flowertune")
 MODELS = ("tiny-llama", "smollm2", "llama-7b")
@@ -515,27 +516,6 @@ def scaled_flowertune(n1: dict, n: int) -> dict:
 # ------------------------------------------------------------------------------------------- table
 
 
-def summary_table(records: Sequence[dict], cuda: bool) -> str:
-    """One line per (model, N, pattern): round time, peak, the floor, peak / floor."""
-    gib = 2.0 ** 30
-    mem = "CUDA max_memory_allocated" if cuda else "peak RSS"
-    head = f"{'model':<11} {'N':>3} {'pattern':<11} {'round s':>10} {'peak GiB':>9} {'floor GiB':>9} {'peak/floor':>10}"
-    lines = [f"one round per case, fresh process each; peak = {mem}; floor: see the module doc", head,
-             "-" * len(head)]
-    order = {(m, p): i for i, (m, p) in enumerate((m, p) for m in MODELS for p in PATTERNS)}
-    for r in sorted(records, key=lambda r: (order[r["model"], r["pattern"]] // len(PATTERNS), r["n"],
-                                            order[r["model"], r["pattern"]])):
-        if r["status"] not in ("ok", "scaled"):
-            lines.append(f"{r['model']:<11} {r['n']:>3} {r['pattern']:<11} {r['status']}: {r.get('note', '')}")
-            continue
-        mark = "*" if r["round_s_extrapolated"] else " "
-        lines.append(f"{r['model']:<11} {r['n']:>3} {r['pattern']:<11} {r['round_s_full']:>9.2f}{mark} "
-                     f"{r['peak_bytes'] / gib:>9.3f} {r['floor_bytes'] / gib:>9.3f} {r['peak_over_floor']:>10.3f}"
-                     + ("  (N x N=1)" if r["status"] == "scaled" else ""))
-    lines.append("* extrapolated: N / clients trained x the measured time")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -650,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["complete"] = True
     doc["elapsed_s"] = round(time.monotonic() - start, 3)
     write_json(doc, out)
-    print("\n" + summary_table(doc["cases"], device.type == "cuda"))
+    print("\n" + qlora_table(doc["cases"], device.type == "cuda"))
     print(f"\nwrote {out}")
     return 0 if all(r["status"] in ("ok", "scaled") for r in doc["cases"]) else 1
 

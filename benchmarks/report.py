@@ -1,7 +1,7 @@
 """Printed reports of the benchmarks' JSON: what a run measured, as tables; nothing is measured here.
 
 ``bench_kernels.py`` and ``bench_rounds.py`` print ``kernels_report`` / ``rounds_report`` of the
-document they wrote; ``python benchmarks/report.py FILE.json`` prints the same from a saved file
+document they wrote (``qlora_table`` for ``bench_rounds.py --patterns``); ``python benchmarks/report.py FILE.json`` prints the same from a saved file
 (a result committed under ``benchmarks/results/``, or one a lent GPU sent back).
 """
 
@@ -12,8 +12,8 @@ import json
 import sys
 from typing import Sequence
 
-__all__ = ["detail_table", "headline_report", "kernel_table", "kernels_report", "kernels_table", "rounds_report",
-           "rounds_table"]
+__all__ = ["detail_table", "headline_report", "kernel_table", "kernels_report", "kernels_table", "qlora_table",
+           "rounds_report", "rounds_table"]
 
 PHASES = ("fwd", "bwd", "fwd_bwd")  # the phases of a kernel case's record, in the order printed
 ROUND_IMPLS = ("sequential", "batched", "peft")  # the memory column's implementations, in order
@@ -164,14 +164,40 @@ def rounds_report(doc: dict) -> str:
     return rounds_table(doc["cases"], doc["meta"]["device_type"] == "cuda", doc["meta"].get("task", "classification"))
 
 
+def qlora_table(records: Sequence[dict], cuda: bool) -> str:
+    """``qlora_patterns.py``'s report: one line per (model, N, pattern), in the order the models and
+    patterns first appear: round time, peak, the floor, peak / floor."""
+    gib = 2.0 ** 30
+    mem = "CUDA max_memory_allocated" if cuda else "peak RSS"
+    head = f"{'model':<11} {'N':>3} {'pattern':<11} {'round s':>10} {'peak GiB':>9} {'floor GiB':>9} {'peak/floor':>10}"
+    lines = [f"one round per case, fresh process each; peak = {mem}; floor: see qlora_patterns.py", head,
+             "-" * len(head)]
+    models = list(dict.fromkeys(r["model"] for r in records))
+    patterns = list(dict.fromkeys(r["pattern"] for r in records))
+    for r in sorted(records, key=lambda r: (models.index(r["model"]), r["n"], patterns.index(r["pattern"]))):
+        if r["status"] not in ("ok", "scaled"):
+            lines.append(f"{r['model']:<11} {r['n']:>3} {r['pattern']:<11} {r['status']}: {r.get('note', '')}")
+            continue
+        mark = "*" if r["round_s_extrapolated"] else " "
+        lines.append(f"{r['model']:<11} {r['n']:>3} {r['pattern']:<11} {r['round_s_full']:>9.2f}{mark} "
+                     f"{r['peak_bytes'] / gib:>9.3f} {r['floor_bytes'] / gib:>9.3f} {r['peak_over_floor']:>10.3f}"
+                     + ("  (N x N=1)" if r["status"] == "scaled" else ""))
+    lines.append("* extrapolated: N / clients trained x the measured time")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the tables of a bench_kernels.py or bench_rounds.py JSON file.")
     parser.add_argument("path", help="the JSON file a benchmark wrote")
     args = parser.parse_args(argv)
     with open(args.path) as f:
         doc = json.load(f)
-    # A round benchmark's grid names models; a kernel benchmark's names sizes.
-    print(rounds_report(doc) if "models" in doc.get("grid", {}) else kernels_report(doc))
+    # A QLoRA patterns run's cases name patterns; a round benchmark's grid names models; a kernel
+    # benchmark's names sizes.
+    if any("pattern" in case for case in doc.get("cases", [])):
+        print(qlora_table(doc["cases"], doc["meta"]["device_type"] == "cuda"))
+    else:
+        print(rounds_report(doc) if "models" in doc.get("grid", {}) else kernels_report(doc))
     return 0
 
 

@@ -127,7 +127,10 @@ def test_scaled_flowertune_record() -> None:
 
 
 def test_worker_measures_peak_and_floor() -> None:
-    record = qp.run_worker(replace(_case("fedhello", n=2), threads=1))
+    # In a fresh process, as the bench runs it: in this one, what earlier tests free while the base
+    # is built can take the RSS below the baseline read before it.
+    record = qp.run_case(replace(_case("fedhello", n=2), threads=1), timeout_s=300)
+    assert record["status"] == "ok", record.get("note")
     assert record["clients_trained"] == 2 and record["round_s_extrapolated"] is False
     assert record["peak_bytes"] >= record["held_before_round_bytes"] > record["baseline_bytes"] > 0
     terms = record["floor_terms"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -273,4 +274,8 @@ def test_report_prints_every_saved_result(report, path: str, capsys) -> None:
     doc = json.loads((REPO / "benchmarks" / "results" / path).read_text())
     assert report.main([str(REPO / "benchmarks" / "results" / path)]) == 0
     out = capsys.readouterr().out
-    assert all(case["name"] in out for case in doc["cases"])
+    for case in doc["cases"]:
+        if "pattern" in case:  # a QLoRA patterns case: its (model, N, pattern) line
+            assert re.search(rf"^{case['model']}\s+{case['n']}\s+{case['pattern']}\s", out, re.M), case
+        else:
+            assert case["name"] in out
