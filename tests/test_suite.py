@@ -268,9 +268,12 @@ def test_stopping_a_parallel_suite_cancels_queued_runs_and_keeps_started_ones_re
     root = Path(__file__).resolve().parents[1]
     path = _suite_file(tmp_path, seeds=[0, 1], settings={"iid": {}},
                        overrides={"rounds": 500, "checkpoint_every": 1, "eval_every": 100})
+    # Started as from a terminal: Ctrl-C at its default. A child inherits an ignored SIGINT, and an
+    # earlier test's library (Ray, multiprocessing) may leave pytest's process ignoring it.
     proc = subprocess.Popen([sys.executable, "-m", "fedhello", "suite", path, "--jobs", "2", "--no-progress"],
                             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = {(m, s): tmp_path / "out" / "iid" / m / f"seed-{s}" for m in ("Full", "GD Bottleneck") for s in (0, 1)}
     started = [runs["Full", 0], runs["Full", 1]]  # the first two of the queue
     try:
