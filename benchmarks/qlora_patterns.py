@@ -206,6 +206,24 @@ def floor_terms(pattern: str, n: int, tokens_per_client: int) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ models
 
 
+def copy_quantized(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose bitsandbytes 4-bit layers each own one quantization state.
+
+    ``copy.deepcopy`` alone is not enough with bitsandbytes 0.50: ``Params4bit.__deepcopy__`` copies
+    the weight's ``quant_state`` outside deepcopy's memo and keeps ``weight.module`` pointing at the
+    *original* layer, so every copied layer holds a second copy of its scales (``module.quant_state``,
+    never read while the weight has its own) and keeps the original layer alive: 150 MiB that no real
+    model loaded from a checkpoint holds, at the 7B shape. Relinking the copy frees both.
+    """
+    new = copy.deepcopy(module)
+    for layer in new.modules():
+        weight = getattr(layer, "weight", None)
+        if getattr(weight, "quant_state", None) is not None and hasattr(weight, "module"):
+            weight.module = layer
+            layer.quant_state = weight.quant_state
+    return new
+
+
 def random_quantized_llama(name: str, quantize: str, dtype: torch.dtype, device: torch.device,
                            seed: int) -> nn.Module:
     """``LlamaForCausalLM`` of the shape ``name`` (``RANDOM_LLAMAS``), random weights, its blocks'
@@ -252,7 +270,7 @@ def random_quantized_llama(name: str, quantize: str, dtype: torch.dtype, device:
                 linear.weight = nn.Parameter(normal(*shape).float(), requires_grad=False)
                 prototypes[shape] = quantize_linear(linear, quantize, dtype)
                 del linear
-            block.set_submodule(name_, copy.deepcopy(prototypes[shape]))
+            block.set_submodule(name_, copy_quantized(prototypes[shape]))
     # The flag transformers' bitsandbytes loading sets; PEFT reads it to pick its bitsandbytes LoRA layers.
     setattr(model, "is_loaded_in_8bit" if quantize == "int8" else "is_loaded_in_4bit", True)
     return model.eval().requires_grad_(False)
@@ -392,7 +410,7 @@ class FlowerTuneRound:
     def __init__(self, base: nn.Module, case: PatternCase, data: list[dict[str, torch.Tensor]],
                  device: torch.device) -> None:
         self.case, self.data, self.device = case, data, device
-        bases = [base] + [copy.deepcopy(base) for _ in range(case.n - 1)]
+        bases = [base] + [copy_quantized(base) for _ in range(case.n - 1)]
         self.models, self.optimizers = [], []
         for b in bases:
             model = _peft_model(b, case)

@@ -61,6 +61,34 @@ def test_random_llama_is_quantized_block_by_block_with_own_copies() -> None:
     assert torch.isfinite(out.logits).all()
 
 
+def test_copied_layers_own_one_quantization_state_and_drop_the_original() -> None:
+    """A bare deepcopy of a bitsandbytes 4-bit layer keeps a second copy of its scales and a
+    reference to the original layer; ``copy_quantized`` relinks both, so the copy holds what a
+    loaded model holds."""
+    import copy
+    import gc
+    import weakref
+
+    from fedhello.nn.quantized import quantization_of, quantize_linear
+
+    original = quantize_linear(torch.nn.Linear(64, 32, bias=False), "nf4", torch.float32)
+    bare = copy.deepcopy(original)
+    assert bare.weight.module is original and bare.quant_state is not bare.weight.quant_state  # the defect
+
+    model = torch.nn.Sequential(original)
+    copied = qp.copy_quantized(model)
+    layer = copied[0]
+    assert quantization_of(layer) == "nf4" and layer is not original
+    assert layer.weight.module is layer and layer.quant_state is layer.weight.quant_state
+    assert layer.weight.data_ptr() != original.weight.data_ptr()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), original(x), atol=0, rtol=0)
+    gone = weakref.ref(original)
+    del model, original, bare
+    gc.collect()
+    assert gone() is None  # the copy keeps nothing of the original alive
+
+
 def test_adapter_bytes_match_the_banks_fedhello_allocates() -> None:
     from fedhello.models.quantize import memory_report
 

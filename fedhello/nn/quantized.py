@@ -48,6 +48,12 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
         compute_dtype: the dtype 4-bit layers dequantize to and multiply in (bitsandbytes'
             ``compute_dtype``); int8 layers compute in the activations' dtype and ignore it.
 
+    A 4-bit weight is quantized from its value in ``compute_dtype``, as transformers quantizes a
+    checkpoint loaded in that dtype: bitsandbytes dequantizes to the dtype it quantized from, so a
+    float32 source under a bfloat16 compute dtype would make every backward dequantize a float32
+    copy of the layer and cast it (three times the one compute-dtype transient; 258 MiB against
+    86 MiB for a 7B MLP layer).
+
     The bias (if any) stays in its dtype, frozen, and the layer takes ``linear``'s train/eval mode;
     the caller drops ``linear`` afterwards, so only the quantized weight stays alive.
     """
@@ -67,7 +73,8 @@ def quantize_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) ->
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                                   compress_statistics=True, quant_type=kind, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, blocksize=QUANT_BLOCKSIZE,
+        layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype, copy=True), requires_grad=False,
+                                         blocksize=QUANT_BLOCKSIZE,
                                          compress_statistics=True, quant_type=kind, module=layer)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

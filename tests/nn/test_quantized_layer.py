@@ -83,6 +83,28 @@ def test_no_full_precision_weight_is_kept(kind):
     assert layer.base.weight.dtype == (torch.int8 if kind == "int8" else torch.uint8)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_4bit_weight_is_quantized_from_its_compute_dtype_value(kind, dtype):
+    """bitsandbytes dequantizes to the dtype it quantized from: a float32 source under a 16-bit
+    compute dtype would make each backward build a float32 copy of the layer and cast it. The
+    packed weight is the one bitsandbytes makes from the weight loaded in ``dtype``."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(0)
+    linear = nn.Linear(D_IN, D_OUT, bias=False)
+    layer = quantize_linear(linear, kind, dtype)
+    state = layer.weight.quant_state
+    assert state.dtype == dtype
+    assert F.dequantize_4bit(layer.weight.data, state).dtype == dtype
+    expected = bnb.nn.Params4bit(linear.weight.detach().to(dtype), requires_grad=False, blocksize=64,
+                                 compress_statistics=True, quant_type=kind).to("cpu")
+    assert torch.equal(layer.weight.data, expected.data)
+    assert torch.equal(F.dequantize_4bit(layer.weight.data, state),
+                       F.dequantize_4bit(expected.data, expected.quant_state))
+
+
 def test_eval_without_grad_keeps_the_training_layout():
     """bitsandbytes would repack an eval-mode 4-bit layer for a bfloat16 CPU kernel on first use."""
     layer = _layer("nf4")
