@@ -18,6 +18,7 @@ from .heads import ClientHeadBank
 from .lora_linear import MultiLoRALinear, check_ranks, check_settings
 from .quantized import check_quantized_base, prepare_quantized_base
 from .model import MultiLoRAModel
+from .norms import recompute_frozen_rmsnorms
 from .routing import RoutingContext
 
 __all__ = ["inject_multi_lora", "AUTO_HEAD_NAMES"]
@@ -79,7 +80,8 @@ def inject_multi_lora(
     Args:
         model: any ``nn.Module`` whose targets are ``nn.Linear`` or transformers ``Conv1D``
             inside its transformer blocks (BERT/MiniLM, ViT, LLaMA/SmolLM2, GPT-2, ...). All its
-            parameters are frozen; none is copied.
+            parameters are frozen; none is copied. Its RMSNorms keep their 16-bit input for the
+            backward instead of a float32 copy (``fedhello.nn.norms``; bit-identical results).
         target_modules: names matched as PEFT does (a list: exact name or ``.name`` suffix; a
             string: a regular expression on the whole qualified name), e.g. ``["query", "value"]``.
         num_clients: N, the number of client slots.
@@ -139,6 +141,7 @@ def inject_multi_lora(
     quantized = [m for n, m in model.named_modules() if check_quantized_base(m, f"model: {n}") is not None]
 
     model.requires_grad_(False)
+    recompute_frozen_rmsnorms(model)
     for layer in quantized:
         prepare_quantized_base(layer)
     context = RoutingContext(num_clients, seed)
