@@ -48,7 +48,8 @@ Analytic floor (printed beside every measurement; ``floor_bytes`` in the JSON)::
   attention output (for attention's backward), the MLP's gate output, its SiLU and the up
   output (3 x d_mlp); plus the final norm's input and the float32 log-softmax over the
   vocabulary per token, and one frozen layer's transient dequantized weight (the largest).
-  Implementations may keep more (e.g. transformers' RMSNorm keeps a float32 copy of its input).
+  Implementations may keep more (e.g. transformers' RMSNorm keeps a float32 copy of its input, which
+  fedhello's frozen norms recompute instead; the loss's float32 transients over the vocabulary).
 
 Per pattern: (a) one base, N clients' states, N clients' gradients, a wave of N clients' tokens;
 (b) one base, N clients' states, one client's gradients and tokens; (c) N bases, N states,
