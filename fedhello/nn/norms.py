@@ -9,8 +9,9 @@ and gradients are bit-identical and each norm keeps half the bytes. At the Llama
 norms of width 4096 in each of 32 blocks) that is 0.5 MiB less per token, about an eighth of what a
 LoRA backward keeps for a token.
 
-Float32 inputs, evaluation (no grad) and inputs that need no gradient take the module's own forward
-unchanged: there the upcast is free or nothing is kept.
+Float32 inputs, evaluation (no grad), inputs that need no gradient and calls inside a ``torch.func``
+transform take the module's own forward unchanged: there the upcast is free or nothing is kept by
+autograd.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _recomputed_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     forward = type(module).forward
-    if hidden_states.dtype in HALF_DTYPES and hidden_states.requires_grad and torch.is_grad_enabled():
+    # Inside a torch.func transform the graph is torch.func's, not autograd's: nothing to recompute.
+    in_transform = torch._C._functorch.peek_interpreter_stack() is not None
+    if (hidden_states.dtype in HALF_DTYPES and hidden_states.requires_grad and torch.is_grad_enabled()
+            and not in_transform):
         # preserve_rng_state=False: a norm draws no random numbers, so there is no RNG state to replay.
         return checkpoint(forward, module, hidden_states, *args, use_reentrant=False, preserve_rng_state=False,
                           **kwargs)

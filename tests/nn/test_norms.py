@@ -85,6 +85,16 @@ def test_own_forward_where_nothing_is_saved_by_recomputing(case):
     assert torch.equal(y0, y1) and b0 == b1
 
 
+def test_torch_func_grad_through_the_norm_equals_autograd():
+    lean = _norm()
+    recompute_frozen_rmsnorms(lean)
+    x = torch.randn(4, WIDTH).to(torch.bfloat16)
+    g = torch.randn(4, WIDTH).to(torch.bfloat16)
+    got = torch.func.grad(lambda t: (lean(t) * g).float().sum())(x)
+    _, expected = _grad(_norm(), x, g)
+    assert torch.equal(got, expected)
+
+
 def test_trainable_norms_and_other_modules_are_left_alone():
     model = nn.Sequential(_norm(), nn.LayerNorm(WIDTH), _norm().requires_grad_(True))
     assert recompute_frozen_rmsnorms(model) == ["0"]
