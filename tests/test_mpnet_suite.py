@@ -60,10 +60,11 @@ def test_smoke_preset_runs_one_round_of_every_method():
 
 def test_released_code_ablation_switches_only_the_released_behaviours():
     """configs/suites/mpnet-released.yaml: Fed-HeLLo (proxy FIM) and Full as the mpnet track runs them,
-    and each with the released code's behaviours on; nothing else differs between a pair."""
+    each with the released code's behaviours on together and each behaviour on alone; nothing else
+    differs from the "off" cell."""
     suite = load_suite(SUITE.with_name("mpnet-released.yaml"))
     configs = _configs(suite)
-    assert suite.seeds == [0, 1, 2] and len(configs) == 4 * 3
+    assert suite.seeds == [0, 1, 2] and len(configs) == 10 * 3
     mpnet = _configs(load_suite(SUITE))
     for method, estimator in (("Fed-HeLLo (proxy FIM)", "released"), ("Full", "standard")):
         off = configs[("path2-tiers111", method, 0)]
@@ -76,11 +77,31 @@ def test_released_code_ablation_switches_only_the_released_behaviours():
         on.aggregation, on.fisher = off.aggregation, off.fisher
         on.strategy.options.pop("released_freeze")
         assert replace(on, output_dir="") == replace(off, output_dir="")
+    singles = {  # method -> (the field it switches, its value there)
+        "Fed-HeLLo (proxy FIM, head kept)": ("heads", "keep_initial"),
+        "Fed-HeLLo (proxy FIM, uniform weights)": ("weighting", "uniform"),
+        "Fed-HeLLo (proxy FIM, name-match freeze)": ("released_freeze", True),
+        "Fed-HeLLo (proxy FIM, released estimator)": ("estimator", "released"),
+        "Full (head kept)": ("heads", "keep_initial"),
+        "Full (uniform weights)": ("weighting", "uniform"),
+    }
+    for method, (field, value) in singles.items():
+        off = configs[("path2-tiers111", "Full" if method.startswith("Full") else "Fed-HeLLo (proxy FIM)", 0)]
+        single = configs[("path2-tiers111", method, 0)]
+        if field == "released_freeze":
+            assert single.strategy.options.pop(field) is value
+        elif field == "estimator":
+            assert single.fisher.estimator == value
+            single = replace(single, fisher=replace(single.fisher, estimator=off.fisher.estimator))
+        else:
+            assert getattr(single.aggregation, field) == value
+            single = replace(single, aggregation=replace(single.aggregation, **{field: getattr(off.aggregation, field)}))
+        assert replace(single, output_dir="") == replace(off, output_dir=""), method
 
 
 def test_released_code_ablation_smoke_computes_released_fisher_scores_in_its_one_round():
     suite = load_suite(SUITE.with_name("mpnet-released.yaml"), preset="smoke")
     configs = _configs(suite)
-    assert len(configs) == 4 and all(c.rounds == 1 for c in configs.values())
+    assert len(configs) == 10 and all(c.rounds == 1 for c in configs.values())
     quirks = configs[("path2-tiers111", "Fed-HeLLo (proxy FIM, released quirks)", 0)]
     assert quirks.strategy.options["warmup"] == 0 and quirks.fisher.estimator == "released"
