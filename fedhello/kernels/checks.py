@@ -17,6 +17,14 @@ import torch
 from .plan import LoRAPlan
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Half-precision activations: computed with float32 master adapters and float32 intermediates.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def in_torch_func_transform() -> bool:
+    """Whether this call runs inside a ``torch.func`` transform (grad, vmap, ...): its tensors are
+    torch.func's wrappers, which kernels cannot read and saved-tensor hooks (checkpoints) cannot serve."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ def check_base_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def adapter_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The adapter dtypes allowed with activations of ``x_dtype``: the same one, or float32 master
     adapters under float16/bfloat16 activations."""
-    if x_dtype in (torch.float16, torch.bfloat16):
+    if x_dtype in HALF_DTYPES:
         return (x_dtype, torch.float32)
     return (x_dtype,)
 

@@ -26,7 +26,7 @@ import torch
 
 from . import dropout
 from .backends import torch as torch_backend
-from .checks import ClientParams, check_inputs
+from .checks import ClientParams, check_inputs, in_torch_func_transform
 from .contract import Backend
 from .plan import LoRAPlan
 from .runtime import triton_available, triton_interpreting
@@ -282,7 +282,7 @@ def op_arguments(plan: LoRAPlan, params: ClientParams, keep: torch.Tensor | None
 
 def backend_for(name: str, x: torch.Tensor) -> Backend:
     """``resolve_backend`` for the tensors of a call, refusing an ``x`` dtype the backend lacks."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    if not torch.compiler.is_compiling() and in_torch_func_transform():
         # Inside a torch.func transform (a compiled call goes through the registered ops instead).
         # The kernels cannot read torch.func's wrapped tensors; the torch backend is plain torch ops.
         if name not in ("auto", "torch"):

@@ -19,12 +19,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedhello.kernels.checks import HALF_DTYPES, in_torch_func_transform
+
 __all__ = ["IGNORE_INDEX", "row_losses", "row_terms"]
 
 IGNORE_INDEX = -100
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 # float32 values one chunk of the lean path works on at once (16 MiB).
 CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Slices of ``logits``' rows, each holding at most ``CHUNK_ELEMENTS`` values (at least one row)."""
+    rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
+    return [slice(start, start + rows) for start in range(0, logits.shape[0], rows)]
 
 
 class _HalfLogitsCrossEntropy(torch.autograd.Function):
@@ -42,9 +49,7 @@ class _HalfLogitsCrossEntropy(torch.autograd.Function):
         safe = torch.where(valid, targets, 0)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         loss = torch.empty_like(lse)
-        rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
-        for start in range(0, logits.shape[0], rows):
-            part = slice(start, start + rows)
+        for part in _row_chunks(logits):
             x = logits[part].float()
             lse[part] = torch.logsumexp(x, dim=1)
             picked = x.gather(1, safe[part, None]).squeeze(1)
@@ -58,9 +63,7 @@ class _HalfLogitsCrossEntropy(torch.autograd.Function):
         logits, safe, valid, lse = ctx.saved_tensors
         weight = torch.where(valid, grad_loss.float(), 0.0)
         grad = torch.empty_like(logits)
-        rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
-        for start in range(0, logits.shape[0], rows):
-            part = slice(start, start + rows)
+        for part in _row_chunks(logits):
             p = torch.exp(logits[part].float() - lse[part, None])
             p.scatter_add_(1, safe[part, None], torch.full_like(p[:, :1], -1.0))
             grad[part] = p.mul_(weight[part, None])
@@ -70,8 +73,7 @@ class _HalfLogitsCrossEntropy(torch.autograd.Function):
 def _lean_path(logits: torch.Tensor) -> bool:
     """16-bit logits outside ``torch.compile`` and ``torch.func`` transforms (which take the plain
     ops: the compiler plans its own memory; torch.func cannot run this autograd.Function)."""
-    return (logits.dtype in HALF_DTYPES and not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is None)
+    return logits.dtype in HALF_DTYPES and not torch.compiler.is_compiling() and not in_torch_func_transform()
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

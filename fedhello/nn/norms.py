@@ -22,17 +22,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["recompute_frozen_rmsnorms"]
+from fedhello.kernels.checks import HALF_DTYPES, in_torch_func_transform
 
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+__all__ = ["recompute_frozen_rmsnorms"]
 
 
 def _recomputed_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     forward = type(module).forward
     # Inside a torch.func transform the graph is torch.func's, not autograd's: nothing to recompute.
-    in_transform = torch._C._functorch.peek_interpreter_stack() is not None
     if (hidden_states.dtype in HALF_DTYPES and hidden_states.requires_grad and torch.is_grad_enabled()
-            and not in_transform):
+            and not in_torch_func_transform()):
         # preserve_rng_state=False: a norm draws no random numbers, so there is no RNG state to replay.
         return checkpoint(forward, module, hidden_states, *args, use_reentrant=False, preserve_rng_state=False,
                           **kwargs)
